@@ -1,0 +1,185 @@
+"""The robosuite environment as every service sees it: robomimic settings, flat observations, explicit specs.
+
+Why a wrapper at all: robosuite returns ~20 observation keys in an OrderedDict, never ends an episode on
+success, flips images upside down (OpenGL convention) and, for NutAssembly, returns zeros for part of the
+object state right after ``reset``. The wrapper fixes those once and stays thin: ``csil-bench env`` measures
+its cost against the raw ``env.step`` loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from csil.specs import ACTION_DIM, CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsMode, ObsSpec, OBS_MODES
+from csil.tasks import TaskSpec, check_available, get_task
+
+# robosuite picks EGL on Linux unless told otherwise; EGL works on CPU through Mesa's llvmpipe.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+RENDER_QUALITIES = ("default", "fast")
+
+
+def _quiet_robosuite() -> None:
+    """robosuite logs warnings about optional robots and macros on every import; they are noise here."""
+    import logging
+
+    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+
+
+def controller_config() -> dict:
+    """Panda OSC_POSE delta control in robosuite 1.5's composite format (robomimic's setting)."""
+    from robosuite.controllers import load_composite_controller_config
+
+    return load_composite_controller_config(controller="BASIC", robot="Panda")
+
+
+def robosuite_kwargs(task: TaskSpec, obs_mode: ObsMode, image_size: int = 84, seed: int | None = None) -> dict:
+    """The exact ``robosuite.make`` kwargs for a task; also written into demo files as ``env_args``."""
+    image = obs_mode == "image"
+    kwargs: dict[str, Any] = dict(
+        robots=["Panda"],
+        controller_configs=controller_config(),
+        control_freq=20,
+        horizon=task.horizon,
+        ignore_done=True,  # we end episodes ourselves: on success or at the horizon
+        reward_shaping=False,
+        use_object_obs=True,
+        use_camera_obs=image,
+        has_renderer=False,
+        has_offscreen_renderer=image,
+        camera_names=list(CAMERAS),
+        camera_heights=image_size,
+        camera_widths=image_size,
+        camera_depths=False,
+        hard_reset=False,  # ~2 ms instead of ~120 ms (1.5 s with cameras) per reset
+        lite_physics=True,
+        seed=seed,
+    )
+    kwargs.update(dict(task.env_kwargs))
+    return kwargs
+
+
+class CsilEnv:
+    """One robosuite task with robomimic settings, flat observations and success termination.
+
+    ``reset(seed)`` reseeds the environment's own generator, so episode ``i`` of an evaluation is the same
+    scene whichever worker runs it. ``step`` returns ``(obs, reward, terminated, truncated, info)`` where
+    ``terminated`` means success and ``truncated`` means the robomimic horizon was reached.
+    """
+
+    def __init__(
+        self,
+        task: str | TaskSpec,
+        obs_mode: ObsMode = "state",
+        seed: int | None = None,
+        *,
+        state_keys: tuple[str, ...] | None = None,
+        image_size: int = 84,
+        render_quality: str = "default",
+    ):
+        self.task = task if isinstance(task, TaskSpec) else get_task(task)
+        check_available(self.task)
+        if obs_mode not in OBS_MODES:
+            raise ValueError(f"unknown observation mode {obs_mode!r}; choose one of {OBS_MODES}")
+        if render_quality not in RENDER_QUALITIES:
+            raise ValueError(f"unknown render quality {render_quality!r}; choose one of {RENDER_QUALITIES}")
+        _quiet_robosuite()
+        import robosuite
+
+        self.make_kwargs = robosuite_kwargs(self.task, obs_mode, image_size, seed)
+        self.env = robosuite.make(self.task.env_name, **self.make_kwargs)
+        self.horizon = self.task.horizon
+        self.render_quality = render_quality
+        self._fast_render_applied = False
+
+        raw = self._observe_raw()
+        if state_keys is None:
+            state_keys = STATE_KEYS if obs_mode == "state" else PROPRIO_KEYS
+        unknown = [k for k in state_keys if k not in raw or np.asarray(raw[k]).ndim != 1]
+        if unknown:
+            low_dim = sorted(k for k, v in raw.items() if np.asarray(v).ndim == 1)
+            raise ValueError(
+                f"unknown observation key(s) {unknown} for task {self.task.name}; low-dim keys that exist: {low_dim}"
+            )
+        self.spec = ObsSpec(
+            mode=obs_mode,
+            state_keys=tuple((k, int(np.asarray(raw[k]).shape[0])) for k in state_keys),
+            cameras=CAMERAS if obs_mode == "image" else (),
+            image_size=image_size,
+        )
+        self._t = 0
+
+    # --- robosuite access -------------------------------------------------------------------------------
+
+    def _observe_raw(self, force: bool = True) -> dict[str, np.ndarray]:
+        """robosuite's observation dict with robomimic's name for the object state."""
+        raw = self.env._get_observations(force_update=force)
+        raw["object"] = raw["object-state"]
+        return raw
+
+    def _flatten(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        obs = {"state": np.concatenate([raw[k] for k, _ in self.spec.state_keys]).astype(np.float32)}
+        for key in self.spec.image_keys:
+            obs[key] = raw[key][::-1].copy()  # OpenGL rows bottom-up -> robomimic's top-down convention
+        return obs
+
+    def _apply_fast_render(self) -> None:
+        """Turn off shadows, reflections, skybox and MSAA: ~4x faster CPU rendering, different looks."""
+        import mujoco
+
+        ctx = self.env.sim._render_context_offscreen
+        if ctx is None:
+            return
+        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION, mujoco.mjtRndFlag.mjRND_SKYBOX):
+            ctx.scn.flags[flag] = 0
+        self._fast_render_applied = True
+
+    # --- gym-like API --------------------------------------------------------------------------------
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        if seed is not None:
+            self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        self.env.reset()
+        self._t = 0
+        if self.spec.mode == "image" and self.render_quality == "fast" and not self._fast_render_applied:
+            self._apply_fast_render()
+        # A second forced update: robosuite computes some object-relative observables (NutAssembly's
+        # nut-to-eef pose) from caches that are only filled during the first pass after a reset.
+        return self._flatten(self._observe_raw(force=True))
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (ACTION_DIM,):
+            raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"action contains NaN or inf: {action}")
+        raw, reward, _, _ = self.env.step(action)
+        self._t += 1
+        raw["object"] = raw["object-state"]
+        success = reward > 0.0  # sparse reward is exactly 1.0 on success states (reward_scale 1)
+        return self._flatten(raw), float(reward), success, self._t >= self.horizon, {"success": success}
+
+    @property
+    def t(self) -> int:
+        return self._t
+
+    def env_args(self) -> dict:
+        """robomimic's ``env_args`` attribute (EnvRobosuite.serialize) for files written from this env."""
+        import robosuite
+
+        kwargs = {k: v for k, v in self.make_kwargs.items() if k != "seed"}
+        return {"env_name": self.task.env_name, "env_version": robosuite.__version__, "type": 1, "env_kwargs": kwargs}
+
+    def env_args_json(self) -> str:
+        return json.dumps(self.env_args(), indent=4)
+
+    def sim_state(self) -> np.ndarray:
+        """Flattened MuJoCo state [time, qpos, qvel], robomimic's ``states`` row."""
+        return np.asarray(self.env.sim.get_state().flatten())
+
+    def close(self) -> None:
+        self.env.close()
