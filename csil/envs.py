@@ -87,8 +87,9 @@ class CsilEnv:
             raise ValueError(f"unknown observation mode {obs_mode!r}; choose one of {OBS_MODES}")
         if render_quality not in RENDER_QUALITIES:
             raise ValueError(f"unknown render quality {render_quality!r}; choose one of {RENDER_QUALITIES}")
-        _quiet_robosuite()
         import robosuite
+
+        _quiet_robosuite()
 
         self.make_kwargs = robosuite_kwargs(self.task, obs_mode, image_size, seed)
         self.env = robosuite.make(self.task.env_name, **self.make_kwargs)
@@ -119,6 +120,7 @@ class CsilEnv:
         """robosuite's observation dict with robomimic's name for the object state."""
         raw = self.env._get_observations(force_update=force)
         raw["object"] = raw["object-state"]
+        self.raw_obs = raw
         return raw
 
     def _flatten(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -160,6 +162,7 @@ class CsilEnv:
         raw, reward, _, _ = self.env.step(action)
         self._t += 1
         raw["object"] = raw["object-state"]
+        self.raw_obs = raw  # robosuite's per-key dict, for recorders that store robomimic keys
         success = reward > 0.0  # sparse reward is exactly 1.0 on success states (reward_scale 1)
         return self._flatten(raw), float(reward), success, self._t >= self.horizon, {"success": success}
 

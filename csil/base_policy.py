@@ -1,0 +1,238 @@
+"""The local base policy: an action-chunking BC model in Flax, the CPU stand-in for pi0.5.
+
+It honours openpi's policy contract (``openpi_client.base_policy.BasePolicy``): ``infer`` takes the
+LIBERO-style observation dict that a pi0.5 server takes ("observation/state", "observation/image",
+"observation/wrist_image", "prompt") and returns ``{"actions": (10, 7)}``, so the inference server can serve
+either model. ``infer_batch`` is the batched call the server and actors use.
+
+The prompt is accepted and ignored (one model per task). In state mode "observation/state" is the full
+robomimic low-dim vector (proprioception + object state); in image mode it is proprioception and the two
+camera images carry the scene.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from openpi_client.base_policy import BasePolicy
+
+from csil.config import BaseTrainConfig
+from csil.specs import ACTION_DIM, ObsSpec
+
+IMAGE_KEY, WRIST_KEY = "agentview_image", "robot0_eye_in_hand_image"
+OPENPI_KEYS = {"state": "observation/state", IMAGE_KEY: "observation/image", WRIST_KEY: "observation/wrist_image"}
+
+
+def openpi_observation(obs: dict[str, np.ndarray], prompt: str) -> dict:
+    """Our flat observation dict -> the LIBERO-style dict an openpi pi0.5 server expects."""
+    out = {OPENPI_KEYS[k]: v for k, v in obs.items() if k in OPENPI_KEYS}
+    out["prompt"] = prompt
+    return out
+
+
+class ImageEncoder(nn.Module):
+    """Small conv net per camera: stride-2 convs, then a global average and a projection."""
+
+    channels: Sequence[int]
+
+    @nn.compact
+    def __call__(self, image: jax.Array) -> jax.Array:
+        x = image.astype(jnp.float32) / 127.5 - 1.0
+        for c in self.channels:
+            x = nn.relu(nn.Conv(c, (3, 3), strides=(2, 2))(x))
+        return nn.Dense(128)(x.mean(axis=(-3, -2)))
+
+
+class ChunkingBC(nn.Module):
+    """Normalised state (+ image features) -> MLP -> a chunk of ``chunk_length`` actions in [-1, 1]."""
+
+    hidden: Sequence[int]
+    chunk_length: int
+    image_keys: Sequence[str] = ()
+    image_channels: Sequence[int] = (32, 64, 64)
+
+    @nn.compact
+    def __call__(self, state: jax.Array, images: dict[str, jax.Array]) -> jax.Array:
+        feats = [state] + [ImageEncoder(self.image_channels, name=f"encoder_{k}")(images[k]) for k in self.image_keys]
+        x = jnp.concatenate(feats, axis=-1)
+        for width in self.hidden:
+            x = nn.gelu(nn.LayerNorm()(nn.Dense(width)(x)))
+        x = nn.Dense(self.chunk_length * ACTION_DIM)(x)
+        return jnp.tanh(x).reshape(x.shape[:-1] + (self.chunk_length, ACTION_DIM))
+
+
+@dataclasses.dataclass
+class ChunkDataset:
+    """Every demo step t with its target chunk actions[t : t + L] (padded with the episode's last action)."""
+
+    state: np.ndarray  # (T, D) float32
+    images: dict[str, np.ndarray]  # key -> (T, H, W, 3) uint8
+    chunks: np.ndarray  # (T, L, 7) float32
+
+    @classmethod
+    def from_episodes(cls, episodes, spec: ObsSpec, chunk_length: int) -> "ChunkDataset":
+        from csil.demos import flatten_obs
+
+        states, images, chunks = [], {k: [] for k in spec.image_keys}, []
+        for ep in episodes:
+            flat = flatten_obs(ep.obs, spec)
+            n = len(ep.actions)
+            idx = np.minimum(np.arange(n)[:, None] + np.arange(chunk_length)[None, :], n - 1)
+            states.append(flat["state"])
+            chunks.append(np.asarray(ep.actions, np.float32)[idx])
+            for k in spec.image_keys:
+                images[k].append(flat[k])
+        return cls(
+            state=np.concatenate(states),
+            images={k: np.concatenate(v) for k, v in images.items()},
+            chunks=np.concatenate(chunks),
+        )
+
+
+def _random_shift(key: jax.Array, images: jax.Array, pad: int) -> jax.Array:
+    """DrQ-style augmentation: pad by edge replication, crop back at a random offset per image."""
+    n, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
+    crop = lambda img, off: jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, 3))  # noqa: E731
+    return jax.vmap(crop)(padded, offsets)
+
+
+def train_base_policy(
+    dataset: ChunkDataset, spec: ObsSpec, cfg: BaseTrainConfig, progress: bool = True
+) -> tuple[dict, dict, list[float]]:
+    """Train the chunking model; returns (params, normalisation stats, loss curve every 100 steps)."""
+    from tqdm import trange
+
+    model = ChunkingBC(cfg.hidden, cfg.chunk_length, spec.image_keys, cfg.image_channels)
+    mean = dataset.state.mean(0)
+    std = dataset.state.std(0) + 1e-3
+    stats = {"state_mean": mean.astype(np.float32), "state_std": std.astype(np.float32)}
+    state = jnp.asarray((dataset.state - mean) / std)
+    images = {k: jnp.asarray(v) for k, v in dataset.images.items()}
+    chunks = jnp.asarray(dataset.chunks)
+
+    key = jax.random.PRNGKey(cfg.seed)
+    key, init_key = jax.random.split(key)
+    params = model.init(init_key, state[:1], {k: v[:1] for k, v in images.items()})
+    schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
+    opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    opt_state = opt.init(params)
+
+    def loss_fn(p, idx, aug_key):
+        batch_images = {k: v[idx] for k, v in images.items()}
+        if cfg.image_shift:
+            keys = jax.random.split(aug_key, max(len(batch_images), 1))
+            batch_images = {k: _random_shift(kk, v, cfg.image_shift) for kk, (k, v) in zip(keys, batch_images.items())}
+        err = model.apply(p, state[idx], batch_images) - chunks[idx]
+        return jnp.mean(jnp.abs(err)) if cfg.loss == "l1" else jnp.mean(err**2)
+
+    @jax.jit
+    def train_step(p, o, k):
+        k, idx_key, aug_key = jax.random.split(k, 3)
+        idx = jax.random.randint(idx_key, (cfg.batch_size,), 0, state.shape[0])
+        loss, grads = jax.value_and_grad(loss_fn)(p, idx, aug_key)
+        updates, o = opt.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, k, loss
+
+    losses = []
+    bar = trange(cfg.steps, desc="base policy", disable=not progress, mininterval=1.0)
+    for step in bar:
+        params, opt_state, key, loss = train_step(params, opt_state, key)
+        if step % 100 == 0 or step == cfg.steps - 1:
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return params, stats, losses
+
+
+def save_base_policy(out_dir: str | Path, params: dict, stats: dict, spec: ObsSpec, cfg: BaseTrainConfig,
+                     meta: dict) -> Path:
+    """Orbax checkpoint of params + normalisation stats, and a JSON file describing how to rebuild the model."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(ckpt, {"params": params, **stats}, force=True)
+    (out / "base_policy.json").write_text(
+        json.dumps({"obs_spec": json.loads(spec.to_json()), "train": dataclasses.asdict(cfg), **meta}, indent=2)
+    )
+    return out
+
+
+class LocalBasePolicy(BasePolicy):
+    """A trained chunking model loaded from ``csil-base train``'s output directory."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        import orbax.checkpoint as ocp
+
+        path = Path(ckpt_dir).absolute()
+        meta_file = path / "base_policy.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(f"{path} is not a base-policy directory (no base_policy.json); "
+                                    f"train one with `csil-base train --demos FILE --out {path}`")
+        self.meta = json.loads(meta_file.read_text())
+        self.spec = ObsSpec.from_json(json.dumps(self.meta["obs_spec"]))
+        train = self.meta["train"]
+        self.chunk_length = int(train["chunk_length"])
+        self.model = ChunkingBC(tuple(train["hidden"]), self.chunk_length, self.spec.image_keys,
+                                tuple(train["image_channels"]))
+        arrays = self.spec.arrays()
+        dummy_images = {k: arrays[k].zeros((1,)) for k in self.spec.image_keys}
+        dim = self.spec.state_dim
+        target = {
+            "params": jax.eval_shape(self.model.init, jax.random.PRNGKey(0), np.zeros((1, dim), np.float32), dummy_images),
+            "state_mean": np.zeros(dim, np.float32),
+            "state_std": np.zeros(dim, np.float32),
+        }
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path / "checkpoint", target)
+        self.params = restored["params"]
+        self.mean = np.asarray(restored["state_mean"], np.float32)
+        self.std = np.asarray(restored["state_std"], np.float32)
+        self._apply = jax.jit(self.model.apply)
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    def _stack(self, observations: Sequence[dict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Validate and batch openpi-style observations; wrong keys or shapes name the problem."""
+        wire = {"state": OPENPI_KEYS["state"], **{k: OPENPI_KEYS[k] for k in self.spec.image_keys}}
+        arrays = self.spec.arrays()
+        out = {}
+        for ours, theirs in wire.items():
+            try:
+                batch = np.stack([np.asarray(o[theirs]) for o in observations])
+            except KeyError:
+                raise ValueError(f"observation lacks {theirs!r}; this base policy needs {sorted(wire.values())}")
+            except ValueError as exc:
+                raise ValueError(f"observations in the batch disagree in {theirs!r} shape: {exc}")
+            if batch.shape[1:] != arrays[ours].shape:
+                raise ValueError(f"{theirs!r} has shape {batch.shape[1:]}, expected {arrays[ours].shape}")
+            out[ours] = batch
+        state = (out.pop("state").astype(np.float32) - self.mean) / self.std
+        return state, {k: v.astype(np.uint8) for k, v in out.items()}
+
+    def infer_batch(self, observations: Sequence[dict]) -> np.ndarray:
+        """(B, chunk_length, 7) float32 actions. Batches are padded to a power of two to bound recompiles."""
+        n = len(observations)
+        state, images = self._stack(observations)
+        padded = 1 << max(0, (n - 1).bit_length())
+        pad = lambda x: np.concatenate([x, np.repeat(x[-1:], padded - n, 0)]) if padded > n else x  # noqa: E731
+        actions = self._apply(self.params, pad(state), {k: pad(v) for k, v in images.items()})
+        return np.asarray(actions[:n], np.float32)
+
+    def infer(self, obs: dict) -> dict:
+        return {"actions": self.infer_batch([obs])[0]}

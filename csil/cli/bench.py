@@ -1,0 +1,72 @@
+"""csil-bench: benchmarks. Each prints one JSON line with its numbers and a ratio against a baseline
+measured in the same run (machines here are noisy, so only same-run ratios are comparable)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from csil.cli import emit_json
+
+
+def bench_env(task_name: str, steps: int, rounds: int, obs_mode: str, seed: int) -> dict:
+    """Raw robosuite ``env.step`` loop vs our ``CsilEnv.step``, same kwargs and actions, rounds interleaved."""
+    import robosuite
+
+    from csil.envs import CsilEnv
+
+    ours = CsilEnv(task_name, obs_mode, seed=seed)
+    raw = robosuite.make(ours.task.env_name, **ours.make_kwargs)
+    actions = np.random.default_rng(seed).uniform(-1, 1, (steps, 7))
+
+    def run_raw() -> float:
+        raw.reset()
+        start = time.perf_counter()
+        for t, a in enumerate(actions):
+            raw.step(a)
+            if (t + 1) % ours.horizon == 0:
+                raw.reset()
+        return steps / (time.perf_counter() - start)
+
+    def run_ours() -> float:
+        ours.reset()
+        start = time.perf_counter()
+        for a in actions:
+            _, _, success, truncated, _ = ours.step(a)
+            if success or truncated:
+                ours.reset()
+        return steps / (time.perf_counter() - start)
+
+    run_raw(), run_ours()  # warm-up: first-touch allocations, caches
+    raw_rates, our_rates = [], []
+    for _ in range(rounds):
+        raw_rates.append(run_raw())
+        our_rates.append(run_ours())
+    raw_sps, our_sps = float(np.median(raw_rates)), float(np.median(our_rates))
+    return {"bench": "env", "task": ours.task.name, "obs": obs_mode, "steps": steps, "rounds": rounds,
+            "raw_steps_per_s": round(raw_sps, 1), "wrapped_steps_per_s": round(our_sps, 1),
+            "ratio": round(our_sps / raw_sps, 4), "overhead_pct": round(100 * (1 - our_sps / raw_sps), 2)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csil-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    env = sub.add_parser("env", help="wrapped env vs raw robosuite env.step loop (steps/s, ratio)")
+    env.add_argument("--task", default="Square", help="task name (default %(default)s)")
+    env.add_argument("--steps", type=int, default=1000, help="env steps per round and variant (default %(default)s)")
+    env.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
+    env.add_argument("--obs", choices=("state", "image"), default="state", help="observation mode")
+    env.add_argument("--seed", type=int, default=0, help="seed for the env and the random actions")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "env":
+        emit_json(bench_env(args.task, args.steps, args.rounds, args.obs, args.seed))
+
+
+if __name__ == "__main__":
+    main()

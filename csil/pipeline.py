@@ -1,0 +1,123 @@
+"""The embedded default: cached demos and a cached base policy per task, built on first use.
+
+Later commands (evaluation, and the trainer and launcher that build on this) ask for "the base policy of
+Lift" and get the documented configuration from ``BASE_POLICY_DEFAULTS``, built once under the cache dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from itertools import count
+from pathlib import Path
+
+from csil.config import BASE_POLICY_DEFAULTS, BaseTrainConfig, DemoConfig, cache_dir
+from csil.tasks import get_task
+
+
+def generate_demos(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
+    """Run the scripted expert on seeds cfg.seed, cfg.seed+1, ... and keep successful episodes only.
+
+    Results are accepted in seed order (a contiguous prefix of seeds), so the file does not depend on how
+    many workers ran or in which order they finished. Returns a summary with the expert's success rate.
+    """
+    from tqdm import tqdm
+
+    from csil.demos import DemoWriter, Episode
+    from csil.envs import CsilEnv
+    from csil.experts import EXPERT_TASKS
+    from csil.rollout import run_episodes
+
+    task = get_task(cfg.task)
+    if task.name not in EXPERT_TASKS:
+        raise ValueError(f"no scripted expert for {task.name}; experts exist for {', '.join(EXPERT_TASKS)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".partial")
+    env_args = CsilEnv(task, cfg.obs_mode).env_args()
+    start = time.time()
+    waiting: dict[int, object] = {}
+    next_seed, attempted, kept = cfg.seed, 0, 0
+    bar = tqdm(total=cfg.num, desc=f"{task.name} demos", unit="demo", disable=not progress)
+    results = run_episodes(task.name, cfg.obs_mode, "expert", count(cfg.seed), prompt=task.prompt,
+                           workers=cfg.workers, record=True, noise=cfg.noise, worker_seed=cfg.seed)
+    with DemoWriter(tmp, env_args) as writer:
+        for result in results:
+            waiting[result.seed] = result
+            while next_seed in waiting and kept < cfg.num:
+                res = waiting.pop(next_seed)
+                next_seed += 1
+                attempted += 1
+                if res.success:
+                    writer.add(Episode(**res.trajectory))
+                    kept += 1
+                    bar.update(1)
+                bar.set_postfix(success=f"{kept / attempted:.0%}")
+            if kept >= cfg.num:
+                break
+        results.close()
+    bar.close()
+    tmp.replace(out)
+    return {"task": task.name, "out": str(out), "demos": kept, "attempted": attempted,
+            "expert_success_rate": kept / max(attempted, 1), "seconds": round(time.time() - start, 1)}
+
+
+def _key(obj) -> str:
+    return hashlib.sha1(json.dumps(dataclasses.asdict(obj), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def ensure_demos(task: str, obs_mode: str = "state", num: int = 200) -> Path:
+    """Path of the cached demo file for a task, generating it (with progress) if absent."""
+    cfg = DemoConfig(task=get_task(task).name, num=num, obs_mode=obs_mode)
+    path = cache_dir() / "demos" / f"{cfg.task}_{obs_mode}_{num}_{_key(cfg)}.hdf5"
+    if not path.exists():
+        print(f"generating {num} {cfg.task} demos into {path} (cached for later runs)")
+        generate_demos(cfg, path)
+    return path
+
+
+def ensure_base_policy(task: str, cfg: BaseTrainConfig | None = None) -> Path:
+    """Directory of the cached default base policy for a task, training it (with progress) if absent."""
+    name = get_task(task).name
+    cfg = cfg or BASE_POLICY_DEFAULTS.get(name, BaseTrainConfig())
+    out = cache_dir() / "base_policy" / f"{name}_state_{_key(cfg)}"
+    if not (out / "base_policy.json").exists():
+        demos = ensure_demos(name, "state")
+        print(f"training the {name} base policy into {out} (cached for later runs)")
+        train_base_from_file(demos, out, cfg, obs_mode="state")
+    return out
+
+
+def train_base_from_file(demos: str | Path, out: str | Path, cfg: BaseTrainConfig, obs_mode: str = "state",
+                         progress: bool = True) -> dict:
+    """Read demos, train the chunking model, save an orbax checkpoint; returns a summary."""
+    from csil.base_policy import ChunkDataset, save_base_policy, train_base_policy
+    from csil.demos import read_demos
+
+    start = time.time()
+    data = read_demos(demos, num_demos=cfg.num_demos, load_next_obs=False)
+    spec = _spec_from_demos(demos, data.episodes[0].obs, obs_mode)
+    dataset = ChunkDataset.from_episodes(data.episodes, spec, cfg.chunk_length)
+    params, stats, losses = train_base_policy(dataset, spec, cfg, progress=progress)
+    task = get_task(data.env_meta["env_name"]).name
+    save_base_policy(out, params, stats, spec, cfg,
+                     {"task": task, "demos": str(Path(demos).absolute()), "num_demos": len(data.episodes),
+                      "loss_curve": losses})
+    return {"out": str(out), "task": task, "num_demos": len(data.episodes), "steps": cfg.steps,
+            "final_loss": losses[-1], "seconds": round(time.time() - start, 1)}
+
+
+def _spec_from_demos(path, obs: dict, obs_mode: str):
+    """The observation spec a policy trained on these demos will expect; missing keys are named."""
+    from csil.specs import CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsSpec
+
+    keys = STATE_KEYS if obs_mode == "state" else PROPRIO_KEYS
+    cameras = CAMERAS if obs_mode == "image" else ()
+    missing = [k for k in list(keys) + [f"{c}_image" for c in cameras] if k not in obs]
+    if missing:
+        raise ValueError(f"{path}: the demos lack observation key(s) {missing} needed for {obs_mode!r} "
+                         f"observations; present: {sorted(obs)}")
+    size = int(obs[f"{cameras[0]}_image"].shape[1]) if cameras else 84
+    return ObsSpec(obs_mode, tuple((k, int(obs[k].shape[-1])) for k in keys), cameras, size)

@@ -1,0 +1,23 @@
+"""Starting or joining Ray the same way from every entry point."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (e.g. "auto") or start a local Ray instance, once per process.
+
+    Locally the dashboard is off and workers log to the driver only on errors: evaluation and demo
+    generation should start in seconds and print progress bars, not Ray's banners.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 configure_logging=True, logging_level="warning")
