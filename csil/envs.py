@@ -66,8 +66,9 @@ def robosuite_kwargs(task: TaskSpec, obs_mode: ObsMode, image_size: int = 84, se
 class CsilEnv:
     """One robosuite task with robomimic settings, flat observations and success termination.
 
-    ``reset(seed)`` reseeds the environment's own generator, so episode ``i`` of an evaluation is the same
-    scene whichever worker runs it. ``step`` returns ``(obs, reward, terminated, truncated, info)`` where
+    ``seed`` fixes what robosuite randomises once at construction (Lift's cube size, say) and the episodes
+    that follow; ``reset(seed)`` reseeds the environment's own generator, so with the same construction seed
+    episode ``i`` of an evaluation is the same scene whichever worker runs it. ``step`` returns ``(obs, reward, terminated, truncated, info)`` where
     ``terminated`` means success and ``truncated`` means the robomimic horizon was reached.
     """
 
@@ -75,7 +76,7 @@ class CsilEnv:
         self,
         task: str | TaskSpec,
         obs_mode: ObsMode = "state",
-        seed: int | None = None,
+        seed: int = 0,
         *,
         state_keys: tuple[str, ...] | None = None,
         image_size: int = 84,

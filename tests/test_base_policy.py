@@ -1,0 +1,121 @@
+"""Demo generation -> base-policy training -> evaluation, end to end on a tiny budget, plus the CLIs."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from csil.base_policy import LocalBasePolicy, openpi_observation
+from csil.config import BaseTrainConfig, DemoConfig
+from csil.demos import read_demos
+from csil.envs import CsilEnv
+from csil.pipeline import generate_demos, train_base_from_file
+
+TINY = BaseTrainConfig(steps=300, batch_size=64, hidden=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def lift_demos(tmp_path_factory, ray_local):
+    path = tmp_path_factory.mktemp("demos") / "lift.hdf5"
+    summary = generate_demos(DemoConfig(task="Lift", num=4, seed=0, workers=2), path, progress=False)
+    return path, summary
+
+
+@pytest.fixture(scope="module")
+def lift_base(lift_demos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "lift"
+    summary = train_base_from_file(lift_demos[0], out, TINY, progress=False)
+    return out, summary
+
+
+def test_generated_demos_are_successful_robomimic_episodes(lift_demos):
+    path, summary = lift_demos
+    assert summary["demos"] == 4 and summary["expert_success_rate"] >= 0.8
+    data = read_demos(path)
+    assert data.env_meta["env_name"] == "Lift" and data.env_meta["env_kwargs"]["control_freq"] == 20
+    assert set(data.masks) == {"train", "valid"}
+    for ep in data.episodes:
+        assert ep.rewards[-1] == 1.0 and ep.dones[-1] == 1.0  # kept only successes; success ends the episode
+        assert np.all(np.abs(ep.actions) <= 1.0) and ep.states.shape[0] == len(ep)
+        np.testing.assert_allclose(ep.next_obs["object"][:-1], ep.obs["object"][1:])
+
+
+def test_generation_is_independent_of_worker_count(lift_demos, tmp_path):
+    path = tmp_path / "one_worker.hdf5"
+    generate_demos(DemoConfig(task="Lift", num=2, seed=0, workers=1), path, progress=False)
+    first_two = read_demos(lift_demos[0], num_demos=2).episodes
+    for a, b in zip(read_demos(path).episodes, first_two):
+        np.testing.assert_array_equal(a.obs["object"][0], b.obs["object"][0])
+
+
+def test_training_fits_the_demo_chunks(lift_base):
+    out, summary = lift_base
+    curve = json.loads((out / "base_policy.json").read_text())["loss_curve"]
+    assert curve[-1] < 0.5 * curve[0]
+
+
+def test_base_policy_speaks_openpi_contract(lift_base, lift_demos):
+    policy = LocalBasePolicy(lift_base[0])
+    env = CsilEnv("Lift", "state")
+    obs = openpi_observation(env.reset(seed=0), "lift the red cube")
+    out = policy.infer(obs)
+    assert out["actions"].shape == (10, 7) and out["actions"].dtype == np.float32
+    assert np.all(np.abs(out["actions"]) <= 1.0)
+    batch = policy.infer_batch([obs] * 3)
+    np.testing.assert_allclose(batch[1], out["actions"], atol=1e-5)
+    # Reloading gives the same function.
+    np.testing.assert_allclose(LocalBasePolicy(lift_base[0]).infer(obs)["actions"], out["actions"], atol=1e-6)
+    # It imitates: on demo states its first action is closer to the demo action than a zero action is.
+    ep = read_demos(lift_demos[0]).episodes[0]
+    state = np.concatenate([ep.obs[k][5] for k in ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")])
+    pred = policy.infer({"observation/state": state.astype(np.float32), "prompt": ""})["actions"][0]
+    assert np.abs(pred - ep.actions[5]).mean() < np.abs(ep.actions[5]).mean()
+
+
+def test_bad_observations_get_clear_errors(lift_base):
+    policy = LocalBasePolicy(lift_base[0])
+    with pytest.raises(ValueError, match="observation/state"):
+        policy.infer({"prompt": "x"})
+    with pytest.raises(ValueError, match=r"\(5,\).*\(19,\)"):
+        policy.infer({"observation/state": np.zeros(5, np.float32)})
+    with pytest.raises(FileNotFoundError, match="csil-base train"):
+        LocalBasePolicy(lift_base[0].parent / "nothing_here")
+
+
+def test_eval_cli_reports_json(lift_base, capsys, ray_local):
+    from csil.cli.evaluate import main
+
+    main(["--task", "Lift", "--policy", f"base:{lift_base[0]}", "--episodes", "3", "--workers", "1",
+          "--envs-per-worker", "3"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["episodes"] == 3 and 0.0 <= summary["success_rate"] <= 1.0
+    assert 1 <= summary["mean_episode_length"] <= 400
+
+
+def test_expert_eval_succeeds(capsys, ray_local):
+    from csil.cli.evaluate import main
+
+    main(["--task", "Lift", "--policy", "expert", "--episodes", "4", "--workers", "2", "--envs-per-worker", "2"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["success_rate"] == 1.0 and summary["mean_episode_length"] < 100
+
+
+def test_image_base_policy_trains_and_infers(tmp_path, ray_local):
+    path = tmp_path / "lift_image.hdf5"
+    generate_demos(DemoConfig(task="Lift", num=1, obs_mode="image", workers=1), path, progress=False)
+    data = read_demos(path)
+    assert data.episodes[0].obs["agentview_image"].shape[1:] == (84, 84, 3)
+    out = tmp_path / "base_image"
+    train_base_from_file(path, out, dataclasses.replace(TINY, steps=20), obs_mode="image", progress=False)
+    policy = LocalBasePolicy(out)
+    obs = openpi_observation(CsilEnv("Lift", "image").reset(seed=0), "lift")
+    assert set(obs) == {"observation/state", "observation/image", "observation/wrist_image", "prompt"}
+    assert policy.infer(obs)["actions"].shape == (10, 7)
+    with pytest.raises(ValueError, match="observation/wrist_image"):
+        policy.infer({k: v for k, v in obs.items() if k != "observation/wrist_image"})
+
+
+def test_image_training_on_state_only_demos_names_the_missing_keys(lift_demos, tmp_path):
+    with pytest.raises(ValueError, match="agentview_image"):
+        train_base_from_file(lift_demos[0], tmp_path / "x", TINY, obs_mode="image", progress=False)
