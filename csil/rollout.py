@@ -51,9 +51,10 @@ class ExpertRollout:
     """A scripted expert per env slot; it reads privileged simulator state, one action at a time."""
 
     def __init__(self, task: str, noise: float | None, seed: int):
-        from csil.experts import make_expert
+        from csil.experts import DEFAULT_NOISE, make_expert
 
-        self.make = lambda slot: make_expert(task, **({} if noise is None else {"noise": noise}), seed=seed + slot)
+        noise = DEFAULT_NOISE if noise is None else noise
+        self.make = lambda slot: make_expert(task, noise=noise, seed=seed + slot)
         self.experts: dict[int, object] = {}
 
     def start_episode(self, slot: int, env: CsilEnv) -> None:
