@@ -1,0 +1,1 @@
+"""The JAX learner: CSIL++ agents, pretraining, the fused update, checkpointing and weight publishing."""
