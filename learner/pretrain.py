@@ -1,0 +1,113 @@
+"""Pretraining on demonstrations: BC (the policy, the KL anchor and the initial reward) and the SARSA critic.
+
+Both run before any environment step. Afterwards the BC policy is optimal for the coherent reward and the
+critic evaluates it, which is why fine-tuning starts at the BC policy's performance with no initial drop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from csil import hetstat
+from csil.specs import ObsSpec
+from learner.agent import AgentState, Batch, CSILAgent
+
+
+@dataclasses.dataclass
+class DemoTransitions:
+    """All demo transitions as flat arrays; ``discount`` is 0 after a success step (the episode ends there)."""
+
+    obs: np.ndarray
+    action: np.ndarray
+    discount: np.ndarray
+    next_obs: np.ndarray
+    next_action: np.ndarray
+    last: np.ndarray  # True at the final step of each episode
+
+    def __len__(self) -> int:
+        return len(self.action)
+
+    @classmethod
+    def from_episodes(cls, episodes, spec: ObsSpec) -> "DemoTransitions":
+        """Success (reward > 0), not the end of the file's trajectory, is terminal: robomimic's done_mode 2 also
+        marks the last step of failed trajectories as done."""
+        from csil.demos import flatten_obs
+
+        parts: dict[str, list] = {f.name: [] for f in dataclasses.fields(cls)}
+        for ep in episodes:
+            if ep.next_obs is None:
+                raise ValueError("demo episodes need next_obs (read_demos(..., load_next_obs=True))")
+            actions = np.asarray(ep.actions, np.float32)
+            parts["obs"].append(flatten_obs(ep.obs, spec)["state"])
+            parts["next_obs"].append(flatten_obs(ep.next_obs, spec)["state"])
+            parts["action"].append(actions)
+            parts["next_action"].append(np.concatenate([actions[1:], actions[-1:]]))
+            parts["discount"].append((np.asarray(ep.rewards) <= 0).astype(np.float32))
+            parts["last"].append(np.arange(len(actions)) == len(actions) - 1)
+        return cls(**{k: np.concatenate(v) for k, v in parts.items()})
+
+    def sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> Batch:
+        idx = rng.integers(0, len(self), shape)
+        return Batch(self.obs[idx], self.action[idx], self.discount[idx], self.next_obs[idx], self.next_action[idx])
+
+    def discounted_returns(self, rewards: np.ndarray, discount: float) -> np.ndarray:
+        """Per-step discounted return-to-go within each demo under ``rewards`` (for quantile atoms)."""
+        out = np.zeros(len(rewards))
+        running = 0.0
+        for t in range(len(rewards) - 1, -1, -1):
+            running = rewards[t] + (0.0 if self.last[t] else discount * self.discount[t] * running)
+            out[t] = running
+        return out
+
+
+def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps: int,
+                progress: bool = True) -> tuple[dict, list[dict]]:
+    """CSIL's faithful BC loss with Adam; returns the parameters and a metrics log (every 100 steps)."""
+    from tqdm import trange
+
+    cfg = agent.cfg
+    params = agent.init_policy(key)
+    opt = optax.adam(cfg.bc_lr)
+    opt_state = opt.init(params)
+    obs, actions = jnp.asarray(demos.obs), jnp.asarray(demos.action)
+
+    @jax.jit
+    def step(p, o, k):
+        k, sub = jax.random.split(k)
+        idx = jax.random.randint(sub, (cfg.bc_batch_size,), 0, obs.shape[0])
+        (loss, metrics), grads = jax.value_and_grad(hetstat.bc_loss, argnums=1, has_aux=True)(
+            agent.policy_net.apply, p, obs[idx], actions[idx])
+        updates, o = opt.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, k, metrics
+
+    log = []
+    bar = trange(steps, desc="BC pretraining", disable=not progress, mininterval=1.0)
+    for i in bar:
+        params, opt_state, key, metrics = step(params, opt_state, key)
+        if i % 100 == 0 or i == steps - 1:
+            log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
+            bar.set_postfix(mse=f"{log[-1]['mse']:.4f}", nll=f"{log[-1]['nll']:.2f}")
+    return params, log
+
+
+def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions, steps: int, seed: int = 0,
+                    progress: bool = True) -> tuple[AgentState, list[dict]]:
+    """SARSA policy evaluation of the demonstrator under the coherent reward (batch = 2 × batch_size)."""
+    from tqdm import trange
+
+    rng = np.random.default_rng(seed)
+    step = jax.jit(agent.pretrain_critic_step)
+    batch = 2 * agent.cfg.batch_size
+    log = []
+    bar = trange(steps, desc="critic pretraining", disable=not progress, mininterval=1.0)
+    for i in bar:
+        state, metrics = step(state, demos.sample(rng, (batch,)))
+        if i % 100 == 0 or i == steps - 1:
+            log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
+            bar.set_postfix(ce=f"{log[-1]['critic_ce']:.3f}", q=f"{log[-1]['q_mean']:.2f}")
+    return state, log
