@@ -25,6 +25,7 @@ import optax
 from openpi_client.base_policy import BasePolicy
 
 from csil.config import BaseTrainConfig
+from csil.encoders import random_shift
 from csil.specs import ACTION_DIM, ObsSpec
 
 IMAGE_KEY, WRIST_KEY = "agentview_image", "robot0_eye_in_hand_image"
@@ -97,15 +98,6 @@ class ChunkDataset:
         )
 
 
-def _random_shift(key: jax.Array, images: jax.Array, pad: int) -> jax.Array:
-    """DrQ-style augmentation: pad by edge replication, crop back at a random offset per image."""
-    n, h, w, _ = images.shape
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-    offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
-    crop = lambda img, off: jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, 3))  # noqa: E731
-    return jax.vmap(crop)(padded, offsets)
-
-
 def train_base_policy(
     dataset: ChunkDataset, spec: ObsSpec, cfg: BaseTrainConfig, progress: bool = True
 ) -> tuple[dict, dict, list[float]]:
@@ -131,7 +123,7 @@ def train_base_policy(
         batch_images = {k: v[idx] for k, v in images.items()}
         if cfg.image_shift:
             keys = jax.random.split(aug_key, max(len(batch_images), 1))
-            batch_images = {k: _random_shift(kk, v, cfg.image_shift) for kk, (k, v) in zip(keys, batch_images.items())}
+            batch_images = {k: random_shift(kk, v, cfg.image_shift) for kk, (k, v) in zip(keys, batch_images.items())}
         err = model.apply(p, state[idx], batch_images) - chunks[idx]
         return jnp.mean(jnp.abs(err)) if cfg.loss == "l1" else jnp.mean(err**2)
 
