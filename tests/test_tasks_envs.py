@@ -1,6 +1,7 @@
 """Task registry, observation specs and the env wrapper, on real robosuite environments."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -88,3 +89,21 @@ def test_image_obs_render_offscreen_on_cpu():
     image = obs["agentview_image"].astype(float)
     assert image[:10].mean() + 30 < image[-10:].mean()
     env.spec.check(env.step(np.zeros(7))[0])
+
+
+def test_fast_render_quality_still_renders_the_scene():
+    env = CsilEnv("Lift", "image", render_quality="fast")
+    obs = env.reset(seed=0)
+    assert obs["agentview_image"].std() > 10
+    with pytest.raises(ValueError, match="render quality"):
+        CsilEnv("Lift", "image", render_quality="ultra")
+
+
+def test_env_benchmark_prints_one_json_line_with_ratio(capsys):
+    from csil.cli.bench import main
+
+    main(["env", "--task", "Lift", "--steps", "40", "--rounds", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert record["bench"] == "env" and record["raw_steps_per_s"] > 0 and record["wrapped_steps_per_s"] > 0
+    assert record["ratio"] == pytest.approx(record["wrapped_steps_per_s"] / record["raw_steps_per_s"], rel=0.01)
