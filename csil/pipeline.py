@@ -98,7 +98,7 @@ def train_base_from_file(demos: str | Path, out: str | Path, cfg: BaseTrainConfi
 
     start = time.time()
     data = read_demos(demos, num_demos=cfg.num_demos, load_next_obs=False)
-    spec = _spec_from_demos(demos, data.episodes[0].obs, obs_mode)
+    spec = spec_from_demos(demos, data.episodes[0].obs, obs_mode)
     dataset = ChunkDataset.from_episodes(data.episodes, spec, cfg.chunk_length)
     params, stats, losses = train_base_policy(dataset, spec, cfg, progress=progress)
     task = get_task(data.env_meta["env_name"]).name
@@ -109,7 +109,7 @@ def train_base_from_file(demos: str | Path, out: str | Path, cfg: BaseTrainConfi
             "final_loss": losses[-1], "seconds": round(time.time() - start, 1)}
 
 
-def _spec_from_demos(path, obs: dict, obs_mode: str):
+def spec_from_demos(path, obs: dict, obs_mode: str):
     """The observation spec a policy trained on these demos will expect; missing keys are named."""
     from csil.specs import CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsSpec
 

@@ -64,8 +64,44 @@ class ExpertRollout:
         return np.stack([self.experts[s].act(e)[None] for s, e in zip(slots, envs)])
 
 
-def make_rollout_policy(spec: str, task: str, prompt: str, seed: int = 0, noise: float | None = None) -> RolloutPolicy:
-    """``base:DIR`` -> the local base policy in DIR; ``expert`` -> the task's scripted expert."""
+class CombinedRollout:
+    """Base policy (open-loop chunks) plus the small HETSTAT policy every step, combined (deterministic mode).
+
+    This is how the fine-tuned system acts at evaluation time; ``params`` are the small policy's weights.
+    """
+
+    def __init__(self, ckpt_dir: str, prompt: str, params, policy_config, action_mode: str):
+        from csil.hetstat import HetStatPolicy
+
+        self.base = BasePolicyRollout(ckpt_dir, prompt)
+        self.net = HetStatPolicy(policy_config)
+        self.params = params
+        self.action_mode = action_mode
+        self.queues: dict[int, deque] = {}
+
+    def start_episode(self, slot: int, env: CsilEnv) -> None:
+        self.queues[slot] = deque()
+
+    def chunks(self, slots, obs, envs) -> np.ndarray:
+        from csil.actions import combine_actions
+        from csil.hetstat import mode
+
+        empty = [i for i, s in enumerate(slots) if not self.queues[s]]
+        if empty:
+            chunks = self.base.chunks([slots[i] for i in empty], [obs[i] for i in empty], None)
+            for i, chunk in zip(empty, chunks):
+                self.queues[slots[i]].extend(chunk)
+        base = np.stack([self.queues[s].popleft() for s in slots])
+        mu, _ = self.net.apply(self.params, np.stack([o["state"] for o in obs]))
+        return combine_actions(base, np.asarray(mode(mu)), self.action_mode)[:, None]
+
+
+def make_rollout_policy(spec: str | dict, task: str, prompt: str, seed: int = 0,
+                        noise: float | None = None) -> RolloutPolicy:
+    """``base:DIR`` -> the local base policy in DIR; ``expert`` -> the task's scripted expert; a dict
+    ``{"base": DIR, "params": ..., "policy_config": ..., "action_mode": ...}`` -> base + small policy."""
+    if isinstance(spec, dict):
+        return CombinedRollout(spec["base"], prompt, spec["params"], spec["policy_config"], spec["action_mode"])
     kind, _, arg = spec.partition(":")
     if kind == "base" and arg:
         return BasePolicyRollout(arg, prompt)
@@ -125,7 +161,7 @@ class _Recorder:
 class RolloutWorker:
     """Owns ``num_envs`` environments and a policy; runs batches of seeded episodes in lockstep."""
 
-    def __init__(self, task: str, obs_mode: str, policy: str, num_envs: int, prompt: str,
+    def __init__(self, task: str, obs_mode: str, policy: str | dict, num_envs: int, prompt: str,
                  seed: int = 0, noise: float | None = None):
         self.envs = [CsilEnv(task, obs_mode) for _ in range(num_envs)]
         self.policy = make_rollout_policy(policy, task, prompt, seed=seed, noise=noise)
@@ -170,7 +206,7 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def run_episodes(task: str, obs_mode: str, policy: str, seeds: Iterator[int] | Sequence[int], *, prompt: str,
+def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[int] | Sequence[int], *, prompt: str,
                  workers: int = 0, envs_per_worker: int = 1, record: bool = False, noise: float | None = None,
                  worker_seed: int = 0) -> Iterator[EpisodeResult]:
     """Yield episode results as Ray workers finish them; ``seeds`` may be endless (stop iterating to stop).
