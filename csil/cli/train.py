@@ -1,0 +1,57 @@
+"""csil-train: single-process CSIL++ (pretraining, then online training with an in-process Reverb server)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from csil.cli import emit_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from learner.agent import AgentConfig
+    from learner.trainer import TrainConfig
+
+    d, a = TrainConfig(), AgentConfig()
+    p = argparse.ArgumentParser(prog="csil-train", description=__doc__)
+    p.add_argument("--task", default=d.task, help="task name (default %(default)s)")
+    p.add_argument("--algo", choices=("csil++",), default="csil++",
+                   help="algorithm; the baselines (csil, xqc-od) are not implemented yet")
+    p.add_argument("--action-mode", choices=("ensemble", "residual"), default=d.action_mode,
+                   help="ensemble: a = (a_base + a_pi)/2; residual: a = a_base + a_pi (default %(default)s)")
+    p.add_argument("--obs", choices=("state",), default="state", help="observations (image: not yet)")
+    p.add_argument("--env-steps", type=int, default=d.env_steps, help="online env steps (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup,
+                   help="online transitions collected by the BC-initialised policy before updates start")
+    p.add_argument("--num-envs", type=int, default=d.num_envs, help="envs stepped in lockstep (default %(default)s)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="env steps between evaluations")
+    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="episodes per evaluation")
+    p.add_argument("--num-demos", type=int, default=d.num_demos, help="demos for BC, reward and the demo table")
+    p.add_argument("--demos", default=None, help="robomimic .hdf5 (default: cached scripted demos of the task)")
+    p.add_argument("--base-policy", default=None, help="csil-base checkpoint dir (default: the cached one)")
+    p.add_argument("--bc-steps", type=int, default=a.bc_steps, help="BC pretraining steps (default %(default)s)")
+    p.add_argument("--critic-steps", type=int, default=a.critic_pretrain_steps,
+                   help="SARSA critic pretraining steps (default %(default)s)")
+    p.add_argument("--logdir", default=None, help="run directory (default runs/<task>-<time>)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed (default %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from learner.agent import AgentConfig
+    from learner.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        task=args.task, action_mode=args.action_mode, env_steps=args.env_steps, warmup=args.warmup,
+        num_envs=args.num_envs, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+        num_demos=args.num_demos, demos=args.demos, base_policy=args.base_policy, seed=args.seed,
+        logdir=args.logdir or f"runs/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}",
+        agent=dataclasses.replace(AgentConfig(), bc_steps=args.bc_steps, critic_pretrain_steps=args.critic_steps),
+    )
+    emit_json(Trainer(cfg).train())
+
+
+if __name__ == "__main__":
+    main()

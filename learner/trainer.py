@@ -1,0 +1,219 @@
+"""Single-process CSIL++ trainer: pretraining, then online training against an in-process Reverb server.
+
+The debugging path and the test bed for the distributed system: the same agent, the same replay tables
+and rate limiter, the same combined policy as the actors, all in one process. Envs are stepped in lockstep
+on the main thread; after warmup every env step is followed by one fused update (``utd`` critic updates).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from collections import deque
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from csil.actions import combine_actions
+from csil.base_policy import LocalBasePolicy, openpi_observation
+from csil.envs import CsilEnv
+from csil.tasks import get_task
+from learner.agent import AgentConfig, Batch, CSILAgent
+from learner.pretrain import DemoTransitions, pretrain_bc, pretrain_critic
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    task: str = "Lift"
+    action_mode: str = "ensemble"
+    env_steps: int = 100_000
+    warmup: int = 10_000  # online transitions (collected by the BC-initialised policy) before updates start
+    num_envs: int = 4
+    eval_every: int = 10_000
+    eval_episodes: int = 20
+    num_demos: int = 200
+    demos: str | None = None  # None: the cached scripted demos of the task
+    base_policy: str | None = None  # None: the cached default base policy of the task
+    logdir: str = "runs/latest"
+    seed: int = 0
+    agent: AgentConfig = AgentConfig()
+
+
+def _crossed(value: int, increment: int, every: int) -> bool:
+    """Whether the last ``increment`` moved ``value`` past a multiple of ``every``."""
+    return value // every != (value - increment) // every
+
+
+def _to_batch(sample: dict) -> Batch:
+    return Batch(sample["obs"]["state"], sample["action"], sample["discount"], sample["next_obs"]["state"],
+                 sample["next_action"])
+
+
+def _transitions_for_replay(demos: DemoTransitions) -> dict:
+    n = len(demos)
+    return {"obs": {"state": demos.obs}, "action": demos.action, "base_action": np.zeros_like(demos.action),
+            "reward": (demos.discount == 0).astype(np.float32), "discount": demos.discount,
+            "next_obs": {"state": demos.next_obs}, "next_action": demos.next_action,
+            "policy_version": np.zeros(n, np.int64), "episode_id": np.full(n, -1, np.int64)}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        from csil.demos import read_demos
+        from csil.pipeline import spec_from_demos, ensure_base_policy, ensure_demos
+
+        self.cfg, self.progress = cfg, progress
+        self.task = get_task(cfg.task)
+        self.logdir = Path(cfg.logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+        demos_path = cfg.demos or ensure_demos(self.task.name)
+        self.base_dir = str(cfg.base_policy or ensure_base_policy(self.task.name))
+        data = read_demos(demos_path, num_demos=cfg.num_demos)
+        self.spec = spec_from_demos(demos_path, data.episodes[0].obs, "state")
+        self.demos = DemoTransitions.from_episodes(data.episodes, self.spec)
+        self.agent = CSILAgent(cfg.agent, self.spec.state_dim)
+        self.key = jax.random.PRNGKey(cfg.seed)
+        self.metrics_file = (self.logdir / "metrics.jsonl").open("a")
+        self.evals: list[dict] = []
+
+    def episode_seed(self, episode: int) -> int:
+        """Training scenes: disjoint from demo seeds (0, 1, ...) and evaluation seeds (1_000_000, ...)."""
+        return 10_000_000 * (self.cfg.seed + 1) + episode
+
+    def log(self, record: dict) -> None:
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+
+    def pretrain(self):
+        cfg = self.cfg.agent
+        self.key, bc_key, critic_key = jax.random.split(self.key, 3)
+        bc, bc_log = pretrain_bc(self.agent, self.demos, bc_key, cfg.bc_steps, progress=self.progress)
+        state = self.agent.init_state(critic_key, bc)
+        state, critic_log = pretrain_critic(self.agent, state, self.demos, cfg.critic_pretrain_steps,
+                                            seed=self.cfg.seed, progress=self.progress)
+        self.log({"phase": "pretrain", "bc": bc_log[-1], "critic": critic_log[-1]})
+        return state
+
+    def evaluate(self, state, env_steps: int) -> dict:
+        """Deterministic evaluation of base + small policy on the fixed evaluation seeds."""
+        from csil.config import EvalConfig
+        from csil.rollout import run_episodes
+
+        policy = {"base": self.base_dir, "params": jax.device_get(state.policy),
+                  "policy_config": self.cfg.agent.policy, "action_mode": self.cfg.action_mode}
+        seeds = range(EvalConfig.seed, EvalConfig.seed + self.cfg.eval_episodes)
+        results = list(run_episodes(self.task.name, "state", policy, seeds, prompt=self.task.prompt,
+                                    envs_per_worker=max(1, self.cfg.eval_episodes // 2)))
+        record = {"env_steps": env_steps, "success_rate": float(np.mean([r.success for r in results])),
+                  "mean_length": float(np.mean([r.length for r in results]))}
+        self.evals.append(record)
+        self.log({"phase": "eval", **record})
+        return record
+
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        from replay.dataset import BatchIterator
+        from replay.server import ReplayConfig, ReplayServer
+        from replay.writer import TransitionWriter
+
+        cfg, agent = self.cfg, self.agent
+        start = time.time()
+        state = self.pretrain()
+        spi = cfg.agent.utd * cfg.agent.batch_size
+        replay = ReplayServer(ReplayConfig(samples_per_insert=spi, min_size=cfg.warmup), self.spec,
+                              num_demo_transitions=len(self.demos))
+        with TransitionWriter(replay.address, table="demos") as demo_writer:
+            demo_writer.write_batch(_transitions_for_replay(self.demos))
+        writer = TransitionWriter(replay.address, table="online")
+        online = demo_iter = None
+
+        envs = [CsilEnv(self.task, "state", seed=cfg.seed) for _ in range(cfg.num_envs)]
+        base = LocalBasePolicy(self.base_dir)
+        episode = 0
+        obs, queues, episode_ids, returns = [], [], [], []
+        for env in envs:
+            obs.append(env.reset(seed=self.episode_seed(episode)))
+            queues.append(deque()), episode_ids.append(episode), returns.append(0.0)
+            episode += 1
+        self.evaluate(state, 0)
+        env_steps, updates, successes = 0, 0, deque(maxlen=20)
+        bar = tqdm(total=cfg.env_steps, desc="training", unit="step", disable=not self.progress, mininterval=1.0)
+        while env_steps < cfg.env_steps:
+            need = [i for i, q in enumerate(queues) if not q]
+            if need:
+                chunks = base.infer_batch([openpi_observation(obs[i], self.task.prompt) for i in need])
+                for i, chunk in zip(need, chunks):
+                    queues[i].extend(chunk)
+            a_base = np.stack([q.popleft() for q in queues])
+            self.key, act_key = jax.random.split(self.key)
+            a_pi = np.asarray(agent.act(state.policy, np.stack([o["state"] for o in obs]), act_key))
+            a_env = combine_actions(a_base, a_pi, cfg.action_mode)
+            for i, env in enumerate(envs):
+                next_obs, reward, success, truncated, _ = env.step(a_env[i])
+                writer.write({"obs": {"state": obs[i]["state"]}, "action": a_pi[i], "base_action": a_base[i],
+                              "reward": np.float32(reward), "discount": np.float32(0.0 if success else 1.0),
+                              "next_obs": {"state": next_obs["state"]}, "next_action": a_pi[i],
+                              "policy_version": np.int64(updates), "episode_id": np.int64(episode_ids[i])})
+                obs[i] = next_obs
+                if success or truncated:
+                    successes.append(float(success))
+                    obs[i] = env.reset(seed=self.episode_seed(episode))
+                    queues[i].clear()
+                    episode_ids[i], episode = episode, episode + 1
+            env_steps += len(envs)
+            bar.update(len(envs))
+            if env_steps >= cfg.warmup:
+                writer.flush()
+                if online is None:
+                    online = iter(BatchIterator(replay.address, "online", cfg.agent.batch_size, cfg.agent.utd,
+                                                self.spec))
+                    demo_iter = iter(BatchIterator(replay.address, "demos", cfg.agent.batch_size, cfg.agent.utd,
+                                                   self.spec))
+                for _ in envs:
+                    self.key, update_key = jax.random.split(self.key)
+                    state, metrics = agent.update(state, _to_batch(next(online)), _to_batch(next(demo_iter)),
+                                                  update_key)
+                    updates += 1
+                if updates == len(envs) or _crossed(updates, len(envs), 100):
+                    record = {k: float(v) for k, v in metrics.items()}
+                    if not all(np.isfinite(list(record.values()))):
+                        raise FloatingPointError(f"non-finite learner metrics at update {updates}: {record}")
+                    self.log({"phase": "train", "env_steps": env_steps, "updates": updates, **record})
+            if _crossed(env_steps, len(envs), cfg.eval_every):
+                last = self.evaluate(state, env_steps)
+                bar.set_postfix(eval=f"{last['success_rate']:.0%}", updates=updates)
+        bar.close()
+        writer.close()
+        replay.stop()
+        self.write_results()
+        best = max(self.evals, key=lambda e: e["success_rate"])
+        return {"task": self.task.name, "env_steps": env_steps, "updates": updates,
+                "first_eval": self.evals[0]["success_rate"], "final_eval": self.evals[-1]["success_rate"],
+                "best_eval": best["success_rate"], "wall_s": round(time.time() - start, 1),
+                "logdir": str(self.logdir)}
+
+    def write_results(self) -> None:
+        """evals.csv and a learning-curve plot next to metrics.jsonl."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with (self.logdir / "evals.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.evals[0]))
+            writer.writeheader()
+            writer.writerows(self.evals)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([e["env_steps"] for e in self.evals], [e["success_rate"] for e in self.evals], marker="o",
+                label=f"CSIL++ ({self.cfg.action_mode})")
+        ax.axhline(self.evals[0]["success_rate"], ls="--", c="gray", label="at start (BC + base)")
+        ax.set(xlabel="env steps", ylabel="success rate", ylim=(-0.02, 1.02), title=self.task.name)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.logdir / "learning_curve.png", dpi=120)
+        plt.close(fig)

@@ -1,0 +1,71 @@
+"""The replay item: one transition per Reverb item, its tf.TensorSpec signature, and the checks writers apply."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from csil.specs import ACTION_DIM, ObsSpec
+
+
+def transition_signature(obs_spec: ObsSpec) -> dict:
+    """Nested ``tf.TensorSpec`` of one transition; both tables use it, so demos and online data batch alike.
+
+    ``action`` is the small policy's own action a_pi (the env executes its combination with ``base_action``);
+    ``discount`` is 0 at a terminal; ``next_action`` is the demonstrator's next action for demos (SARSA) and
+    may repeat ``action`` online; ``policy_version`` measures staleness, ``episode_id`` is -1 for demos by convention.
+    """
+    obs = {key: tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype)) for key, spec in obs_spec.arrays().items()}
+    action = tf.TensorSpec((ACTION_DIM,), tf.float32)
+    scalar = tf.TensorSpec((), tf.float32)
+    counter = tf.TensorSpec((), tf.int64)
+    return {"obs": obs, "action": action, "base_action": action, "reward": scalar, "discount": scalar,
+            "next_obs": dict(obs), "next_action": action, "policy_version": counter, "episode_id": counter}
+
+
+Layout = dict  # nested dict whose leaves are (shape, numpy dtype) pairs
+
+
+def layout(signature: dict) -> Layout:
+    """The signature with plain (shape, dtype) leaves, computed once per writer because TensorSpec access is slow."""
+    return {key: layout(spec) if isinstance(spec, dict) else (tuple(spec.shape), np.dtype(spec.dtype.as_numpy_dtype))
+            for key, spec in signature.items()}
+
+
+def conform(transition: Mapping, expected: Layout, batched: bool) -> tuple[dict, int]:
+    """Check ``transition`` against ``expected`` exactly (no silent casts) and return it as numpy arrays.
+
+    Returns the nested arrays and the batch size (1 when not ``batched``). Raises ValueError naming the
+    first offending key with expected vs got, because Reverb's own error for a mismatch names a column index.
+    """
+    sizes: list[int] = []
+    arrays = _conform(transition, expected, (), batched, sizes)
+    return arrays, sizes[0] if batched else 1
+
+
+def _conform(node: object, expected: Layout, path: tuple[str, ...], batched: bool, sizes: list[int]) -> dict:
+    where = f"transition[{'/'.join(path)!r}]" if path else "transition"
+    if not isinstance(node, Mapping) or node.keys() != expected.keys():
+        got = sorted(node) if isinstance(node, Mapping) else type(node).__name__
+        raise ValueError(f"{where}: expected keys {sorted(expected)}, got {got}")
+    out = {}
+    for key, want in expected.items():
+        if isinstance(want, dict):
+            out[key] = _conform(node[key], want, path + (key,), batched, sizes)
+            continue
+        (shape, dtype), arr = want, np.asarray(node[key])
+        if batched:
+            ok = arr.ndim == len(shape) + 1 and arr.shape[1:] == shape and sizes in ([], [arr.shape[0]])
+            want_shape = "(" + ", ".join(["N", *map(str, shape)]) + ("," if not shape else "") + ")"
+            note = f" with N = {sizes[0]} as for the keys before it" if sizes else ""
+        else:
+            ok, want_shape, note = arr.shape == shape, str(shape), ""
+        if not ok or arr.dtype != dtype:
+            raise ValueError(f"transition[{'/'.join(path + (key,))!r}]: expected shape {want_shape} dtype "
+                             f"{dtype.name}{note}, got shape {arr.shape} dtype {arr.dtype.name}")
+        if batched and not sizes:
+            sizes.append(arr.shape[0])
+        out[key] = arr
+    return out

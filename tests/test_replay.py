@@ -1,0 +1,241 @@
+"""Tests for replay/: signature, writer checks, batches, the UTD rate limiter, FIFO, checkpoint/restore, bad addresses.
+
+Every test runs a real Reverb server on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import portpicker
+import pytest
+import tensorflow as tf
+
+from csil.specs import ObsSpec
+from replay.server import BatchIterator, ReplayConfig, ReplayServer, TransitionWriter
+from replay.signature import transition_signature
+
+STATE = ObsSpec("state", (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_gripper_qpos", 2), ("object", 14)))
+IMAGES = ObsSpec("image", STATE.state_keys, cameras=("agentview", "robot0_eye_in_hand"))
+# Generous slack: these tables take many inserts without a sampler (10 x min_size x spi samples of slack).
+LOOSE = ReplayConfig(online_size=1000, samples_per_insert=1.0, min_size=10, error_buffer_fraction=10.0)
+
+
+def transitions(spec: ObsSpec, ids: np.ndarray) -> dict:
+    """N transitions whose every field is a function of episode_id, so a sample can be checked against it."""
+    n, f = len(ids), ids.astype(np.float32)
+
+    def obs(offset: float) -> dict:
+        out = {"state": np.repeat(f[:, None] + offset, spec.state_dim, axis=1)}
+        for key in spec.image_keys:
+            out[key] = np.broadcast_to((ids % 256).astype(np.uint8)[:, None, None, None], (n, 84, 84, 3)).copy()
+        return out
+
+    return {"obs": obs(0.0), "action": np.repeat(f[:, None], 7, axis=1), "base_action": np.zeros((n, 7), np.float32),
+            "reward": f, "discount": np.ones(n, np.float32), "next_obs": obs(0.5),
+            "next_action": np.repeat(-f[:, None], 7, axis=1), "policy_version": ids * 10, "episode_id": ids}
+
+
+def one(batch: dict, i: int) -> dict:
+    return {k: one(v, i) if isinstance(v, dict) else v[i] for k, v in batch.items()}
+
+
+def check_consistent(batch: dict, spec: ObsSpec) -> None:
+    """Every sampled transition equals the one written for its episode_id."""
+    flat = {k: v.reshape(-1, *v.shape[2:]) if not isinstance(v, dict) else
+            {kk: vv.reshape(-1, *vv.shape[2:]) for kk, vv in v.items()} for k, v in batch.items()}
+    expected = transitions(spec, flat["episode_id"])
+    for key in expected:
+        if isinstance(expected[key], dict):
+            for sub in expected[key]:
+                np.testing.assert_array_equal(flat[key][sub], expected[key][sub], err_msg=f"{key}/{sub}")
+        else:
+            np.testing.assert_array_equal(flat[key], expected[key], err_msg=key)
+
+
+def test_signature_from_obs_spec():
+    sig = transition_signature(STATE)
+    assert sig["obs"] == {"state": tf.TensorSpec((23,), tf.float32)} == sig["next_obs"]
+    for key in ("action", "base_action", "next_action"):
+        assert sig[key] == tf.TensorSpec((7,), tf.float32)
+    assert sig["reward"] == sig["discount"] == tf.TensorSpec((), tf.float32)
+    assert sig["policy_version"] == sig["episode_id"] == tf.TensorSpec((), tf.int64)
+
+    sig = transition_signature(IMAGES)
+    assert set(sig["obs"]) == set(sig["next_obs"]) == {"state", "agentview_image", "robot0_eye_in_hand_image"}
+    assert sig["next_obs"]["agentview_image"] == tf.TensorSpec((84, 84, 3), tf.uint8)
+
+
+def test_writer_rejects_mismatches_naming_the_key():
+    with ReplayServer(LOOSE, STATE, num_demo_transitions=10) as server, TransitionWriter(server.address) as writer:
+        good = one(transitions(STATE, np.arange(3)), 0)
+        with pytest.raises(ValueError, match=r"obs/state.*\(23,\).*got shape \(22,\)"):
+            writer.write({**good, "obs": {"state": np.zeros(22, np.float32)}})
+        with pytest.raises(ValueError, match=r"'reward'.*float32.*float64"):
+            writer.write({**good, "reward": 0.0})
+        with pytest.raises(ValueError, match="expected keys"):
+            writer.write({k: v for k, v in good.items() if k != "next_action"})
+        batch = transitions(STATE, np.arange(3))
+        with pytest.raises(ValueError, match=r"'discount'.*N = 3"):
+            writer.write_batch({**batch, "discount": np.ones(2, np.float32)})
+        writer.write(good)
+        writer.flush()
+        assert server.sizes()["online"] == 1
+
+
+def test_batches_shapes_dtypes_and_demo_isolation():
+    cfg = ReplayConfig(online_size=1000, samples_per_insert=8.0, min_size=50, error_buffer_fraction=10.0)
+    with ReplayServer(cfg, STATE, num_demo_transitions=40) as server:
+        with TransitionWriter(server.address, "demos") as demos:
+            demos.write_batch(transitions(STATE, -1 - np.arange(40)))  # demos carry episode_id < 0
+        with TransitionWriter(server.address) as writer:
+            for i in range(300):
+                writer.write(one(transitions(STATE, np.array([i])), 0))
+        assert server.sizes() == {"online": 300, "demos": 40}
+
+        online = BatchIterator(server.address, "online", batch_size=16, utd=2, signature_obs_spec=STATE)
+        demo = BatchIterator(server.address, "demos", batch_size=16, utd=2, signature_obs_spec=STATE)
+        for _ in range(3):
+            batch, demo_batch = next(online), next(demo)
+            assert batch["obs"]["state"].shape == (2, 16, 23) and batch["obs"]["state"].dtype == np.float32
+            assert batch["action"].shape == (2, 16, 7) and batch["reward"].shape == (2, 16)
+            assert batch["episode_id"].dtype == np.int64 and batch["policy_version"].dtype == np.int64
+            assert (batch["episode_id"] >= 0).all() and (demo_batch["episode_id"] < 0).all()
+            check_consistent(batch, STATE)
+            check_consistent(demo_batch, STATE)
+        online.close()
+        demo.close()
+
+
+def test_image_transitions_round_trip():
+    with ReplayServer(LOOSE, IMAGES, num_demo_transitions=6) as server:
+        with TransitionWriter(server.address, "demos") as demos:
+            demos.write_batch(transitions(IMAGES, np.arange(6)))
+        batches = BatchIterator(server.address, "demos", batch_size=4, utd=2, signature_obs_spec=IMAGES)
+        batch = next(batches)
+        batches.close()
+        assert batch["next_obs"]["robot0_eye_in_hand_image"].shape == (2, 4, 84, 84, 3)
+        assert batch["obs"]["agentview_image"].dtype == np.uint8
+        check_consistent(batch, IMAGES)
+        with pytest.raises(ValueError, match="not the transitions of"):
+            BatchIterator(server.address, "demos", batch_size=4, utd=2, signature_obs_spec=STATE)
+
+
+def test_sampling_before_warmup_times_out_clearly():
+    cfg = ReplayConfig(online_size=1000, samples_per_insert=32.0, min_size=100)
+    with ReplayServer(cfg, STATE, num_demo_transitions=1) as server:
+        writer = TransitionWriter(server.address)
+        writer.write_batch(transitions(STATE, np.arange(60)))
+        writer.flush()
+        batches = BatchIterator(server.address, "online", batch_size=8, utd=4, signature_obs_spec=STATE,
+                                timeout_ms=500)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"'online'.*500 ms.*holds 60 items.*warmup not reached"):
+            next(batches)
+        assert time.monotonic() - start < 5
+        writer.write_batch(transitions(STATE, np.arange(60, 100)))
+        writer.flush()
+        assert next(batches)["obs"]["state"].shape == (4, 8, 23)  # a fresh stream after the timeout
+        batches.close()
+        writer.close()
+
+
+def test_rate_limiter_keeps_samples_per_insert():
+    """A writer thread and the learner's iterator run concurrently; the server holds the documented bound."""
+    cfg = ReplayConfig(online_size=10_000, samples_per_insert=32.0, min_size=100, error_buffer_fraction=0.1)
+    total = 600
+    with ReplayServer(cfg, STATE, num_demo_transitions=1) as server:
+        writer = TransitionWriter(server.address, timeout_ms=20_000)
+
+        def write() -> None:
+            for i in range(total):
+                writer.write(one(transitions(STATE, np.array([i])), 0))
+            writer.flush()
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        batches = BatchIterator(server.address, "online", batch_size=8, utd=4, signature_obs_spec=STATE,
+                                timeout_ms=2_000)
+        snapshots, consumed = [], 0
+        while True:
+            try:
+                batch = next(batches)
+            except TimeoutError:  # the writer is done and the limiter allows no more samples
+                assert not thread.is_alive()
+                break
+            consumed += 1
+            if consumed % 25 == 0:
+                info = server.rate_limiter_info()
+                snapshots.append((info["online/rate_limiter_info/insert_stats/completed"],
+                                  info["online/rate_limiter_info/sample_stats/completed"]))
+        thread.join()
+        batches.close()
+        info = server.rate_limiter_info()
+        inserts = info["online/rate_limiter_info/insert_stats/completed"]
+        samples = info["online/rate_limiter_info/sample_stats/completed"]
+        writer.close()
+
+    assert inserts == total and consumed * 32 <= samples
+    for i, s in snapshots + [(inserts, samples)]:
+        assert abs(s - (i - cfg.min_size) * cfg.samples_per_insert) <= cfg.error_buffer, (i, s)
+    assert info["online/table_worker_time/waiting_for_sampling_ms"] > 0  # inserts were held back for the learner
+    (i0, s0), (i1, s1) = snapshots[0], (inserts, samples)
+    assert abs((s1 - s0) / (i1 - i0) - 32) <= 2 * cfg.error_buffer / (i1 - i0)
+    check_consistent(batch, STATE)
+
+
+def test_fifo_keeps_online_size():
+    cfg = ReplayConfig(online_size=50, samples_per_insert=1.0, min_size=10, error_buffer_fraction=10.0)
+    with ReplayServer(cfg, STATE, num_demo_transitions=1) as server, TransitionWriter(server.address) as writer:
+        writer.write_batch(transitions(STATE, np.arange(80)))
+        writer.flush()
+        assert server.sizes()["online"] == 50
+        batches = BatchIterator(server.address, "online", batch_size=10, utd=1, signature_obs_spec=STATE)
+        assert next(batches)["episode_id"].min() >= 30  # the oldest 30 went first
+        batches.close()
+
+
+def test_checkpoint_and_restore(tmp_path):
+    ckpt = str(tmp_path / "replay")
+    with ReplayServer(LOOSE, STATE, num_demo_transitions=20, checkpoint_dir=ckpt) as server:
+        with TransitionWriter(server.address) as writer:
+            writer.write_batch(transitions(STATE, np.arange(60)))
+        with TransitionWriter(server.address, "demos") as writer:
+            writer.write_batch(transitions(STATE, -1 - np.arange(20)))
+        path = server.checkpoint()
+        assert os.path.isdir(path) and path.startswith(ckpt)
+
+    with pytest.raises(FileExistsError, match="restore=True"):
+        ReplayServer(LOOSE, STATE, num_demo_transitions=20, checkpoint_dir=ckpt)
+    with ReplayServer(LOOSE, STATE, num_demo_transitions=20, checkpoint_dir=ckpt, restore=True) as server:
+        assert server.sizes() == {"online": 60, "demos": 20}
+        assert server.rate_limiter_info()["online/rate_limiter_info/insert_stats/completed"] == 60
+        for table in ("online", "demos"):
+            batches = BatchIterator(server.address, table, batch_size=16, utd=2, signature_obs_spec=STATE)
+            batch = next(batches)
+            batches.close()
+            check_consistent(batch, STATE)
+            assert (batch["episode_id"] >= 0).all() == (table == "online")
+
+    with pytest.raises(ValueError, match="not the transitions of this run"):
+        ReplayServer(LOOSE, IMAGES, num_demo_transitions=20, checkpoint_dir=ckpt, restore=True)
+    with pytest.raises(FileNotFoundError, match="no complete Reverb checkpoint"):
+        ReplayServer(LOOSE, STATE, num_demo_transitions=20, checkpoint_dir=str(tmp_path / "empty"), restore=True)
+    chunks = os.path.join(path, "chunks.tfrecord")
+    with open(chunks, "r+b") as f:
+        f.truncate(40)
+    with pytest.raises(RuntimeError, match="corrupt"):
+        ReplayServer(LOOSE, STATE, num_demo_transitions=20, checkpoint_dir=ckpt, restore=True)
+
+
+def test_unreachable_address_fails_fast():
+    address = f"localhost:{portpicker.pick_unused_port()}"
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=address):
+        TransitionWriter(address)
+    with pytest.raises(ConnectionError, match=address):
+        BatchIterator(address, "online", batch_size=8, utd=1, signature_obs_spec=STATE)
+    assert time.monotonic() - start < 15
