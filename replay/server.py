@@ -39,14 +39,16 @@ class ReplayConfig:
 
     i.e. actors can run at most ``error_buffer / samples_per_insert`` inserts ahead of the learner and the learner
     at most that many inserts' worth of samples ahead of the actors. Defaults: error_buffer = 0.1 * 10k * 512 =
-    512k samples = 1000 inserts = 1000 learner steps at UTD 4 x batch 128. Before warmup inserts never block.
+    512k samples = 1000 inserts = 1000 fused updates of UTD 4 x batch 128. Before warmup inserts never block.
+    A caller that writes and samples on one thread must stay within that slack, or its write blocks for good
+    (give its TransitionWriter a ``timeout_ms`` to turn that into an error).
     """
 
-    online_size: int = 250_000
-    samples_per_insert: float = 512.0
-    min_size: int = 10_000
-    error_buffer_fraction: float = 0.1
-    sample_timeout_ms: int = 60_000
+    online_size: int = 250_000  # FIFO capacity of "online"
+    samples_per_insert: float = 512.0  # UTD x batch: the UTD control
+    min_size: int = 10_000  # warmup: no sampling before this many online items
+    error_buffer_fraction: float = 0.1  # limiter slack as a fraction of min_size x samples_per_insert (Acme's rule)
+    sample_timeout_ms: int = 60_000  # for BatchIterator(timeout_ms=...): give up instead of blocking forever
 
     @property
     def error_buffer(self) -> float:
