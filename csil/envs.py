@@ -8,7 +8,6 @@ its cost against the raw ``env.step`` loop.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -181,9 +180,6 @@ class CsilEnv:
 
         kwargs = {k: v for k, v in self.make_kwargs.items() if k != "seed"}
         return {"env_name": self.task.env_name, "env_version": robosuite.__version__, "type": 1, "env_kwargs": kwargs}
-
-    def env_args_json(self) -> str:
-        return json.dumps(self.env_args(), indent=4)
 
     def sim_state(self) -> np.ndarray:
         """Flattened MuJoCo state [time, qpos, qvel], robomimic's ``states`` row."""

@@ -167,9 +167,6 @@ class RolloutWorker:
         self.policy = make_rollout_policy(policy, task, prompt, seed=seed, noise=noise)
         self.env_args = self.envs[0].env_args()
 
-    def ping(self) -> bool:
-        return True
-
     def run(self, seeds: Sequence[int], record: bool = False) -> list[EpisodeResult]:
         if len(seeds) > len(self.envs):
             raise ValueError(f"{len(seeds)} seeds for {len(self.envs)} envs")

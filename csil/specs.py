@@ -90,7 +90,3 @@ class ObsSpec:
             cameras=tuple(raw["cameras"]),
             image_size=int(raw["image_size"]),
         )
-
-
-def action_spec() -> ArraySpec:
-    return ArraySpec((ACTION_DIM,), "float32")

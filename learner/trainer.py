@@ -92,7 +92,13 @@ class Trainer:
         cfg = self.cfg.agent
         self.key, bc_key, critic_key = jax.random.split(self.key, 3)
         bc, bc_log = pretrain_bc(self.agent, self.demos, bc_key, cfg.bc_steps, progress=self.progress)
-        state = self.agent.init_state(critic_key, bc)
+        atoms = None
+        if cfg.critic.atoms == "quantile":  # denser atoms where the demonstrator's returns lie
+            from learner.critic import make_atoms
+
+            rewards = np.asarray(self.agent.reward(bc, self.demos.obs, self.demos.action))
+            atoms = make_atoms(cfg.critic, self.demos.discounted_returns(rewards, cfg.discount))
+        state = self.agent.init_state(critic_key, bc, atoms=atoms)
         state, critic_log = pretrain_critic(self.agent, state, self.demos, cfg.critic_pretrain_steps,
                                             seed=self.cfg.seed, progress=self.progress)
         self.log({"phase": "pretrain", "bc": bc_log[-1], "critic": critic_log[-1]})

@@ -5,6 +5,8 @@ what these tests check is the algorithm's contract: a bounded coherent reward, w
 each fused update, and coherence (critic prefers the BC action, first actor updates stay near BC).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +113,21 @@ def test_fused_update_keeps_weight_norm_and_stays_near_bc(pretrained):
     target_gap = jax.tree_util.tree_map(lambda a, b: jnp.abs(a - b).max(), state.critic["params"],
                                         state.target_critic["params"])
     assert 0 < max(float(x) for x in jax.tree_util.tree_leaves(target_gap)) < 1.0  # Polyak lags behind
+
+
+def test_quantile_atoms_from_demo_returns(pretrained):
+    from learner.critic import make_atoms
+
+    agent, state, demos, _, _ = pretrained
+    rewards = np.asarray(agent.reward(state.reward, demos.obs, demos.action))
+    returns = demos.discounted_returns(rewards, SMALL.discount)
+    # First episode by hand: G_t = r_t + gamma * G_{t+1}, ending at the episode's success step.
+    expected, running = [], 0.0
+    for r in rewards[:EP_LEN][::-1]:
+        running = r + SMALL.discount * running
+        expected.append(running)
+    np.testing.assert_allclose(returns[:EP_LEN], expected[::-1], rtol=1e-5)
+    atoms = np.asarray(make_atoms(dataclasses.replace(SMALL.critic, atoms="quantile"), returns))
+    median = np.median(returns)
+    uniform = np.linspace(SMALL.critic.v_min, SMALL.critic.v_max, SMALL.critic.num_atoms)
+    assert np.sum(np.abs(atoms - median) < 0.5) > 2 * np.sum(np.abs(uniform - median) < 0.5)
