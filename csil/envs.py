@@ -68,6 +68,17 @@ def robosuite_kwargs(task: TaskSpec, obs_mode: ObsMode, image_size: int = 84, se
     return kwargs
 
 
+def robomimic_env_args(task: TaskSpec, make_kwargs: dict) -> dict:
+    """robomimic's ``env_args`` attribute (EnvRobosuite.serialize) for files written from such an env.
+
+    Needs no simulator: writers get it without building an environment.
+    """
+    import robosuite
+
+    kwargs = {k: v for k, v in make_kwargs.items() if k != "seed"}
+    return {"env_name": task.env_name, "env_version": robosuite.__version__, "type": 1, "env_kwargs": kwargs}
+
+
 class CsilEnv:
     """One robosuite task with robomimic settings, flat observations and success termination.
 
@@ -175,11 +186,7 @@ class CsilEnv:
         return self._t
 
     def env_args(self) -> dict:
-        """robomimic's ``env_args`` attribute (EnvRobosuite.serialize) for files written from this env."""
-        import robosuite
-
-        kwargs = {k: v for k, v in self.make_kwargs.items() if k != "seed"}
-        return {"env_name": self.task.env_name, "env_version": robosuite.__version__, "type": 1, "env_kwargs": kwargs}
+        return robomimic_env_args(self.task, self.make_kwargs)
 
     def sim_state(self) -> np.ndarray:
         """Flattened MuJoCo state [time, qpos, qvel], robomimic's ``states`` row."""

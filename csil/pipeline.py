@@ -26,7 +26,7 @@ def generate_demos(cfg: DemoConfig, out: str | Path, progress: bool = True) -> d
     from tqdm import tqdm
 
     from csil.demos import DemoWriter, Episode
-    from csil.envs import CsilEnv
+    from csil.envs import robomimic_env_args, robosuite_kwargs
     from csil.experts import EXPERT_TASKS
     from csil.rollout import run_episodes
 
@@ -36,7 +36,7 @@ def generate_demos(cfg: DemoConfig, out: str | Path, progress: bool = True) -> d
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".partial")
-    env_args = CsilEnv(task, cfg.obs_mode).env_args()
+    env_args = robomimic_env_args(task, robosuite_kwargs(task, cfg.obs_mode))
     start = time.time()
     waiting: dict[int, object] = {}
     next_seed, attempted, kept = cfg.seed, 0, 0

@@ -165,7 +165,6 @@ class RolloutWorker:
                  seed: int = 0, noise: float | None = None):
         self.envs = [CsilEnv(task, obs_mode) for _ in range(num_envs)]
         self.policy = make_rollout_policy(policy, task, prompt, seed=seed, noise=noise)
-        self.env_args = self.envs[0].env_args()
 
     def run(self, seeds: Sequence[int], record: bool = False) -> list[EpisodeResult]:
         if len(seeds) > len(self.envs):
