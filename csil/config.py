@@ -65,3 +65,197 @@ class EvalConfig:
     obs_mode: str = "state"
     workers: int = 0  # 0: one per CPU core
     envs_per_worker: int = 5
+
+
+# --- the learner ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HetStatConfig:
+    """The small HETSTAT policy (also the BC prior and the coherent reward's density); see csil/hetstat.py."""
+
+    hidden: tuple[int, ...] = (512, 512)  # torso; first layer Dense -> LayerNorm -> tanh when layer_norm
+    bottleneck: int = 32  # narrow last torso layer (ELU)
+    features: int = 512  # width F of the periodic feature layer (even)
+    activation: str = "periodic_relu"  # "periodic_relu" | "triangle" | "sin_cos"
+    layer_norm: bool = True
+    prior_var: float = 0.75
+    min_var: float = 1e-5
+    faithful: bool = True  # variance head sees stop_gradient(features)
+    action_dim: int = 7
+    # CSIL initialises the log-lengthscales at -5. Behind our LayerNorm->tanh torso the bottleneck z is O(0.45)
+    # per unit (|z| ~ 2.5 at b=32), so -5 gives phases u = z diag(exp l) W of O(0.02) rad: the features are
+    # affine in z (periodic_relu's +pi/4 half even sits on its flat top). Wide nets still fit BC (Adam rescales),
+    # but the head then acts like a linear model and is *not* stationary: after 2k BC steps on a 3-d demo
+    # manifold, sigma off the manifold was 0.04 (0.02 on it) instead of rising towards the prior, and the mean
+    # stayed large; narrow nets also fit badly. 0 puts u at O(2.5) rad across the data, a fraction of a period:
+    # BC fits as well (MSE 2e-4) and off-manifold sigma rises to 0.29 with |mu| 0.10 (vs 0.54 on the data).
+    log_lengthscale_init: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Image observations only: one ResNet per camera + spatial softmax (CSIL++), random-shift augmentation."""
+
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    out_dim: int = 64  # features per camera
+    shift: int = 4  # DrQ random-shift padding (pixels) on training batches
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticConfig:
+    """``categorical``: XQC's critic at CSIL++'s scale, 2 x [512, 512] BN+WN, 101 atoms on [-8, 0] (the
+    (1-gamma)-scaled reward's range). ``mse``: vanilla CSIL's LayerNorm MLP regressing a scalar."""
+
+    kind: str = "categorical"  # "categorical" | "mse"
+    hidden: tuple[int, ...] = (512, 512)
+    num_critics: int = 2
+    num_atoms: int = 101
+    v_min: float = -8.0
+    v_max: float = 0.0
+    atoms: str = "uniform"  # "uniform" | "quantile" (denser where the demonstrator's returns lie)
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """Hyperparameters of the learner (CSIL++ paper Table II where it says, CSIL/XQC defaults otherwise).
+
+    ``algo_config(name)`` gives the presets for CSIL++, vanilla CSIL and XQC+OD; they differ only in the fields
+    marked "variant".
+    """
+
+    reward: str = "coherent"  # variant: "coherent" (CSIL) | "sparse" (-(1-gamma) per step until success)
+    regularizer: str = "kl_bc"  # variant: "kl_bc" (beta KL(pi||pi_BC)) | "entropy" (learned alpha, XQC/SAC)
+    kl_estimator: str = "exact"  # variant: "exact" (closed form, CSIL++) | "mc" (one-sample, CSIL)
+    discount: float = 0.99
+    utd: int = 4  # variant: critic updates per env step (one actor update per env step)
+    batch_size: int = 128  # online samples per critic update (plus as many demo samples)
+    beta: float = 0.3  # KL(pi||pi_BC) coefficient, actor loss and soft value
+    target_entropy_per_dim: float = -0.5  # "entropy" regulariser: XQC's target entropy -d_a/2
+    init_temperature: float = 0.01  # "entropy" regulariser: XQC's initial alpha
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    reward_lr: float = 1e-3
+    tau: float = 0.005
+    refine_reward: bool = True
+    reward_kl_scale: float = 1.0
+    reward_shift: str = "sigma_floor"  # "sigma_floor" (CSIL's MAX_REWARD form) | "strict"
+    # CSIL's action-gradient penalty (weight 1 with its MSE critic). With the categorical BN critic it slowed
+    # SARSA pretraining and flattened Q in the action: BC-action-beats-random rank 0.58 with weight 1 vs 0.89
+    # without (synthetic task, 3k steps), so it is off by default here.
+    grad_penalty_pretrain: float = 0.0
+    grad_penalty_online: float = 0.0
+    bc_steps: int = 50_000  # 25k for image observations (paper)
+    bc_lr: float = 1e-3
+    bc_batch_size: int = 256
+    critic_pretrain_steps: int = 20_000  # variant: 0 = no critic pretraining (XQC+OD)
+    critic_pretrain_lr: float = 3e-3  # 3e-4 cannot move the categorical head's logits far enough in 20k steps
+    # The target must track faster while values propagate from the demo ends: with gamma = 0.99 and tau = 0.005
+    # a Bellman iteration takes ~200 steps and 20k steps would cover only ~100 of them.
+    critic_pretrain_tau: float = 0.05
+    policy: HetStatConfig = HetStatConfig()
+    critic: CriticConfig = CriticConfig()
+    encoder: EncoderConfig = EncoderConfig()
+
+
+ALGORITHMS = ("csil++", "csil", "xqc-od")
+
+
+def algo_config(algo: str, base: AgentConfig = AgentConfig()) -> AgentConfig:
+    """The preset of one algorithm on top of ``base`` (sizes, learning rates and steps are kept from ``base``).
+
+    - ``csil++``: coherent reward, categorical BN+WN critic, exact KL to BC, UTD 4 (``base`` as is).
+    - ``csil``: vanilla CSIL: the same coherent reward and KL anchor, but CSIL's LayerNorm MLP critic with an MSE
+      loss and its action-gradient penalty, the one-sample KL estimate, UTD 1. The penalty weight is CSIL's 1
+      times (1-gamma): our reward is (1-gamma)-scaled, which shrinks the squared TD error by (1-gamma)^2 but the
+      gradient-norm penalty only by (1-gamma); at weight 1 the penalty dominates and flattens Q in the action
+      (BC-beats-random rank 0.35 on the synthetic test task, 0.59 at 0.01, 0.69 at 0; the categorical critic
+      reaches > 0.8). Critic pretraining at lr 1e-3 (SCHERER-EARLY; CSIL's 1e-4 is too slow at this scale).
+    - ``xqc-od``: XQC with offline data: sparse reward -(1-gamma) per step until success, the demo batch
+      concatenated, entropy-regularised with a learned temperature, the same BC-initialised HETSTAT policy, no
+      reward learning and no critic pretraining.
+    """
+    if algo == "csil++":
+        return base
+    if algo == "csil":
+        return dataclasses.replace(
+            base, kl_estimator="mc", utd=1, grad_penalty_pretrain=0.01, grad_penalty_online=0.01,
+            critic_pretrain_lr=1e-3, critic=dataclasses.replace(base.critic, kind="mse"))
+    if algo == "xqc-od":
+        return dataclasses.replace(base, reward="sparse", regularizer="entropy", refine_reward=False,
+                                   critic_pretrain_steps=0)
+    raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+    """Sizes of the online table and the sample-to-insert control.
+
+    The SampleToInsertRatio limiter tracks ``diff = inserts * samples_per_insert - samples`` (totals since the
+    table was created, checkpoints included) and, once the table holds ``min_size`` items, blocks any insert or
+    sample that would take ``diff`` outside ``min_size * samples_per_insert ± error_buffer``. So after warmup
+
+        samples = (inserts - min_size) * samples_per_insert ± error_buffer,
+
+    i.e. actors can run at most ``error_buffer / samples_per_insert`` inserts ahead of the learner and the learner
+    at most that many inserts' worth of samples ahead of the actors. Defaults: error_buffer = 0.1 * 10k * 512 =
+    512k samples = 1000 inserts = 1000 fused updates of UTD 4 x batch 128. Before warmup inserts never block.
+    A caller that writes and samples on one thread must stay within that slack, or its write blocks for good
+    (give its TransitionWriter a ``timeout_ms`` to turn that into an error).
+    """
+
+    online_size: int = 250_000  # FIFO capacity of "online"
+    samples_per_insert: float = 512.0  # UTD x batch: the UTD control
+    min_size: int = 10_000  # warmup: no sampling before this many online items
+    error_buffer_fraction: float = 0.1  # limiter slack as a fraction of min_size x samples_per_insert (Acme's rule)
+    sample_timeout_ms: int = 60_000  # for BatchIterator(timeout_ms=...): give up instead of blocking forever
+
+    @property
+    def error_buffer(self) -> float:
+        """Acme's rule, raised to ``samples_per_insert``: Reverb rejects a narrower range, which could block forever."""
+        return max(self.error_buffer_fraction * self.min_size * self.samples_per_insert, self.samples_per_insert)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The single-process trainer (``csil-train``)."""
+
+    task: str = "Lift"
+    algo: str = "csil++"  # a name in ALGORITHMS; ``agent`` holds its preset
+    action_mode: str = "ensemble"
+    obs_mode: str = "state"
+    env_steps: int = 100_000
+    warmup: int = 10_000  # online transitions (collected by the BC-initialised policy) before updates start
+    num_envs: int = 4
+    eval_every: int = 10_000
+    eval_episodes: int = 20
+    num_demos: int = 200
+    demos: str | None = None  # None: the cached scripted demos of the task
+    base_policy: str | None = None  # None: the cached default base policy of the task
+    logdir: str = "runs/latest"
+    seed: int = 0
+    agent: AgentConfig = AgentConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceServerConfig:
+    """The base-policy inference server (``csil-serve``, and csil-launch's embedded default)."""
+
+    backend: str = "local"  # "local" (our chunking BC model) or "openpi" (real pi0.5, in openpi's own env)
+    checkpoint: str | None = None  # local: a base-policy dir (None: the cached default of ``task``); openpi: ckpt dir
+    task: str = "Lift"  # local backend without a checkpoint: whose cached base policy to serve
+    openpi_config: str | None = None  # openpi train config name, e.g. "pi05_libero"
+    default_prompt: str | None = None  # openpi: prompt injected when a request has none
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000  # websocket ingress (openpi protocol) + GET /healthz, /stats, served by each replica
+    grpc_port: int | None = 50051  # gRPC ingress, served by each replica; None: off
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.002  # how long a partial batch waits for more requests
+    num_replicas: int = 1
+    num_gpus: float | None = None  # per replica; None: 1 if the cluster has GPUs, else 0
+    num_cpus: float = 1.0  # per replica
+    token: str | None = None  # shared token; clients send "Authorization: Api-Key <token>" on both ingresses
+    app_name: str = "csil-inference"
+    model_delay_ms: float = 0.0  # benchmarks only: constant extra cost per batched model call (models a GPU)

@@ -13,7 +13,6 @@ nearly uniform policy whose log-ratio to the uniform prior (the coherent reward)
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable
@@ -24,31 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr
 
+from csil.config import EncoderConfig, HetStatConfig
+from csil.encoders import MultiCameraEncoder
+
 CLIP = 0.999  # Acme's tanh threshold: log_prob clips actions here and uses tail masses beyond
 _ATANH_CLIP = math.atanh(CLIP)
 _LOG_TAIL_WIDTH = math.log(1.0 - CLIP)  # the tail mass is spread over [CLIP, 1): density = mass / width
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-@dataclasses.dataclass(frozen=True)
-class HetStatConfig:
-    hidden: tuple[int, ...] = (512, 512)  # torso; first layer Dense -> LayerNorm -> tanh when layer_norm
-    bottleneck: int = 32  # narrow last torso layer (ELU)
-    features: int = 512  # width F of the periodic feature layer (even)
-    activation: str = "periodic_relu"  # "periodic_relu" | "triangle" | "sin_cos"
-    layer_norm: bool = True
-    prior_var: float = 0.75
-    min_var: float = 1e-5
-    faithful: bool = True  # variance head sees stop_gradient(features)
-    action_dim: int = 7
-    # CSIL initialises the log-lengthscales at -5. Behind our LayerNorm->tanh torso the bottleneck z is O(0.45)
-    # per unit (|z| ~ 2.5 at b=32), so -5 gives phases u = z diag(exp l) W of O(0.02) rad: the features are
-    # affine in z (periodic_relu's +pi/4 half even sits on its flat top). Wide nets still fit BC (Adam rescales),
-    # but the head then acts like a linear model and is *not* stationary: after 2k BC steps on a 3-d demo
-    # manifold, sigma off the manifold was 0.04 (0.02 on it) instead of rising towards the prior, and the mean
-    # stayed large; narrow nets also fit badly. 0 puts u at O(2.5) rad across the data, a fraction of a period:
-    # BC fits as well (MSE 2e-4) and off-manifold sigma rises to 0.29 with |mu| 0.10 (vs 0.54 on the data).
-    log_lengthscale_init: float = 0.0
 
 
 def _triangle_wave(x: jax.Array) -> jax.Array:
@@ -131,6 +112,24 @@ class HetStatPolicy(nn.Module):
         var = jnp.sum(root**2, axis=-1)
         sigma = math.sqrt(cfg.prior_var) * jnp.tanh(jnp.sqrt(cfg.min_var + var))
         return mu, sigma
+
+
+class SmallPolicy(nn.Module):
+    """Observation dict -> (mu, sigma): one encoder per camera (image observations only), then the HETSTAT head.
+
+    With no cameras the encoder is the identity on ``obs["state"]`` and has no parameters. The encoder is a
+    named submodule (``params["params"]["encoder"]``) so the learner can share it with the critic (DrQ-style).
+    """
+
+    config: HetStatConfig
+    cameras: tuple[str, ...] = ()
+    encoder: EncoderConfig = EncoderConfig()
+
+    @nn.compact
+    def __call__(self, obs: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        enc = self.encoder
+        features = MultiCameraEncoder(self.cameras, enc.channels, enc.out_dim, name="encoder")(obs)
+        return HetStatPolicy(self.config, name="head")(features)
 
 
 def sigma_floor(config: HetStatConfig) -> float:

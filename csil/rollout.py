@@ -67,14 +67,13 @@ class ExpertRollout:
 class CombinedRollout:
     """Base policy (open-loop chunks) plus the small HETSTAT policy every step, combined (deterministic mode).
 
-    This is how the fine-tuned system acts at evaluation time; ``params`` are the small policy's weights.
+    This is how the fine-tuned system acts at evaluation time; ``network`` is the small policy's Flax module
+    (``csil.hetstat.SmallPolicy``) and ``params`` its weights.
     """
 
-    def __init__(self, ckpt_dir: str, prompt: str, params, policy_config, action_mode: str):
-        from csil.hetstat import HetStatPolicy
-
+    def __init__(self, ckpt_dir: str, prompt: str, params, network, action_mode: str):
         self.base = BasePolicyRollout(ckpt_dir, prompt)
-        self.net = HetStatPolicy(policy_config)
+        self.net = network
         self.params = params
         self.action_mode = action_mode
         self.queues: dict[int, deque] = {}
@@ -92,16 +91,16 @@ class CombinedRollout:
             for i, chunk in zip(empty, chunks):
                 self.queues[slots[i]].extend(chunk)
         base = np.stack([self.queues[s].popleft() for s in slots])
-        mu, _ = self.net.apply(self.params, np.stack([o["state"] for o in obs]))
+        mu, _ = self.net.apply(self.params, {k: np.stack([o[k] for o in obs]) for k in obs[0]})
         return combine_actions(base, np.asarray(mode(mu)), self.action_mode)[:, None]
 
 
 def make_rollout_policy(spec: str | dict, task: str, prompt: str, seed: int = 0,
                         noise: float | None = None) -> RolloutPolicy:
     """``base:DIR`` -> the local base policy in DIR; ``expert`` -> the task's scripted expert; a dict
-    ``{"base": DIR, "params": ..., "policy_config": ..., "action_mode": ...}`` -> base + small policy."""
+    ``{"base": DIR, "params": ..., "network": SmallPolicy, "action_mode": ...}`` -> base + small policy."""
     if isinstance(spec, dict):
-        return CombinedRollout(spec["base"], prompt, spec["params"], spec["policy_config"], spec["action_mode"])
+        return CombinedRollout(spec["base"], prompt, spec["params"], spec["network"], spec["action_mode"])
     kind, _, arg = spec.partition(":")
     if kind == "base" and arg:
         return BasePolicyRollout(arg, prompt)

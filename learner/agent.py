@@ -1,75 +1,55 @@
-"""The CSIL++ agent: coherent reward, categorical BN+WN critic, exact-KL actor, one fused UTD update.
+"""The learner's agent: CSIL++ and, in the same code path, its baselines vanilla CSIL and XQC+OD.
 
-Choices where the paper is silent (reference/algorithm.md §9), each a field of ``AgentConfig``:
+One class; the variants are fields of ``AgentConfig`` (presets in ``csil.config.algo_config``):
 
-- Reward ``r = (1-γ)·[(1/d_a)(log π_R(a|s) − log p_U(a)) − B]``, clamped ≤ 0. ``B`` defaults to CSIL's
-  σ-floor bound ``−log σ_min + log 2`` (≈ 6.6): out-of-distribution values then sit near −B, inside the
-  [−8, 0] support. The strict bound (``reward_shift="strict"``, ≈ 11.9, tanh Jacobian and tail included) never
-  needs the clamp but pushes OOD values below the support.
+- reward: ``coherent`` ``r = (1-γ)·[(1/d_a)(log π_R(a|s) − log p_U(a)) − B]`` clamped ≤ 0, or ``sparse``
+  ``−(1−γ)`` per step and 0 on the success transition (XQC+OD);
+- regulariser: ``kl_bc`` ``β·KL(π‖π_BC)`` (exact closed form for CSIL++, one-sample estimate for CSIL) or
+  ``entropy`` ``α·log π`` with a learned temperature (XQC/SAC, target entropy −d_a/2);
+- critic: ``categorical`` XQC BN+WN (cross-entropy on a C51 target) or ``mse`` (CSIL's LayerNorm MLP);
+- ``utd`` critic updates per call, then one actor update, fused in one jitted ``lax.scan``.
+
+Choices where the paper is silent (reference/algorithm.md §9):
+
+- ``B`` defaults to CSIL's σ-floor bound ``−log σ_min + log 2`` (≈ 6.6): out-of-distribution values then sit
+  near −B, inside the [−8, 0] support. The strict bound (``reward_shift="strict"``, ≈ 11.9, tanh Jacobian and
+  tail included) never needs the clamp but pushes OOD values below the support.
 - Batches are ``batch_size`` online + ``batch_size`` demo transitions, concatenated, for the critic, the actor
   and reward refinement (CSIL's composition); BN sees that mixture.
-- The soft value in the target uses the same exact KL as the actor: atoms shift by
+- The soft value in the target uses the same regulariser as the actor: atoms shift by
   ``r + γ·(1−d)·(z − β·KL(π(s')‖π_BC(s')))``; the next action is sampled from the current policy.
 - XQC's target critic is kept (Polyak τ, run in train-mode BN on the joint batch); the critic with the
   smaller expected value supplies the target distribution for both critics.
 - CSIL's action-gradient penalty ``sqrt(mean ||∂Q/∂a||²)`` at demo (s, a) is available for pretraining and
-  online (``grad_penalty_pretrain``/``grad_penalty_online``) but off by default (measurements in the field comment).
+  online but off for CSIL++ (measurements in ``AgentConfig``'s field comment); vanilla CSIL keeps weight 1.
 - Online reward refinement (CSIL's demo-likelihood term + KL estimator on online samples), plain SGD.
-- UTD: ``utd`` critic updates (each on its own batch) then one actor update per call, fused in one jitted
-  ``lax.scan``; weight normalisation after every critic step.
+- Image observations: one encoder per camera. The critic trains its encoder (initialised from the BC policy's,
+  as CSIL's ``update_encoder``); the policy uses the critic's encoder under stop-gradient and copies it after
+  every critic step (DrQ). π_BC keeps its own frozen encoder; π_R refines its copy. Training batches get
+  DrQ random shifts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from csil import hetstat
-from csil.hetstat import HetStatConfig, HetStatPolicy
+from csil.config import AgentConfig
+from csil.encoders import random_shift
+from csil.hetstat import SmallPolicy
+from csil.specs import ObsSpec
 from learner import critic as C
-from learner.critic import CriticConfig, XQCCritic
+from learner.critic import Critic
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class AgentConfig:
-    """CSIL++ hyperparameters (paper Table II where it says, CSIL/XQC defaults otherwise)."""
-
-    discount: float = 0.99
-    utd: int = 4
-    batch_size: int = 128  # online samples per critic update (plus as many demo samples)
-    beta: float = 0.3  # KL(π‖π_BC) coefficient, actor loss and soft value
-    actor_lr: float = 3e-4
-    critic_lr: float = 3e-4
-    reward_lr: float = 1e-3
-    tau: float = 0.005
-    refine_reward: bool = True
-    reward_kl_scale: float = 1.0
-    reward_shift: str = "sigma_floor"  # "sigma_floor" (CSIL's MAX_REWARD form) | "strict"
-    # CSIL's action-gradient penalty (weight 1 with its MSE critic). With the categorical BN critic it slowed
-    # SARSA pretraining and flattened Q in the action: BC-action-beats-random rank 0.58 with weight 1 vs 0.89
-    # without (synthetic task, 3k steps), so it is off by default here.
-    grad_penalty_pretrain: float = 0.0
-    grad_penalty_online: float = 0.0
-    bc_steps: int = 50_000
-    bc_lr: float = 1e-3
-    bc_batch_size: int = 256
-    critic_pretrain_steps: int = 20_000
-    critic_pretrain_lr: float = 3e-3  # 3e-4 cannot move the categorical head's logits far enough in 20k steps
-    # The target must track faster while values propagate from the demo ends: with gamma = 0.99 and tau = 0.005
-    # a Bellman iteration takes ~200 steps and 20k steps would cover only ~100 of them.
-    critic_pretrain_tau: float = 0.05
-    policy: HetStatConfig = HetStatConfig()
-    critic: CriticConfig = CriticConfig()
+Obs = dict[str, jax.Array]
 
 
 def reward_shift(cfg: AgentConfig) -> float:
@@ -81,18 +61,26 @@ def reward_shift(cfg: AgentConfig) -> float:
     raise ValueError(f"unknown reward_shift {cfg.reward_shift!r}; use 'sigma_floor' or 'strict'")
 
 
+def _check_variants(cfg: AgentConfig) -> None:
+    choices = {"reward": ("coherent", "sparse"), "regularizer": ("kl_bc", "entropy"),
+               "kl_estimator": ("exact", "mc")}
+    for field, allowed in choices.items():
+        if getattr(cfg, field) not in allowed:
+            raise ValueError(f"AgentConfig.{field}={getattr(cfg, field)!r}; choose one of {allowed}")
+
+
 class Batch(NamedTuple):
     """Transitions as the learner consumes them; ``discount`` is 0 at terminal (success) steps, else 1."""
 
-    obs: jax.Array
+    obs: Obs
     action: jax.Array  # the small policy's own action a_pi (pre-combination)
     discount: jax.Array
-    next_obs: jax.Array
+    next_obs: Obs
     next_action: jax.Array  # the next demo action (SARSA pretraining); unused online
 
     @staticmethod
     def concat(a: "Batch", b: "Batch", axis: int = 0) -> "Batch":
-        return Batch(*(jnp.concatenate([x, y], axis=axis) for x, y in zip(a, b)))
+        return jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y], axis=axis), a, b)
 
 
 class AgentState(NamedTuple):
@@ -105,136 +93,219 @@ class AgentState(NamedTuple):
     critic_opt: PyTree
     target_critic: PyTree  # {"params", "batch_stats"}
     atoms: jax.Array
+    log_alpha: jax.Array  # entropy temperature ("entropy" regulariser only)
+    alpha_opt: PyTree
     step: jax.Array
 
 
 class CSILAgent:
-    """Networks, optimisers and the jitted update of CSIL++ for one observation size."""
+    """Networks, optimisers and the jitted update for one observation spec."""
 
-    def __init__(self, cfg: AgentConfig, obs_dim: int):
+    def __init__(self, cfg: AgentConfig, spec: ObsSpec):
+        _check_variants(cfg)
         self.cfg = cfg
-        self.obs_dim = obs_dim
+        self.spec = spec
         self.action_dim = cfg.policy.action_dim
-        self.policy_net = HetStatPolicy(cfg.policy)
-        self.critic_net = XQCCritic(cfg.critic)
+        self.policy_net = SmallPolicy(cfg.policy, spec.cameras, cfg.encoder)
+        self.critic_net = Critic(cfg.critic, spec.cameras, cfg.encoder)
+        self.categorical = cfg.critic.kind == "categorical"
         self.shift = reward_shift(cfg)
         self.policy_opt = optax.adam(cfg.actor_lr)
         self.critic_opt = optax.adam(cfg.critic_lr)
         self.critic_pretrain_opt = optax.adam(cfg.critic_pretrain_lr)  # same state layout as critic_opt
         self.reward_opt = optax.sgd(cfg.reward_lr)
+        self.alpha_opt = optax.adam(cfg.actor_lr)
         self.update = jax.jit(self._update)
 
     # --- construction -------------------------------------------------------------------------------
 
-    def init_policy(self, key: jax.Array) -> PyTree:
-        return self.policy_net.init(key, jnp.zeros((1, self.obs_dim)))
+    def example_obs(self, batch: int = 2) -> dict[str, np.ndarray]:
+        return {k: v.zeros((batch,)) for k, v in self.spec.arrays().items()}
 
-    def init_critic(self, key: jax.Array) -> PyTree:
-        variables = self.critic_net.init(key, jnp.zeros((2, self.obs_dim)), jnp.zeros((2, self.action_dim)),
-                                         train=False)
-        return {"params": C.weight_normalize(variables["params"]), "batch_stats": variables["batch_stats"]}
+    def init_policy(self, key: jax.Array) -> PyTree:
+        return self.policy_net.init(key, self.example_obs(1))
+
+    def init_critic(self, key: jax.Array, encoder_from: PyTree | None = None) -> PyTree:
+        """A fresh critic (weight-normalised if categorical); its encoder copied from ``encoder_from`` if given."""
+        variables = self.critic_net.init(key, self.example_obs(2), jnp.zeros((2, self.action_dim)), train=False)
+        params = variables["params"]
+        if encoder_from is not None:
+            params = self._with_encoder(params, encoder_from)
+        if self.categorical:
+            params = C.weight_normalize(params)
+        return {"params": params, "batch_stats": variables.get("batch_stats", {})}
 
     def init_state(self, key: jax.Array, bc_params: PyTree, critic: PyTree | None = None,
                    atoms: jax.Array | None = None) -> AgentState:
         """Policy and reward start as copies of BC; the critic is fresh unless a pretrained one is given."""
-        critic = critic if critic is not None else self.init_critic(key)
+        critic = critic if critic is not None else self.init_critic(key, encoder_from=bc_params["params"])
         atoms = atoms if atoms is not None else C.make_atoms(self.cfg.critic)
+        log_alpha = jnp.asarray(math.log(self.cfg.init_temperature), jnp.float32)
         return AgentState(
             policy=bc_params, policy_opt=self.policy_opt.init(bc_params), bc=bc_params,
             reward=bc_params, reward_opt=self.reward_opt.init(bc_params),
             critic=critic, critic_opt=self.critic_opt.init(critic["params"]),
-            target_critic=critic, atoms=jnp.asarray(atoms, jnp.float32), step=jnp.zeros((), jnp.int32),
+            target_critic=critic, atoms=jnp.asarray(atoms, jnp.float32),
+            log_alpha=log_alpha, alpha_opt=self.alpha_opt.init(log_alpha), step=jnp.zeros((), jnp.int32),
         )
+
+    # --- image encoders -----------------------------------------------------------------------------
+
+    def _with_encoder(self, params: PyTree, source: PyTree) -> PyTree:
+        """``params`` (a ``{"params": ...}`` tree or its inner dict) with the encoder taken from ``source``."""
+        if not self.spec.cameras:
+            return params
+        if "params" in params:
+            return {**params, "params": self._with_encoder(params["params"], source)}
+        source = source["params"] if "params" in source else source
+        return {**params, "encoder": source["encoder"]}
+
+    def augment(self, key: jax.Array, obs: Obs) -> Obs:
+        """DrQ random shift of every camera image (a no-op for state observations)."""
+        keys = jax.random.split(key, max(1, len(self.spec.image_keys)))
+        out = dict(obs)
+        for k, image_key in zip(keys, self.spec.image_keys):
+            out[image_key] = random_shift(k, obs[image_key], self.cfg.encoder.shift)
+        return out
 
     # --- pieces -------------------------------------------------------------------------------------
 
-    def log_ratio(self, params: PyTree, obs: jax.Array, action: jax.Array) -> jax.Array:
+    def log_ratio(self, params: PyTree, obs: Obs, action: jax.Array) -> jax.Array:
         """(1/d_a)(log π(a|s) − log p_U(a)): the per-dimension coherent log-ratio."""
         mu, sigma = self.policy_net.apply(params, obs)
         return (hetstat.log_prob(mu, sigma, action) - hetstat.uniform_log_prob(self.action_dim)) / self.action_dim
 
-    def reward(self, params: PyTree, obs: jax.Array, action: jax.Array) -> jax.Array:
+    def reward(self, params: PyTree, obs: Obs, action: jax.Array) -> jax.Array:
         """The coherent reward, ≤ 0 everywhere, ≈ −(1−γ)B far from the demonstrations."""
         r = (1.0 - self.cfg.discount) * (self.log_ratio(params, obs, action) - self.shift)
         return jnp.minimum(r, 0.0)
 
-    def q_values(self, critic: PyTree, obs: jax.Array, action: jax.Array, atoms: jax.Array) -> jax.Array:
-        """(num_critics, B) expected values with running BN statistics (actor loss, diagnostics)."""
-        return C.expected_value(self.critic_net.apply(critic, obs, action, train=False), atoms)
+    def rewards(self, reward_params: PyTree, obs: Obs, action: jax.Array, discount: jax.Array) -> jax.Array:
+        """The training reward of the configured variant (sparse: −(1−γ) until the success transition)."""
+        if self.cfg.reward == "sparse":
+            return -(1.0 - self.cfg.discount) * discount
+        return self.reward(reward_params, obs, action)
+
+    def _values(self, out: jax.Array, atoms: jax.Array) -> jax.Array:
+        return C.expected_value(out, atoms) if self.categorical else out[..., 0]
+
+    def q_values(self, critic: PyTree, obs: Obs, action: jax.Array, atoms: jax.Array) -> jax.Array:
+        """(num_critics, B) values with running BN statistics (actor loss, diagnostics)."""
+        return self._values(self.critic_net.apply(critic, obs, action, train=False), atoms)
+
+    def _regularised_sample(self, policy: PyTree, state: AgentState, obs: Obs,
+                            key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(a ~ π(·|s), the per-sample penalty subtracted from Q, log π(a|s)).
+
+        ``kl_bc``: β·KL(π‖π_BC), exact, or the one-sample ``log π(a|s) − log π_BC(a|s)`` (π_BC's density is
+        Acme's clipped one, as in CSIL). ``entropy``: α·log π(a|s), α not differentiated here.
+        """
+        mu, sigma = self.policy_net.apply(policy, obs)
+        action, logp = hetstat.sample(key, mu, sigma)
+        if self.cfg.regularizer == "entropy":
+            return action, jax.lax.stop_gradient(jnp.exp(state.log_alpha)) * logp, logp
+        bc_mu, bc_sigma = self.policy_net.apply(state.bc, obs)
+        if self.cfg.kl_estimator == "exact":
+            kl = hetstat.gaussian_kl(mu, sigma, bc_mu, bc_sigma)
+        else:
+            kl = logp - hetstat.log_prob(bc_mu, bc_sigma, action)
+        return action, self.cfg.beta * kl, logp
+
+    def _demo_q(self, critic: PyTree, batch: Batch, next_action: jax.Array, demo_action: jax.Array,
+                atoms: jax.Array) -> jax.Array:
+        """Σ over demo rows of min_k Q_k(s, a) with the demo half's actions replaced by ``demo_action``.
+
+        The categorical critic is evaluated in train-mode BN on the same joint batch as the TD loss: an eval-mode
+        (running-statistics) penalty drove the running-statistics predictions to collapse while the train-mode
+        TD fit looked fine (eval Q −3.8 vs train Q −0.8 on a synthetic task). The LayerNorm critic has no batch
+        statistics, so only the demo rows are evaluated.
+        """
+        half = demo_action.shape[0]
+        if not self.categorical:
+            demo_obs = jax.tree_util.tree_map(lambda x: x[-half:], batch.obs)
+            return self.q_values(critic, demo_obs, demo_action, atoms).min(0).sum()
+        action = batch.action.at[-half:].set(demo_action)
+        out, _, _ = C.joint_forward(self.critic_net.apply, critic, batch.obs, action, batch.next_obs,
+                                    next_action, train=True)
+        return self._values(out[:, -half:], atoms).min(0).sum()
 
     def _grad_penalty(self, critic: PyTree, batch: Batch, next_action: jax.Array, atoms: jax.Array,
                       demo_half: int) -> jax.Array:
-        """sqrt(mean ||∂ min_k Q_k / ∂a||²) at the demo (s, a): makes demo actions first-order optimal (CSIL).
-
-        Evaluated in train-mode BN on the same joint batch as the TD loss. An eval-mode (running-statistics)
-        penalty was tried first: its parameter gradient drives the running-statistics predictions to collapse
-        while the train-mode TD fit looks fine (eval Q -3.8 vs train Q -0.8 on a synthetic task).
-        """
-        def demo_q(demo_action: jax.Array) -> jax.Array:
-            action = batch.action.at[-demo_half:].set(demo_action)
-            logits, _, _ = C.joint_forward(self.critic_net.apply, critic, batch.obs, action, batch.next_obs,
-                                           next_action, train=True)
-            return C.expected_value(logits[:, -demo_half:], atoms).min(0).sum()
-
-        grads = jax.grad(demo_q)(batch.action[-demo_half:])
+        """sqrt(mean ||∂ min_k Q_k / ∂a||²) at the demo (s, a): makes demo actions first-order optimal (CSIL)."""
+        grads = jax.grad(lambda a: self._demo_q(critic, batch, next_action, a, atoms))(batch.action[-demo_half:])
         return jnp.sqrt(jnp.mean(jnp.sum(grads**2, axis=-1)) + 1e-12)
 
     def _td_target(self, target_critic: PyTree, atoms: jax.Array, batch: Batch, rewards: jax.Array,
-                   next_action: jax.Array, next_kl: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """C51 target distribution from the target critic (train-mode BN on the joint batch)."""
-        _, logits_next, _ = C.joint_forward(self.critic_net.apply, target_critic, batch.obs, batch.action,
-                                            batch.next_obs, next_action, train=True)
-        probs = C.select_min_critic(logits_next, atoms)
-        shifted = rewards[:, None] + self.cfg.discount * batch.discount[:, None] * (
-            atoms[None, :] - self.cfg.beta * next_kl[:, None])
-        return jax.lax.stop_gradient(C.project(shifted, probs, atoms)), C.clipped_fraction(shifted, atoms)
+                   next_action: jax.Array, next_penalty: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Categorical: the C51-projected target distribution (target critic in train-mode BN on the joint
+        batch). MSE: the scalar ``r + γ(1−d)(min_k Q_targ(s', a') − penalty)`` with the soft value clipped at
+        ``v_max`` (CSIL's clip in negative-reward mode). Also the fraction of targets outside the support."""
+        cfg = self.cfg
+        if self.categorical:
+            _, logits_next, _ = C.joint_forward(self.critic_net.apply, target_critic, batch.obs, batch.action,
+                                                batch.next_obs, next_action, train=True)
+            probs = C.select_min_critic(logits_next, atoms)
+            shifted = rewards[:, None] + cfg.discount * batch.discount[:, None] * (atoms[None, :] - next_penalty[:, None])
+            return jax.lax.stop_gradient(C.project(shifted, probs, atoms)), C.clipped_fraction(shifted, atoms)
+        next_v = self.q_values(target_critic, batch.next_obs, next_action, atoms).min(0) - next_penalty
+        target = rewards + cfg.discount * batch.discount * jnp.minimum(next_v, cfg.critic.v_max)
+        outside = jnp.mean((target < cfg.critic.v_min) | (target > cfg.critic.v_max))
+        return jax.lax.stop_gradient(target), outside
 
     def _critic_loss(self, critic_params: PyTree, state: AgentState, batch: Batch, next_action: jax.Array,
                      target: jax.Array, demo_half: int, penalty_weight: float) -> tuple[jax.Array, tuple]:
         critic = {"params": critic_params, "batch_stats": state.critic["batch_stats"]}
-        logits, _, batch_stats = C.joint_forward(self.critic_net.apply, critic, batch.obs, batch.action,
-                                                 batch.next_obs, next_action, train=True)
-        ce = C.cross_entropy(logits, target[None]).mean(axis=1).sum()
+        if self.categorical:
+            out, _, batch_stats = C.joint_forward(self.critic_net.apply, critic, batch.obs, batch.action,
+                                                  batch.next_obs, next_action, train=True)
+            td = C.cross_entropy(out, target[None]).mean(axis=1).sum()
+        else:
+            out, batch_stats = self.critic_net.apply(critic, batch.obs, batch.action, train=False), critic["batch_stats"]
+            td = jnp.mean((out[..., 0] - target[None]) ** 2, axis=1).sum()
         penalty = jnp.zeros(())
         if penalty_weight:
             penalty = self._grad_penalty(critic, batch, next_action, state.atoms, demo_half)
-        q = C.expected_value(logits, state.atoms).min(0)
-        return ce + penalty_weight * penalty, (batch_stats, ce, penalty, q)
+        q = self._values(out, state.atoms).min(0)
+        return td + penalty_weight * penalty, (batch_stats, td, penalty, q)
 
     def _apply_critic_grads(self, state: AgentState, grads: PyTree, batch_stats: PyTree, tau: float,
                             opt: optax.GradientTransformation) -> AgentState:
         updates, critic_opt = opt.update(grads, state.critic_opt, state.critic["params"])
-        params = C.weight_normalize(optax.apply_updates(state.critic["params"], updates))
+        params = optax.apply_updates(state.critic["params"], updates)
+        if self.categorical:
+            params = C.weight_normalize(params)
         critic = {"params": params, "batch_stats": batch_stats}
         target = {"params": optax.incremental_update(params, state.target_critic["params"], tau),
                   "batch_stats": batch_stats}
-        return state._replace(critic=critic, critic_opt=critic_opt, target_critic=target)
+        # DrQ: the policy acts on the critic's encoder
+        policy = self._with_encoder(state.policy, params)
+        return state._replace(critic=critic, critic_opt=critic_opt, target_critic=target, policy=policy)
 
     # --- critic pretraining (SARSA on demos) ---------------------------------------------------------
 
-    def pretrain_critic_step(self, state: AgentState, demos: Batch) -> tuple[AgentState, dict]:
+    def pretrain_critic_step(self, state: AgentState, demos: Batch, key: jax.Array) -> tuple[AgentState, dict]:
         """Policy evaluation of the demonstrator: y = r + γ(1−d)·Z_targ(s', a'_demo), plus the penalty."""
-        rewards = self.reward(state.reward, demos.obs, demos.action)
-        zeros = jnp.zeros(demos.obs.shape[0])
+        demos = demos._replace(obs=self.augment(key, demos.obs), next_obs=self.augment(key, demos.next_obs))
+        rewards = self.rewards(state.reward, demos.obs, demos.action, demos.discount)
+        zeros = jnp.zeros(demos.action.shape[0])
         target, clipped = self._td_target(state.target_critic, state.atoms, demos, rewards, demos.next_action,
                                           zeros)
-        (loss, (stats, ce, penalty, q)), grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
-            state.critic["params"], state, demos, demos.next_action, target, demos.obs.shape[0],
+        (loss, (stats, td, penalty, q)), grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
+            state.critic["params"], state, demos, demos.next_action, target, demos.action.shape[0],
             self.cfg.grad_penalty_pretrain)
         state = self._apply_critic_grads(state, grads, stats, self.cfg.critic_pretrain_tau, self.critic_pretrain_opt)
         state = state._replace(step=state.step + 1)
-        return state, {"critic_ce": ce, "grad_penalty": penalty, "q_mean": q.mean(), "reward_mean": rewards.mean(),
+        return state, {"critic_loss": td, "grad_penalty": penalty, "q_mean": q.mean(), "reward_mean": rewards.mean(),
                        "target_clipped": clipped}
 
     # --- the fused online update ----------------------------------------------------------------------
 
     def _critic_step(self, state: AgentState, batch: Batch, key: jax.Array) -> tuple[AgentState, dict]:
         cfg = self.cfg
-        half = batch.obs.shape[0] // 2  # [online; demo]
-        next_mu, next_sigma = self.policy_net.apply(state.policy, batch.next_obs)
-        next_action, _ = hetstat.sample(key, next_mu, next_sigma)
-        bc_mu, bc_sigma = self.policy_net.apply(state.bc, batch.next_obs)
-        next_kl = hetstat.gaussian_kl(next_mu, next_sigma, bc_mu, bc_sigma)
+        obs_key, next_key, sample_key = jax.random.split(key, 3)
+        batch = batch._replace(obs=self.augment(obs_key, batch.obs), next_obs=self.augment(next_key, batch.next_obs))
+        half = batch.action.shape[0] // 2  # [online; demo]
+        next_action, next_penalty, _ = self._regularised_sample(state.policy, state, batch.next_obs, sample_key)
 
         def reward_loss(reward_params):
             ratio = self.log_ratio(reward_params, batch.obs, batch.action)
@@ -242,56 +313,69 @@ class CSILAgent:
             kl_estimate = jnp.mean(jnp.exp(-x) - 1.0 + x)  # Schulman's non-negative KL estimator (online half)
             return -jnp.mean(ratio[half:]) + cfg.reward_kl_scale * kl_estimate, kl_estimate
 
-        rewards = jax.lax.stop_gradient(self.reward(state.reward, batch.obs, batch.action))
-        target, clipped = self._td_target(state.target_critic, state.atoms, batch, rewards, next_action, next_kl)
-        (loss, (stats, ce, penalty, q)), grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
+        rewards = jax.lax.stop_gradient(self.rewards(state.reward, batch.obs, batch.action, batch.discount))
+        target, clipped = self._td_target(state.target_critic, state.atoms, batch, rewards, next_action,
+                                          next_penalty)
+        (loss, (stats, td, penalty, q)), grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
             state.critic["params"], state, batch, next_action, target, half, cfg.grad_penalty_online)
         state = self._apply_critic_grads(state, grads, stats, cfg.tau, self.critic_opt)
-        metrics = {"critic_ce": ce, "grad_penalty": penalty, "q_online": q[:half].mean(), "q_demo": q[half:].mean(),
+        metrics = {"critic_loss": td, "grad_penalty": penalty, "q_online": q[:half].mean(), "q_demo": q[half:].mean(),
                    "reward_online": rewards[:half].mean(), "reward_demo": rewards[half:].mean(),
-                   "target_clipped": clipped, "next_kl": next_kl.mean()}
-        if cfg.refine_reward:
+                   "target_clipped": clipped, "next_penalty": next_penalty.mean()}
+        if cfg.refine_reward and cfg.reward == "coherent":
             (r_loss, kl_est), r_grads = jax.value_and_grad(reward_loss, has_aux=True)(state.reward)
             updates, reward_opt = self.reward_opt.update(r_grads, state.reward_opt, state.reward)
             state = state._replace(reward=optax.apply_updates(state.reward, updates), reward_opt=reward_opt)
             metrics.update(reward_loss=r_loss, reward_kl_estimate=kl_est)
         return state, metrics
 
-    def _actor_loss(self, policy_params: PyTree, state: AgentState, obs: jax.Array, key: jax.Array):
-        mu, sigma = self.policy_net.apply(policy_params, obs)
-        action, _ = hetstat.sample(key, mu, sigma)
-        bc_mu, bc_sigma = self.policy_net.apply(state.bc, obs)
-        kl = hetstat.gaussian_kl(mu, sigma, bc_mu, bc_sigma)
+    def _actor_loss(self, policy_params: PyTree, state: AgentState, obs: Obs, key: jax.Array):
+        # DrQ: no actor gradient into the (critic-trained) encoder
+        policy_params = self._with_encoder(policy_params, jax.lax.stop_gradient(state.critic["params"]))
+        action, penalty, logp = self._regularised_sample(policy_params, state, obs, key)
         q = self.q_values(state.critic, obs, action, state.atoms).min(0)
-        return jnp.mean(self.cfg.beta * kl - q), (kl.mean(), q.mean())
+        return jnp.mean(penalty - q), (penalty.mean(), logp, q.mean())
+
+    def _temperature_step(self, state: AgentState, logp: jax.Array) -> tuple[AgentState, jax.Array]:
+        """SAC's temperature loss −log α·(log π + H_target): α grows while the entropy is below the target."""
+        target_entropy = self.cfg.target_entropy_per_dim * self.action_dim
+        grad = -jnp.mean(jax.lax.stop_gradient(logp) + target_entropy)
+        updates, alpha_opt = self.alpha_opt.update(grad, state.alpha_opt, state.log_alpha)
+        log_alpha = optax.apply_updates(state.log_alpha, updates)
+        return state._replace(log_alpha=log_alpha, alpha_opt=alpha_opt), jnp.exp(log_alpha)
 
     def _update(self, state: AgentState, online: Batch, demos: Batch, key: jax.Array) -> tuple[AgentState, dict]:
         """``utd`` critic (+ reward) updates, one per leading-axis slice of online/demos, then one actor update."""
         batches = Batch.concat(online, demos, axis=1)  # (utd, 2B, ...)
-        keys = jax.random.split(key, self.cfg.utd + 1)
+        keys = jax.random.split(key, self.cfg.utd + 2)
 
         def body(s, xs):
             batch, k = xs
             return self._critic_step(s, batch, k)
 
-        state, metrics = jax.lax.scan(body, state, (batches, keys[:-1]))
+        state, metrics = jax.lax.scan(body, state, (batches, keys[:-2]))
         last = jax.tree_util.tree_map(lambda x: x[-1], batches)
-        (actor_loss, (kl, q)), grads = jax.value_and_grad(self._actor_loss, has_aux=True)(
-            state.policy, state, last.obs, keys[-1])
+        obs = self.augment(keys[-2], last.obs)
+        (actor_loss, (penalty, logp, q)), grads = jax.value_and_grad(self._actor_loss, has_aux=True)(
+            state.policy, state, obs, keys[-1])
         updates, policy_opt = self.policy_opt.update(grads, state.policy_opt, state.policy)
         state = state._replace(policy=optax.apply_updates(state.policy, updates), policy_opt=policy_opt,
                                step=state.step + 1)
         metrics = jax.tree_util.tree_map(jnp.mean, metrics)
-        metrics.update(actor_loss=actor_loss, kl_to_bc=kl, q_actor=q)
+        metrics.update(actor_loss=actor_loss, actor_penalty=penalty, entropy=-logp.mean(), q_actor=q)
+        if self.cfg.regularizer == "entropy":
+            state, metrics["alpha"] = self._temperature_step(state, logp)
+        else:
+            metrics["kl_to_bc"] = penalty / self.cfg.beta
         return state, metrics
 
     # --- acting -------------------------------------------------------------------------------------
 
     @functools.partial(jax.jit, static_argnums=0)
-    def act(self, policy: PyTree, obs: jax.Array, key: jax.Array) -> jax.Array:
+    def act(self, policy: PyTree, obs: Obs, key: jax.Array) -> jax.Array:
         mu, sigma = self.policy_net.apply(policy, obs)
         return hetstat.sample(key, mu, sigma)[0]
 
     @functools.partial(jax.jit, static_argnums=0)
-    def act_deterministic(self, policy: PyTree, obs: jax.Array) -> jax.Array:
+    def act_deterministic(self, policy: PyTree, obs: Obs) -> jax.Array:
         return hetstat.mode(self.policy_net.apply(policy, obs)[0])

@@ -1,15 +1,18 @@
-"""XQC-style distributional critic: BatchNorm MLP ensemble, weight normalisation, categorical head, C51 projection.
+"""Critics: XQC's distributional BatchNorm critic (CSIL++) and CSIL's LayerNorm MSE critic (vanilla CSIL).
 
-The pieces follow XQC (reference/algorithm.md §5): BN on the raw input, ``Dense(no bias) -> BN -> ReLU`` blocks,
-two critics with separate parameters and BN statistics, every kernel column projected to unit norm after each
-optimiser step, and a cross-entropy loss against a C51-projected target. Unlike XQC, the support may be
+``categorical`` follows XQC (reference/algorithm.md §5): BN on the raw input, ``Dense(no bias) -> BN -> ReLU``
+blocks, two critics with separate parameters and BN statistics, every kernel column projected to unit norm after
+each optimiser step, and a cross-entropy loss against a C51-projected target. Unlike XQC, the support may be
 non-uniform (``quantile`` atoms, denser where the demo returns lie), so the projection interpolates between
-neighbouring atoms found by ``searchsorted`` instead of by index arithmetic.
+neighbouring atoms found by ``searchsorted`` instead of by index arithmetic. ``mse`` is Acme's LayerNormMLP
+(Dense -> LayerNorm -> tanh, then Dense -> ELU) with a scalar head, as CSIL uses it.
+
+Both take the observation *dict*: one image encoder per camera (shared by the critics of the ensemble) runs
+first when the spec has cameras; otherwise the input is ``obs["state"]``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -17,22 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from csil.config import CriticConfig, EncoderConfig
+from csil.encoders import MultiCameraEncoder
+
 PyTree = Any
 _RELU_ORTHOGONAL = nn.initializers.orthogonal(np.sqrt(2))
-
-
-@dataclasses.dataclass(frozen=True)
-class CriticConfig:
-    """XQC's critic at CSIL++'s scale: 2 x [512, 512], 101 atoms on [-8, 0] (the (1-gamma)-scaled reward's range)."""
-
-    hidden: tuple[int, ...] = (512, 512)
-    num_critics: int = 2
-    num_atoms: int = 101
-    v_min: float = -8.0
-    v_max: float = 0.0
-    atoms: str = "uniform"  # "uniform" | "quantile"
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
 
 
 class _Critic(nn.Module):
@@ -57,8 +49,23 @@ class _Critic(nn.Module):
         return nn.Dense(self.config.num_atoms, name="head")(x)
 
 
-class XQCCritic(nn.Module):
-    """``num_critics`` independent critics; returns logits of shape (num_critics, B, num_atoms).
+class _LNCritic(nn.Module):
+    """One CSIL critic: Acme's LayerNormMLP (Dense -> LayerNorm -> tanh, then Dense -> ELU), scalar head."""
+
+    config: CriticConfig
+    train: bool  # unused (no batch statistics); keeps the ensemble's call signature
+
+    @nn.compact
+    def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
+        x = jnp.concatenate([obs, action], axis=-1)
+        for i, width in enumerate(self.config.hidden):
+            x = nn.Dense(width, kernel_init=nn.initializers.orthogonal(), name=f"dense_{i}")(x)
+            x = jnp.tanh(nn.LayerNorm(name="input_norm")(x)) if i == 0 else nn.elu(x)
+        return nn.Dense(1, kernel_init=nn.initializers.orthogonal(), name="head")(x)
+
+
+class Critic(nn.Module):
+    """``num_critics`` independent critics on encoded observations; returns (num_critics, B, num_atoms or 1).
 
     ``train=True`` normalises with the batch statistics and updates the running ones (call ``apply`` with
     ``mutable=["batch_stats"]``); ``train=False`` uses the running averages (the actor loss and evaluation).
@@ -70,43 +77,50 @@ class XQCCritic(nn.Module):
     """
 
     config: CriticConfig
+    cameras: tuple[str, ...] = ()
+    encoder: EncoderConfig = EncoderConfig()
 
     @nn.compact
-    def __call__(self, obs: jax.Array, action: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, obs: dict[str, jax.Array], action: jax.Array, train: bool) -> jax.Array:
+        kinds = {"categorical": _Critic, "mse": _LNCritic}
+        if self.config.kind not in kinds:
+            raise ValueError(f"unknown critic kind {self.config.kind!r}; use one of {sorted(kinds)}")
+        enc = self.encoder
+        features = MultiCameraEncoder(self.cameras, enc.channels, enc.out_dim, name="encoder")(obs)
         ensemble = nn.vmap(
-            _Critic,
+            kinds[self.config.kind],
             variable_axes={"params": 0, "batch_stats": 0},
             split_rngs={"params": True},
             in_axes=None,
             out_axes=0,
             axis_size=self.config.num_critics,
         )
-        return ensemble(self.config, train, name="critics")(obs, action)
+        return ensemble(self.config, train, name="critics")(features, action)
 
 
 def joint_forward(
     apply_fn: Callable[..., Any],
     variables: PyTree,
-    obs: jax.Array,
+    obs: dict[str, jax.Array],
     action: jax.Array,
-    next_obs: jax.Array,
+    next_obs: dict[str, jax.Array],
     next_action: jax.Array,
     train: bool,
 ) -> tuple[jax.Array, jax.Array, PyTree]:
-    """Run [(s, a); (s', a')] in one BN batch; return (logits_sa, logits_next, batch_stats after the call).
+    """Run [(s, a); (s', a')] in one BN batch; return (out_sa, out_next, batch_stats after the call).
 
-    ``apply_fn`` is ``XQCCritic(...).apply``. In eval mode the batch statistics come back unchanged.
+    ``apply_fn`` is ``Critic(...).apply``. In eval mode the batch statistics come back unchanged.
     """
-    joint_obs = jnp.concatenate([obs, next_obs], axis=0)
+    joint_obs = jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y], axis=0), obs, next_obs)
     joint_action = jnp.concatenate([action, next_action], axis=0)
     if train:
-        logits, updates = apply_fn(variables, joint_obs, joint_action, train=True, mutable=["batch_stats"])
+        out, updates = apply_fn(variables, joint_obs, joint_action, train=True, mutable=["batch_stats"])
         batch_stats = updates["batch_stats"]
     else:
-        logits = apply_fn(variables, joint_obs, joint_action, train=False)
+        out = apply_fn(variables, joint_obs, joint_action, train=False)
         batch_stats = variables["batch_stats"]
-    n = obs.shape[0]
-    return logits[:, :n], logits[:, n:], batch_stats
+    n = action.shape[0]
+    return out[:, :n], out[:, n:], batch_stats
 
 
 def weight_normalize(params: PyTree) -> PyTree:
@@ -115,12 +129,14 @@ def weight_normalize(params: PyTree) -> PyTree:
     XQC does this once at init and after every optimiser step. A hidden kernel is followed by BN, so its scale
     does not change the function; left alone, its norm grows and the effective learning rate decays. The head's
     columns are projected too (XQC's code always does, whatever its config flag says), which keeps the logit scale
-    tied to the features. Biases (only the head has one) and BN scale/offset are untouched. Works on single
-    (in, out) and vmapped (num_critics, in, out) kernels alike.
+    tied to the features. Biases (only the head has one) and BN scale/offset are untouched, and so is the image
+    encoder (its convs and LayerNorm'd projection are not followed by BN). Works on single (in, out) and vmapped
+    (num_critics, in, out) kernels alike, for the ``Critic``'s params or the bare ensemble's.
     """
 
     def project_leaf(path: tuple, leaf: jax.Array) -> jax.Array:
-        if getattr(path[-1], "key", None) != "kernel":
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[-1] != "kernel" or "encoder" in keys:
             return leaf
         norm = jnp.linalg.norm(leaf, axis=-2, keepdims=True)
         return leaf / jnp.maximum(norm, 1e-12)

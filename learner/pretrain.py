@@ -20,12 +20,14 @@ from learner.agent import AgentState, Batch, CSILAgent
 
 @dataclasses.dataclass
 class DemoTransitions:
-    """All demo transitions as flat arrays; ``discount`` is 0 after a success step (the episode ends there)."""
+    """All demo transitions as flat arrays; ``discount`` is 0 after a success step (the episode ends there).
 
-    obs: np.ndarray
+    Observations are the flat dicts of ``csil.specs`` (``state`` plus camera images in image mode)."""
+
+    obs: dict[str, np.ndarray]
     action: np.ndarray
     discount: np.ndarray
-    next_obs: np.ndarray
+    next_obs: dict[str, np.ndarray]
     next_action: np.ndarray
     last: np.ndarray  # True at the final step of each episode
 
@@ -43,17 +45,20 @@ class DemoTransitions:
             if ep.next_obs is None:
                 raise ValueError("demo episodes need next_obs (read_demos(..., load_next_obs=True))")
             actions = np.asarray(ep.actions, np.float32)
-            parts["obs"].append(flatten_obs(ep.obs, spec)["state"])
-            parts["next_obs"].append(flatten_obs(ep.next_obs, spec)["state"])
+            parts["obs"].append(flatten_obs(ep.obs, spec))
+            parts["next_obs"].append(flatten_obs(ep.next_obs, spec))
             parts["action"].append(actions)
             parts["next_action"].append(np.concatenate([actions[1:], actions[-1:]]))
             parts["discount"].append((np.asarray(ep.rewards) <= 0).astype(np.float32))
             parts["last"].append(np.arange(len(actions)) == len(actions) - 1)
-        return cls(**{k: np.concatenate(v) for k, v in parts.items()})
+        concat = lambda *xs: np.concatenate(xs)  # noqa: E731
+        return cls(**{k: jax.tree_util.tree_map(concat, *v) for k, v in parts.items()})
 
     def sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> Batch:
         idx = rng.integers(0, len(self), shape)
-        return Batch(self.obs[idx], self.action[idx], self.discount[idx], self.next_obs[idx], self.next_action[idx])
+        pick = lambda x: x[idx]  # noqa: E731
+        return Batch(*jax.tree_util.tree_map(pick, (self.obs, self.action, self.discount, self.next_obs,
+                                                     self.next_action)))
 
     def discounted_returns(self, rewards: np.ndarray, discount: float) -> np.ndarray:
         """Per-step discounted return-to-go within each demo under ``rewards`` (for quantile atoms)."""
@@ -74,14 +79,15 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
     params = agent.init_policy(key)
     opt = optax.adam(cfg.bc_lr)
     opt_state = opt.init(params)
-    obs, actions = jnp.asarray(demos.obs), jnp.asarray(demos.action)
+    obs, actions = jax.tree_util.tree_map(jnp.asarray, demos.obs), jnp.asarray(demos.action)
 
     @jax.jit
     def step(p, o, k):
-        k, sub = jax.random.split(k)
-        idx = jax.random.randint(sub, (cfg.bc_batch_size,), 0, obs.shape[0])
+        k, sub, aug = jax.random.split(k, 3)
+        idx = jax.random.randint(sub, (cfg.bc_batch_size,), 0, actions.shape[0])
+        batch_obs = agent.augment(aug, jax.tree_util.tree_map(lambda x: x[idx], obs))
         (loss, metrics), grads = jax.value_and_grad(hetstat.bc_loss, argnums=1, has_aux=True)(
-            agent.policy_net.apply, p, obs[idx], actions[idx])
+            agent.policy_net.apply, p, batch_obs, actions[idx])
         updates, o = opt.update(grads, o, p)
         return optax.apply_updates(p, updates), o, k, metrics
 
@@ -97,17 +103,19 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
 
 def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions, steps: int, seed: int = 0,
                     progress: bool = True) -> tuple[AgentState, list[dict]]:
-    """SARSA policy evaluation of the demonstrator under the coherent reward (batch = 2 × batch_size)."""
+    """SARSA policy evaluation of the demonstrator under the training reward (batch = 2 × batch_size)."""
     from tqdm import trange
 
     rng = np.random.default_rng(seed)
+    key = jax.random.PRNGKey(seed)
     step = jax.jit(agent.pretrain_critic_step)
     batch = 2 * agent.cfg.batch_size
     log = []
     bar = trange(steps, desc="critic pretraining", disable=not progress, mininterval=1.0)
     for i in bar:
-        state, metrics = step(state, demos.sample(rng, (batch,)))
+        key, sub = jax.random.split(key)
+        state, metrics = step(state, demos.sample(rng, (batch,)), sub)
         if i % 100 == 0 or i == steps - 1:
             log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
-            bar.set_postfix(ce=f"{log[-1]['critic_ce']:.3f}", q=f"{log[-1]['q_mean']:.2f}")
+            bar.set_postfix(loss=f"{log[-1]['critic_loss']:.3f}", q=f"{log[-1]['q_mean']:.2f}")
     return state, log

@@ -21,25 +21,9 @@ from csil.actions import combine_actions
 from csil.base_policy import LocalBasePolicy, openpi_observation
 from csil.envs import CsilEnv
 from csil.tasks import get_task
-from learner.agent import AgentConfig, Batch, CSILAgent
+from csil.config import TrainConfig
+from learner.agent import Batch, CSILAgent
 from learner.pretrain import DemoTransitions, pretrain_bc, pretrain_critic
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    task: str = "Lift"
-    action_mode: str = "ensemble"
-    env_steps: int = 100_000
-    warmup: int = 10_000  # online transitions (collected by the BC-initialised policy) before updates start
-    num_envs: int = 4
-    eval_every: int = 10_000
-    eval_episodes: int = 20
-    num_demos: int = 200
-    demos: str | None = None  # None: the cached scripted demos of the task
-    base_policy: str | None = None  # None: the cached default base policy of the task
-    logdir: str = "runs/latest"
-    seed: int = 0
-    agent: AgentConfig = AgentConfig()
 
 
 def _crossed(value: int, increment: int, every: int) -> bool:
@@ -48,15 +32,14 @@ def _crossed(value: int, increment: int, every: int) -> bool:
 
 
 def _to_batch(sample: dict) -> Batch:
-    return Batch(sample["obs"]["state"], sample["action"], sample["discount"], sample["next_obs"]["state"],
-                 sample["next_action"])
+    return Batch(sample["obs"], sample["action"], sample["discount"], sample["next_obs"], sample["next_action"])
 
 
 def _transitions_for_replay(demos: DemoTransitions) -> dict:
     n = len(demos)
-    return {"obs": {"state": demos.obs}, "action": demos.action, "base_action": np.zeros_like(demos.action),
+    return {"obs": demos.obs, "action": demos.action, "base_action": np.zeros_like(demos.action),
             "reward": (demos.discount == 0).astype(np.float32), "discount": demos.discount,
-            "next_obs": {"state": demos.next_obs}, "next_action": demos.next_action,
+            "next_obs": demos.next_obs, "next_action": demos.next_action,
             "policy_version": np.zeros(n, np.int64), "episode_id": np.full(n, -1, np.int64)}
 
 
@@ -65,6 +48,9 @@ class Trainer:
         from csil.demos import read_demos
         from csil.pipeline import spec_from_demos, ensure_base_policy, ensure_demos
 
+        if cfg.obs_mode != "state":
+            raise ValueError("csil-train runs state observations only: the agent handles images (csil-bench learner "
+                             "--obs image) but the cached base policy and demos here are state-based")
         self.cfg, self.progress = cfg, progress
         self.task = get_task(cfg.task)
         self.logdir = Path(cfg.logdir)
@@ -75,7 +61,7 @@ class Trainer:
         data = read_demos(demos_path, num_demos=cfg.num_demos)
         self.spec = spec_from_demos(demos_path, data.episodes[0].obs, "state")
         self.demos = DemoTransitions.from_episodes(data.episodes, self.spec)
-        self.agent = CSILAgent(cfg.agent, self.spec.state_dim)
+        self.agent = CSILAgent(cfg.agent, self.spec)
         self.key = jax.random.PRNGKey(cfg.seed)
         self.metrics_file = (self.logdir / "metrics.jsonl").open("a")
         self.evals: list[dict] = []
@@ -96,12 +82,13 @@ class Trainer:
         if cfg.critic.atoms == "quantile":  # denser atoms where the demonstrator's returns lie
             from learner.critic import make_atoms
 
-            rewards = np.asarray(self.agent.reward(bc, self.demos.obs, self.demos.action))
-            atoms = make_atoms(cfg.critic, self.demos.discounted_returns(rewards, cfg.discount))
+            d = self.demos
+            rewards = np.asarray(self.agent.rewards(bc, d.obs, d.action, d.discount))
+            atoms = make_atoms(cfg.critic, d.discounted_returns(rewards, cfg.discount))
         state = self.agent.init_state(critic_key, bc, atoms=atoms)
         state, critic_log = pretrain_critic(self.agent, state, self.demos, cfg.critic_pretrain_steps,
                                             seed=self.cfg.seed, progress=self.progress)
-        self.log({"phase": "pretrain", "bc": bc_log[-1], "critic": critic_log[-1]})
+        self.log({"phase": "pretrain", "bc": bc_log[-1], "critic": critic_log[-1] if critic_log else None})
         return state
 
     def evaluate(self, state, env_steps: int) -> dict:
@@ -110,7 +97,7 @@ class Trainer:
         from csil.rollout import run_episodes
 
         policy = {"base": self.base_dir, "params": jax.device_get(state.policy),
-                  "policy_config": self.cfg.agent.policy, "action_mode": self.cfg.action_mode}
+                  "network": self.agent.policy_net, "action_mode": self.cfg.action_mode}
         seeds = range(EvalConfig.seed, EvalConfig.seed + self.cfg.eval_episodes)
         results = list(run_episodes(self.task.name, "state", policy, seeds, prompt=self.task.prompt,
                                     envs_per_worker=max(1, self.cfg.eval_episodes // 2)))
@@ -157,13 +144,13 @@ class Trainer:
                     queues[i].extend(chunk)
             a_base = np.stack([q.popleft() for q in queues])
             self.key, act_key = jax.random.split(self.key)
-            a_pi = np.asarray(agent.act(state.policy, np.stack([o["state"] for o in obs]), act_key))
+            a_pi = np.asarray(agent.act(state.policy, {k: np.stack([o[k] for o in obs]) for k in obs[0]}, act_key))
             a_env = combine_actions(a_base, a_pi, cfg.action_mode)
             for i, env in enumerate(envs):
                 next_obs, reward, success, truncated, _ = env.step(a_env[i])
-                writer.write({"obs": {"state": obs[i]["state"]}, "action": a_pi[i], "base_action": a_base[i],
+                writer.write({"obs": obs[i], "action": a_pi[i], "base_action": a_base[i],
                               "reward": np.float32(reward), "discount": np.float32(0.0 if success else 1.0),
-                              "next_obs": {"state": next_obs["state"]}, "next_action": a_pi[i],
+                              "next_obs": next_obs, "next_action": a_pi[i],
                               "policy_version": np.int64(updates), "episode_id": np.int64(episode_ids[i])})
                 obs[i] = next_obs
                 if success or truncated:
@@ -216,7 +203,7 @@ class Trainer:
             writer.writerows(self.evals)
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([e["env_steps"] for e in self.evals], [e["success_rate"] for e in self.evals], marker="o",
-                label=f"CSIL++ ({self.cfg.action_mode})")
+                label=f"{self.cfg.algo} ({self.cfg.action_mode})")
         ax.axhline(self.evals[0]["success_rate"], ls="--", c="gray", label="at start (BC + base)")
         ax.set(xlabel="env steps", ylabel="success rate", ylim=(-0.02, 1.02), title=self.task.name)
         ax.legend()

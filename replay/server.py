@@ -7,7 +7,6 @@ modules and are re-exported).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import os
 
@@ -15,6 +14,7 @@ import reverb
 import tensorflow as tf
 from reverb.cc import schema_pb2
 
+from csil.config import ReplayConfig
 from csil.specs import ObsSpec
 from replay.dataset import BatchIterator
 from replay.signature import transition_signature
@@ -27,38 +27,10 @@ log = logging.getLogger(__name__)
 ONLINE, DEMOS = "online", "demos"
 
 
-@dataclasses.dataclass(frozen=True)
-class ReplayConfig:
-    """Sizes of the online table and the sample-to-insert control.
-
-    The SampleToInsertRatio limiter tracks ``diff = inserts * samples_per_insert - samples`` (totals since the
-    table was created, checkpoints included) and, once the table holds ``min_size`` items, blocks any insert or
-    sample that would take ``diff`` outside ``min_size * samples_per_insert ± error_buffer``. So after warmup
-
-        samples = (inserts - min_size) * samples_per_insert ± error_buffer,
-
-    i.e. actors can run at most ``error_buffer / samples_per_insert`` inserts ahead of the learner and the learner
-    at most that many inserts' worth of samples ahead of the actors. Defaults: error_buffer = 0.1 * 10k * 512 =
-    512k samples = 1000 inserts = 1000 fused updates of UTD 4 x batch 128. Before warmup inserts never block.
-    A caller that writes and samples on one thread must stay within that slack, or its write blocks for good
-    (give its TransitionWriter a ``timeout_ms`` to turn that into an error).
-    """
-
-    online_size: int = 250_000  # FIFO capacity of "online"
-    samples_per_insert: float = 512.0  # UTD x batch: the UTD control
-    min_size: int = 10_000  # warmup: no sampling before this many online items
-    error_buffer_fraction: float = 0.1  # limiter slack as a fraction of min_size x samples_per_insert (Acme's rule)
-    sample_timeout_ms: int = 60_000  # for BatchIterator(timeout_ms=...): give up instead of blocking forever
-
-    @property
-    def error_buffer(self) -> float:
-        """Acme's rule, raised to ``samples_per_insert``: Reverb rejects a narrower range, which could block forever."""
-        return max(self.error_buffer_fraction * self.min_size * self.samples_per_insert, self.samples_per_insert)
-
-    def rate_limiter(self) -> reverb.rate_limiters.SampleToInsertRatio:
-        return reverb.rate_limiters.SampleToInsertRatio(
-            samples_per_insert=self.samples_per_insert, min_size_to_sample=self.min_size,
-            error_buffer=self.error_buffer)
+def rate_limiter(cfg: ReplayConfig) -> reverb.rate_limiters.SampleToInsertRatio:
+    """The UTD control of ``cfg`` (see ``ReplayConfig``'s docstring for the arithmetic)."""
+    return reverb.rate_limiters.SampleToInsertRatio(
+        samples_per_insert=cfg.samples_per_insert, min_size_to_sample=cfg.min_size, error_buffer=cfg.error_buffer)
 
 
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
@@ -102,7 +74,7 @@ class ReplayServer:
         signature = transition_signature(obs_spec)
         tables = [
             reverb.Table(name=ONLINE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
-                         max_size=cfg.online_size, rate_limiter=cfg.rate_limiter(), signature=signature),
+                         max_size=cfg.online_size, rate_limiter=rate_limiter(cfg), signature=signature),
             reverb.Table(name=DEMOS, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
                          max_size=max(1, num_demo_transitions), rate_limiter=reverb.rate_limiters.MinSize(1),
                          signature=signature),

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
+from csil.config import CriticConfig
 from learner.critic import (
-    CriticConfig,
-    XQCCritic,
+    Critic,
     clipped_fraction,
     cross_entropy,
     expected_value,
@@ -144,7 +144,8 @@ def _init(config: CriticConfig, b: int = 16, obs_dim: int = 5, act_dim: int = 2,
     keys = jax.random.split(jax.random.PRNGKey(seed), 3)
     obs = jax.random.normal(keys[0], (b, obs_dim)) * 2.0 + 1.0  # far from BN's initial running stats (0, 1)
     action = jax.random.uniform(keys[1], (b, act_dim), minval=-1, maxval=1)
-    critic = XQCCritic(config)
+    critic = Critic(config)
+    obs = {"state": obs}
     return critic, critic.init(keys[2], obs, action, train=False), obs, action
 
 
@@ -159,7 +160,7 @@ def _assert_unit_columns(params, n_kernels: int):
         np.testing.assert_allclose(np.linalg.norm(k, axis=-2), 1.0, atol=1e-5)
 
 
-def _fit(critic: XQCCritic, variables, obs, action, target, steps: int, lr: float = 3e-3):
+def _fit(critic: Critic, variables, obs, action, target, steps: int, lr: float = 3e-3):
     """Adam on the cross-entropy to ``target`` (train-mode BN) with weight normalisation after every step."""
     opt = optax.adam(lr)
 
@@ -192,7 +193,7 @@ def test_weight_normalize_projects_kernels_only_and_survives_adam():
             np.testing.assert_array_equal(normed["critics"][name][leaf], params["critics"][name][leaf])
     np.testing.assert_array_equal(normed["critics"]["head"]["bias"], params["critics"]["head"]["bias"])
 
-    target = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (obs.shape[0], SMALL.num_atoms)))
+    target = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(1), (action.shape[0], SMALL.num_atoms)))
     p, batch_stats = _fit(critic, {"params": normed, "batch_stats": variables["batch_stats"]}, obs, action, target, 5)
     _assert_unit_columns(p, n_kernels=3)
     assert not np.allclose(p["critics"]["head"]["kernel"], normed["critics"]["head"]["kernel"])
@@ -217,7 +218,7 @@ def test_critic_modes_shapes_and_joint_forward():
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["batch_stats"], upd_eval["batch_stats"])
     assert not np.allclose(logits, eval_logits)  # running stats (0, 1) are far from this batch's
 
-    s, a, s2, a2 = obs[:8], action[:8], obs[8:], action[8:]
+    s, a, s2, a2 = {"state": obs["state"][:8]}, action[:8], {"state": obs["state"][8:]}, action[8:]
     sa, nxt, stats = joint_forward(critic.apply, variables, s, a, s2, a2, train=True)
     np.testing.assert_allclose(sa, logits[:, :8], atol=1e-5)
     np.testing.assert_allclose(nxt, logits[:, 8:], atol=1e-5)

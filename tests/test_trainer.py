@@ -6,12 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from csil.config import BaseTrainConfig, DemoConfig
-from csil.hetstat import HetStatConfig
+from csil.config import AgentConfig, BaseTrainConfig, CriticConfig, DemoConfig, HetStatConfig, TrainConfig
 from csil.pipeline import generate_demos, train_base_from_file
-from learner.agent import AgentConfig
-from learner.critic import CriticConfig
-from learner.trainer import TrainConfig, Trainer
+from learner.trainer import Trainer
 
 TINY_AGENT = AgentConfig(
     policy=HetStatConfig(hidden=(64, 64), bottleneck=16, features=64), critic=CriticConfig(hidden=(64, 64)),
@@ -42,7 +39,7 @@ def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup):
     evals = [r for r in records if r["phase"] == "eval"]
     assert [e["env_steps"] for e in evals] == [0, 30, 60]
     train = [r for r in records if r["phase"] == "train"]
-    assert train and all(np.isfinite(r["critic_ce"]) and r["reward_online"] <= 0 for r in train)
+    assert train and all(np.isfinite(r["critic_loss"]) and r["reward_online"] <= 0 for r in train)
     assert (root / "run" / "learning_curve.png").stat().st_size > 1000
     assert (root / "run" / "evals.csv").read_text().startswith("env_steps,success_rate")
     assert json.loads((root / "run" / "config.json").read_text())["warmup"] == 30
