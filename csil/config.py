@@ -226,8 +226,10 @@ class ReplayConfig:
 
     @property
     def error_buffer(self) -> float:
-        """Acme's rule, raised to ``samples_per_insert``: Reverb rejects a narrower range, which could block forever."""
-        return max(self.error_buffer_fraction * self.min_size * self.samples_per_insert, self.samples_per_insert)
+        """Acme's rule, raised to 8 inserts' worth of samples: the learner's input pipeline keeps up to ~5 batches
+        sampled ahead (tf.data prefetch, Reverb's in-flight samples, the hand-off queue), and with less slack than
+        that a caller that writes and samples in lockstep can stall on its own prefetch (seen at warmup 30)."""
+        return max(self.error_buffer_fraction * self.min_size * self.samples_per_insert, 8 * self.samples_per_insert)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from csil.actions import combine_actions
-from csil.base_policy import LocalBasePolicy, openpi_observation
-from csil.envs import CsilEnv
+from actors.env_runner import EnvRunner
+from csil.base_policy import LocalBasePolicy
 from csil.tasks import get_task
 from csil.config import TrainConfig
 from learner.agent import Batch, CSILAgent
@@ -125,41 +124,21 @@ class Trainer:
         writer = TransitionWriter(replay.address, table="online")
         online = demo_iter = None
 
-        envs = [CsilEnv(self.task, "state", seed=cfg.seed) for _ in range(cfg.num_envs)]
-        base = LocalBasePolicy(self.base_dir)
-        episode = 0
-        obs, queues, episode_ids, returns = [], [], [], []
-        for env in envs:
-            obs.append(env.reset(seed=self.episode_seed(episode)))
-            queues.append(deque()), episode_ids.append(episode), returns.append(0.0)
-            episode += 1
+        runner = EnvRunner(self.task.name, "state", cfg.num_envs, LocalBasePolicy(self.base_dir),
+                           agent.policy_net, cfg.action_mode, self.episode_seed, env_seed=cfg.seed)
+        num_envs = len(runner.envs)
         self.evaluate(state, 0)
         env_steps, updates, successes = 0, 0, deque(maxlen=20)
         bar = tqdm(total=cfg.env_steps, desc="training", unit="step", disable=not self.progress, mininterval=1.0)
         while env_steps < cfg.env_steps:
-            need = [i for i, q in enumerate(queues) if not q]
-            if need:
-                chunks = base.infer_batch([openpi_observation(obs[i], self.task.prompt) for i in need])
-                for i, chunk in zip(need, chunks):
-                    queues[i].extend(chunk)
-            a_base = np.stack([q.popleft() for q in queues])
+            runner.set_params(state.policy, updates)
             self.key, act_key = jax.random.split(self.key)
-            a_pi = np.asarray(agent.act(state.policy, {k: np.stack([o[k] for o in obs]) for k in obs[0]}, act_key))
-            a_env = combine_actions(a_base, a_pi, cfg.action_mode)
-            for i, env in enumerate(envs):
-                next_obs, reward, success, truncated, _ = env.step(a_env[i])
-                writer.write({"obs": obs[i], "action": a_pi[i], "base_action": a_base[i],
-                              "reward": np.float32(reward), "discount": np.float32(0.0 if success else 1.0),
-                              "next_obs": next_obs, "next_action": a_pi[i],
-                              "policy_version": np.int64(updates), "episode_id": np.int64(episode_ids[i])})
-                obs[i] = next_obs
-                if success or truncated:
-                    successes.append(float(success))
-                    obs[i] = env.reset(seed=self.episode_seed(episode))
-                    queues[i].clear()
-                    episode_ids[i], episode = episode, episode + 1
-            env_steps += len(envs)
-            bar.update(len(envs))
+            transitions, finished = runner.step(act_key)
+            for transition in transitions:
+                writer.write(transition)
+            successes.extend(float(e.success) for e in finished)
+            env_steps += num_envs
+            bar.update(num_envs)
             if env_steps >= cfg.warmup:
                 writer.flush()
                 if online is None:
@@ -167,20 +146,22 @@ class Trainer:
                                                 self.spec))
                     demo_iter = iter(BatchIterator(replay.address, "demos", cfg.agent.batch_size, cfg.agent.utd,
                                                    self.spec))
-                for _ in envs:
+                for _ in range(num_envs):
                     self.key, update_key = jax.random.split(self.key)
                     state, metrics = agent.update(state, _to_batch(next(online)), _to_batch(next(demo_iter)),
                                                   update_key)
                     updates += 1
-                if updates == len(envs) or _crossed(updates, len(envs), 100):
+                if updates == num_envs or _crossed(updates, num_envs, 100):
                     record = {k: float(v) for k, v in metrics.items()}
                     if not all(np.isfinite(list(record.values()))):
                         raise FloatingPointError(f"non-finite learner metrics at update {updates}: {record}")
                     self.log({"phase": "train", "env_steps": env_steps, "updates": updates, **record})
-            if _crossed(env_steps, len(envs), cfg.eval_every):
+            if _crossed(env_steps, num_envs, cfg.eval_every):
                 last = self.evaluate(state, env_steps)
-                bar.set_postfix(eval=f"{last['success_rate']:.0%}", updates=updates)
+                recent = f"{np.mean(successes):.0%}" if successes else "n/a"
+                bar.set_postfix(eval=f"{last['success_rate']:.0%}", train_success=recent, updates=updates)
         bar.close()
+        runner.close()
         writer.close()
         replay.stop()
         self.write_results()
