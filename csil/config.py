@@ -267,10 +267,39 @@ class InferenceServerConfig:
     port: int = 8000  # websocket ingress (openpi protocol) + GET /healthz, /stats, served by each replica
     grpc_port: int | None = 50051  # gRPC ingress, served by each replica; None: off
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.002  # how long a partial batch waits for more requests
+    batch_wait_timeout_s: float = 0.005  # how long a partial batch waits for more requests (see results/inference.md)
     num_replicas: int = 1
     num_gpus: float | None = None  # per replica; None: 1 if the cluster has GPUs, else 0
     num_cpus: float = 1.0  # per replica
     token: str | None = None  # shared token; clients send "Authorization: Api-Key <token>" on both ingresses
     app_name: str = "csil-inference"
     model_delay_ms: float = 0.0  # benchmarks only: constant extra cost per batched model call (models a GPU)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """The distributed system (``csil-launch``): Ray actors, Reverb replay, the learner service, the evaluator."""
+
+    task: str = "Lift"
+    algo: str = "csil++"
+    size: str = "paper"
+    action_mode: str = "ensemble"
+    obs_mode: str = "state"
+    actors: int = 2
+    envs_per_actor: int = 4
+    env_steps: int = 500_000
+    warmup: int = 10_000
+    eval_every: int = 50_000
+    eval_episodes: int = 50
+    final_eval_rounds: int = 5  # the paper's protocol: the best parameters re-evaluated 5 x eval_episodes
+    publish_every: int = 10  # learner updates between weight publications
+    checkpoint_every_s: float = 600.0  # learner + replay checkpoints (and always on SIGTERM / at the end)
+    base_policy: str = "local"  # "local" | "ws://host:port" | "grpc://host:port"
+    num_demos: int = 200
+    demos: str | None = None
+    base_checkpoint: str | None = None  # the local base policy's directory (None: the cached default)
+    address: str | None = None  # None: start Ray locally; "auto": join the running cluster
+    logdir: str = "runs/latest"
+    resume: bool = False
+    seed: int = 0
+    agent: AgentConfig = AgentConfig()

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for chunk.proto (see the comment at the top of each *_pb2 file)."""
