@@ -79,6 +79,11 @@ class Batch(NamedTuple):
     next_action: jax.Array  # the next demo action (SARSA pretraining); unused online
 
     @staticmethod
+    def from_sample(sample: dict) -> "Batch":
+        """A replay sample (``replay.dataset.BatchIterator``'s nested dict) as the learner's Batch."""
+        return Batch(sample["obs"], sample["action"], sample["discount"], sample["next_obs"], sample["next_action"])
+
+    @staticmethod
     def concat(a: "Batch", b: "Batch", axis: int = 0) -> "Batch":
         return jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y], axis=axis), a, b)
 

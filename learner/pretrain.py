@@ -60,6 +60,14 @@ class DemoTransitions:
         return Batch(*jax.tree_util.tree_map(pick, (self.obs, self.action, self.discount, self.next_obs,
                                                      self.next_action)))
 
+    def replay_items(self) -> dict:
+        """All transitions in the replay signature (for the "demos" table), with a leading axis."""
+        n = len(self)
+        return {"obs": self.obs, "action": self.action, "base_action": np.zeros_like(self.action),
+                "reward": (self.discount == 0).astype(np.float32), "discount": self.discount,
+                "next_obs": self.next_obs, "next_action": self.next_action,
+                "policy_version": np.zeros(n, np.int64), "episode_id": np.full(n, -1, np.int64)}
+
     def discounted_returns(self, rewards: np.ndarray, discount: float) -> np.ndarray:
         """Per-step discounted return-to-go within each demo under ``rewards`` (for quantile atoms)."""
         out = np.zeros(len(rewards))
@@ -99,6 +107,18 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
             log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
             bar.set_postfix(mse=f"{log[-1]['mse']:.4f}", nll=f"{log[-1]['nll']:.2f}")
     return params, log
+
+
+def initial_atoms(agent: CSILAgent, bc_params, demos: DemoTransitions):
+    """The critic's support: uniform, or (``atoms="quantile"``) denser where the demonstrator's returns lie under
+    the training reward of the BC-initialised reward network."""
+    from learner.critic import make_atoms
+
+    cfg = agent.cfg
+    if cfg.critic.atoms != "quantile":
+        return make_atoms(cfg.critic)
+    rewards = np.asarray(agent.rewards(bc_params, demos.obs, demos.action, demos.discount))
+    return make_atoms(cfg.critic, demos.discounted_returns(rewards, cfg.discount))
 
 
 def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions, steps: int, seed: int = 0,

@@ -7,7 +7,6 @@ on the main thread; after warmup every env step is followed by one fused update 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import time
@@ -22,24 +21,13 @@ from csil.base_policy import LocalBasePolicy
 from csil.tasks import get_task
 from csil.config import TrainConfig
 from learner.agent import Batch, CSILAgent
-from learner.pretrain import DemoTransitions, pretrain_bc, pretrain_critic
+from learner.evaluation import evaluate_policy, write_eval_results
+from learner.pretrain import DemoTransitions, initial_atoms, pretrain_bc, pretrain_critic
 
 
 def _crossed(value: int, increment: int, every: int) -> bool:
     """Whether the last ``increment`` moved ``value`` past a multiple of ``every``."""
     return value // every != (value - increment) // every
-
-
-def _to_batch(sample: dict) -> Batch:
-    return Batch(sample["obs"], sample["action"], sample["discount"], sample["next_obs"], sample["next_action"])
-
-
-def _transitions_for_replay(demos: DemoTransitions) -> dict:
-    n = len(demos)
-    return {"obs": demos.obs, "action": demos.action, "base_action": np.zeros_like(demos.action),
-            "reward": (demos.discount == 0).astype(np.float32), "discount": demos.discount,
-            "next_obs": demos.next_obs, "next_action": demos.next_action,
-            "policy_version": np.zeros(n, np.int64), "episode_id": np.full(n, -1, np.int64)}
 
 
 class Trainer:
@@ -77,14 +65,7 @@ class Trainer:
         cfg = self.cfg.agent
         self.key, bc_key, critic_key = jax.random.split(self.key, 3)
         bc, bc_log = pretrain_bc(self.agent, self.demos, bc_key, cfg.bc_steps, progress=self.progress)
-        atoms = None
-        if cfg.critic.atoms == "quantile":  # denser atoms where the demonstrator's returns lie
-            from learner.critic import make_atoms
-
-            d = self.demos
-            rewards = np.asarray(self.agent.rewards(bc, d.obs, d.action, d.discount))
-            atoms = make_atoms(cfg.critic, d.discounted_returns(rewards, cfg.discount))
-        state = self.agent.init_state(critic_key, bc, atoms=atoms)
+        state = self.agent.init_state(critic_key, bc, atoms=initial_atoms(self.agent, bc, self.demos))
         state, critic_log = pretrain_critic(self.agent, state, self.demos, cfg.critic_pretrain_steps,
                                             seed=self.cfg.seed, progress=self.progress)
         self.log({"phase": "pretrain", "bc": bc_log[-1], "critic": critic_log[-1] if critic_log else None})
@@ -92,16 +73,9 @@ class Trainer:
 
     def evaluate(self, state, env_steps: int) -> dict:
         """Deterministic evaluation of base + small policy on the fixed evaluation seeds."""
-        from csil.config import EvalConfig
-        from csil.rollout import run_episodes
-
-        policy = {"base": self.base_dir, "params": jax.device_get(state.policy),
-                  "network": self.agent.policy_net, "action_mode": self.cfg.action_mode}
-        seeds = range(EvalConfig.seed, EvalConfig.seed + self.cfg.eval_episodes)
-        results = list(run_episodes(self.task.name, "state", policy, seeds, prompt=self.task.prompt,
-                                    envs_per_worker=max(1, self.cfg.eval_episodes // 2)))
-        record = {"env_steps": env_steps, "success_rate": float(np.mean([r.success for r in results])),
-                  "mean_length": float(np.mean([r.length for r in results]))}
+        record = {"env_steps": env_steps, **evaluate_policy(
+            self.task, "state", self.base_dir, jax.device_get(state.policy), self.agent.policy_net,
+            self.cfg.action_mode, self.cfg.eval_episodes)}
         self.evals.append(record)
         self.log({"phase": "eval", **record})
         return record
@@ -120,7 +94,7 @@ class Trainer:
         replay = ReplayServer(ReplayConfig(samples_per_insert=spi, min_size=cfg.warmup), self.spec,
                               num_demo_transitions=len(self.demos))
         with TransitionWriter(replay.address, table="demos") as demo_writer:
-            demo_writer.write_batch(_transitions_for_replay(self.demos))
+            demo_writer.write_batch(self.demos.replay_items())
         writer = TransitionWriter(replay.address, table="online")
         online = demo_iter = None
 
@@ -148,7 +122,7 @@ class Trainer:
                                                    self.spec))
                 for _ in range(num_envs):
                     self.key, update_key = jax.random.split(self.key)
-                    state, metrics = agent.update(state, _to_batch(next(online)), _to_batch(next(demo_iter)),
+                    state, metrics = agent.update(state, Batch.from_sample(next(online)), Batch.from_sample(next(demo_iter)),
                                                   update_key)
                     updates += 1
                 if updates == num_envs or _crossed(updates, num_envs, 100):
@@ -164,30 +138,9 @@ class Trainer:
         runner.close()
         writer.close()
         replay.stop()
-        self.write_results()
+        write_eval_results(self.logdir, self.evals, f"{cfg.algo} ({cfg.action_mode})", self.task.name)
         best = max(self.evals, key=lambda e: e["success_rate"])
         return {"task": self.task.name, "env_steps": env_steps, "updates": updates,
                 "first_eval": self.evals[0]["success_rate"], "final_eval": self.evals[-1]["success_rate"],
                 "best_eval": best["success_rate"], "wall_s": round(time.time() - start, 1),
                 "logdir": str(self.logdir)}
-
-    def write_results(self) -> None:
-        """evals.csv and a learning-curve plot next to metrics.jsonl."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        with (self.logdir / "evals.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.evals[0]))
-            writer.writeheader()
-            writer.writerows(self.evals)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([e["env_steps"] for e in self.evals], [e["success_rate"] for e in self.evals], marker="o",
-                label=f"{self.cfg.algo} ({self.cfg.action_mode})")
-        ax.axhline(self.evals[0]["success_rate"], ls="--", c="gray", label="at start (BC + base)")
-        ax.set(xlabel="env steps", ylabel="success rate", ylim=(-0.02, 1.02), title=self.task.name)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.logdir / "learning_curve.png", dpi=120)
-        plt.close(fig)

@@ -56,6 +56,11 @@ class TransitionWriter:
                                  trajectory=tree.map_structure(lambda column: column[-1], self._writer.history))
         self._flush(MAX_IN_FLIGHT, self.timeout_ms)
 
+    def settle(self) -> None:
+        """Wait again for the backlog after ``write`` raised TimeoutError: that item is already in the writer, so
+        retrying ``write`` would insert it twice."""
+        self._flush(MAX_IN_FLIGHT, self.timeout_ms)
+
     def flush(self) -> None:
         """Wait until the server has confirmed every item written so far."""
         self._flush(0, self.timeout_ms)

@@ -1,0 +1,108 @@
+"""The Ray actor that steps K environments and writes transitions to Reverb.
+
+Weights are pulled without blocking (Acme's VariableClient pattern): a ``Coordinator.sync`` call is kept in
+flight and checked with ``ray.wait(timeout=0)`` every step; when it answers with a newer version the actor
+fetches that object and acts with it from the next step on. Every transition carries the version it was acted
+with, so staleness is measurable. Inserts that the replay's rate limiter holds back (the learner is behind) are
+timed and reported, and never block shutdown: writes use a timeout and re-check the stop flag.
+
+Restarts: the actor is created with ``max_restarts=-1``; a restarted incarnation registers again and gets
+fresh episode seeds, and the launcher re-issues ``run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import numpy as np
+import ray
+
+log = logging.getLogger(__name__)
+
+SYNC_EVERY_S = 0.5
+
+
+def make_chunk_source(target: str, base_checkpoint: str | None):
+    """``local``: the local base policy in this process (until the Serve app is started by csil-launch);
+    ``ws://``/``grpc://``: an inference server, through the same client interface as the in-cluster one."""
+    if target == "local":
+        from csil.base_policy import LocalBasePolicy
+
+        return LocalBasePolicy(base_checkpoint)
+    from inference_server.client import connect_base_policy
+
+    return connect_base_policy(target)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class EnvActor:
+    def __init__(self, actor_id: int, cfg, replay_address: str, coordinator, network, base_checkpoint: str | None):
+        from actors.env_runner import EnvRunner
+        from replay.writer import TransitionWriter
+
+        self.actor_id, self.cfg, self.coordinator = actor_id, cfg, coordinator
+        incarnation = ray.get(coordinator.register.remote(actor_id))
+        base = make_chunk_source(cfg.base_policy, base_checkpoint)
+        seed_base = 1_000_000_000 + cfg.seed * 10_000_000 + actor_id * 100_000 + (incarnation - 1) * 10_000
+        self.runner = EnvRunner(cfg.task, cfg.obs_mode, cfg.envs_per_actor, base, network, cfg.action_mode,
+                                episode_seed=lambda i: seed_base + i, env_seed=cfg.seed)
+        self.writer = TransitionWriter(replay_address, table="online", timeout_ms=1000)
+        self.key = jax.random.PRNGKey(seed_base)
+        log.info("actor %d (incarnation %d) ready with %d envs", actor_id, incarnation, cfg.envs_per_actor)
+
+    def _wait_for_weights(self) -> bool:
+        while True:
+            stop, version, weights = ray.get(self.coordinator.sync.remote(self.actor_id, 0, [], -1, 0.0, -1))
+            if stop:
+                return False
+            if weights is not None:
+                self.runner.set_params(ray.get(weights[0]), version)
+                return True
+            time.sleep(0.2)
+
+    def _write(self, transition: dict) -> float | None:
+        """Insert one transition; the seconds the rate limiter held it back, or None if the run stopped meanwhile."""
+        start = time.perf_counter()
+        insert = self.writer.write
+        while True:
+            try:
+                insert(transition)
+                return time.perf_counter() - start
+            except TimeoutError:  # the learner is behind (or gone): keep waiting unless the run is over
+                if ray.get(self.coordinator.stats.remote())["stopped"]:
+                    return None
+                insert = lambda _: self.writer.settle()  # noqa: E731
+
+    def run(self) -> int:
+        """Act until the coordinator says stop; returns this incarnation's env steps."""
+        if not self._wait_for_weights():
+            return 0
+        steps_total, steps, episodes, blocked = 0, 0, [], 0.0
+        pending = None
+        last_sync = time.perf_counter()
+        while True:
+            self.key, key = jax.random.split(self.key)
+            transitions, finished = self.runner.step(key)
+            waits = [self._write(t) for t in transitions]
+            if None in waits:
+                break
+            blocked += sum(waits)
+            steps += len(transitions)
+            episodes.extend((e.ret, e.length, e.success) for e in finished)
+            if pending is not None and ray.wait([pending], timeout=0)[0]:
+                stop, version, weights = ray.get(pending)
+                pending = None
+                if stop:
+                    break
+                if weights is not None:
+                    self.runner.set_params(ray.get(weights[0]), version)
+            if pending is None and time.perf_counter() - last_sync > SYNC_EVERY_S:
+                pending = self.coordinator.sync.remote(self.actor_id, steps, episodes, self.runner.version, blocked,
+                                                       self.runner.version)
+                steps_total += steps
+                steps, episodes, blocked, last_sync = 0, [], 0.0, time.perf_counter()
+        self.writer.close(timeout_ms=1000)
+        self.runner.close()
+        return steps_total + steps

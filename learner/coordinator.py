@@ -1,0 +1,68 @@
+"""The run's small shared state: the newest published weights, env-step counters, episode statistics, stop flag.
+
+A separate lightweight Ray actor (no CPU reserved) so that actors never call into the busy learner: the learner
+``publish``es ``(version, ObjectRef)`` after ``ray.put`` (the weights travel once through the object store,
+whatever the number of actors) and actors ``sync`` without blocking their env loop: one call reports their
+progress and returns the newest weights reference only if it is newer than the one they hold.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import ray
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Coordinator:
+    def __init__(self, env_steps: int = 0, episodes: int = 0):
+        self.version, self.weights = -1, None  # weights: [ObjectRef] (a list, so Ray passes the ref, not the value)
+        self.env_steps, self.episodes = env_steps, episodes
+        self.per_actor: dict[int, int] = collections.Counter()
+        self.incarnations: dict[int, int] = collections.Counter()
+        self.recent: collections.deque = collections.deque(maxlen=100)  # (return, length, success)
+        self.staleness: collections.deque = collections.deque(maxlen=1000)  # learner version - acting version
+        self.blocked_s: dict[int, float] = collections.Counter()
+        self.stopped = False
+        self.started = time.time()
+
+    def register(self, actor_id: int) -> int:
+        """A (re)started actor's incarnation number: restarts get fresh episode seeds."""
+        self.incarnations[actor_id] += 1
+        return self.incarnations[actor_id]
+
+    def publish(self, version: int, weights: list) -> None:
+        if version > self.version:
+            self.version, self.weights = version, weights
+
+    def sync(self, actor_id: int, env_steps: int, episodes: list[tuple[float, int, bool]], acting_version: int,
+             blocked_s: float, known_version: int) -> tuple[bool, int, list | None]:
+        """Record an actor's progress; return (stop, newest version, its weights ref if newer than known)."""
+        self.env_steps += env_steps
+        self.per_actor[actor_id] += env_steps
+        self.episodes += len(episodes)
+        self.recent.extend(episodes)
+        self.blocked_s[actor_id] += blocked_s
+        if acting_version >= 0 and env_steps:
+            self.staleness.append(self.version - acting_version)
+        newer = self.weights if self.version > known_version else None
+        return self.stopped, self.version, newer
+
+    def latest(self) -> tuple[int, list | None]:
+        return self.version, self.weights
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def stats(self) -> dict[str, Any]:
+        recent = list(self.recent)
+        return {
+            "env_steps": self.env_steps, "episodes": self.episodes, "version": self.version,
+            "per_actor": dict(self.per_actor), "restarts": {k: v - 1 for k, v in self.incarnations.items()},
+            "train_success": sum(r[2] for r in recent) / len(recent) if recent else None,
+            "train_return": sum(r[0] for r in recent) / len(recent) if recent else None,
+            "staleness": sum(self.staleness) / len(self.staleness) if self.staleness else None,
+            "blocked_s": dict(self.blocked_s), "stopped": self.stopped,
+        }
