@@ -4,11 +4,14 @@ measured in the same run (machines here are noisy, so only same-run ratios are c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
 
 from csil.cli import emit_json
+from csil.config import ALGORITHMS, SIZES
+from csil.cli.serve import add_server_args, config_from_args
 
 
 def bench_env(task_name: str, steps: int, rounds: int, obs_mode: str, seed: int) -> dict:
@@ -59,6 +62,30 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
     env.add_argument("--obs", choices=("state", "image"), default="state", help="observation mode")
     env.add_argument("--seed", type=int, default=0, help="seed for the env and the random actions")
+    inference = sub.add_parser("inference", help="batched inference server vs openpi's one-at-a-time server "
+                                                 "(requests/s, p50/p99 latency, ratio), one line per client count")
+    inference.add_argument("--clients", default="1,4,16", help="comma-separated client counts (default %(default)s)")
+    inference.add_argument("--duration", type=float, default=5.0, help="seconds measured per server and count")
+    inference.add_argument("--baseline-port", type=int, default=8001, help="port of the unbatched openpi server")
+    add_server_args(inference)
+    learner = sub.add_parser("learner", help="fused learner update on device-resident batches vs fed through the "
+                                             "Reverb dataset path (env steps/s, critic updates/s, ratio)")
+    learner.add_argument("--obs", choices=("state", "image"), default="state",
+                         help="state: Lift's 19-d vector; image: proprio state + two 84x84 cameras")
+    learner.add_argument("--size", choices=(*SIZES, "tiny"), default="paper",
+                         help="network sizes: paper (AgentConfig defaults), cpu (csil.config.cpu_sized) or tiny "
+                              "(smoke tests only) (default %(default)s)")
+    learner.add_argument("--algo", choices=ALGORITHMS, default="csil++", help="algorithm preset (default %(default)s)")
+    learner.add_argument("--batch-size", type=int, default=None,
+                         help="online (and as many demo) samples per critic update (default: the preset's)")
+    learner.add_argument("--utd", type=int, default=None,
+                         help="critic updates per fused update (default: the preset's)")
+    learner.add_argument("--updates", type=int, default=20,
+                         help="timed updates per path and round (default %(default)s)")
+    learner.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    learner.add_argument("--warmup", type=int, default=3, help="untimed updates per path first (compilation)")
+    learner.add_argument("--items", type=int, default=2048, help="random transitions per Reverb table")
+    learner.add_argument("--seed", type=int, default=0, help="seed for the agent and the random transitions")
     return parser
 
 
@@ -66,6 +93,18 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "env":
         emit_json(bench_env(args.task, args.steps, args.rounds, args.obs, args.seed))
+    elif args.command == "inference":
+        from inference_server.bench import bench_inference
+
+        cfg = dataclasses.replace(config_from_args(args), grpc_port=None)
+        for record in bench_inference([int(n) for n in args.clients.split(",")], cfg, args.duration,
+                                      args.baseline_port):
+            emit_json(record)
+    elif args.command == "learner":
+        from learner.bench import bench_learner
+
+        emit_json(bench_learner(args.obs, args.updates, args.size, args.algo, args.batch_size, args.utd, args.rounds,
+                                args.warmup, args.items, args.seed))
 
 
 if __name__ == "__main__":
