@@ -54,7 +54,7 @@ class EnvActor:
 
     def _wait_for_weights(self) -> bool:
         while True:
-            stop, version, weights = ray.get(self.coordinator.sync.remote(self.actor_id, 0, [], -1, 0.0, -1))
+            stop, version, weights = ray.get(self.coordinator.sync.remote(self.actor_id, 0, [], 0.0, -1))
             if stop:
                 return False
             if weights is not None:
@@ -99,8 +99,7 @@ class EnvActor:
                 if weights is not None:
                     self.runner.set_params(ray.get(weights[0]), version)
             if pending is None and time.perf_counter() - last_sync > SYNC_EVERY_S:
-                pending = self.coordinator.sync.remote(self.actor_id, steps, episodes, self.runner.version, blocked,
-                                                       self.runner.version)
+                pending = self.coordinator.sync.remote(self.actor_id, steps, episodes, blocked, self.runner.version)
                 steps_total += steps
                 steps, episodes, blocked, last_sync = 0, [], 0.0, time.perf_counter()
         self.writer.close(timeout_ms=1000)

@@ -37,9 +37,9 @@ class Coordinator:
         if version > self.version:
             self.version, self.weights = version, weights
 
-    def sync(self, actor_id: int, env_steps: int, episodes: list[tuple[float, int, bool]], acting_version: int,
-             blocked_s: float, known_version: int) -> tuple[bool, int, list | None]:
-        """Record an actor's progress; return (stop, newest version, its weights ref if newer than known)."""
+    def sync(self, actor_id: int, env_steps: int, episodes: list[tuple[float, int, bool]], blocked_s: float,
+             acting_version: int) -> tuple[bool, int, list | None]:
+        """Record an actor's progress; return (stop, newest version, its weights ref if newer than the actor's)."""
         self.env_steps += env_steps
         self.per_actor[actor_id] += env_steps
         self.episodes += len(episodes)
@@ -47,7 +47,7 @@ class Coordinator:
         self.blocked_s[actor_id] += blocked_s
         if acting_version >= 0 and env_steps:
             self.staleness.append(self.version - acting_version)
-        newer = self.weights if self.version > known_version else None
+        newer = self.weights if self.version > acting_version else None
         return self.stopped, self.version, newer
 
     def latest(self) -> tuple[int, list | None]:
