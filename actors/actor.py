@@ -6,6 +6,10 @@ fetches that object and acts with it from the next step on. Every transition car
 with, so staleness is measurable. Inserts that the replay's rate limiter holds back (the learner is behind) are
 timed and reported, and never block shutdown: writes use a timeout and re-check the stop flag.
 
+The base policy comes from the inference server (``local``: csil-launch's Serve app through a handle;
+``ws://``/``grpc://``: any server by URL). While it is unreachable the actor waits and logs, it does not crash
+(``actors.base_source``).
+
 Restarts: the actor is created with ``max_restarts=-1``; a restarted incarnation registers again and gets
 fresh episode seeds, and the launcher re-issues ``run``.
 """
@@ -16,7 +20,6 @@ import logging
 import time
 
 import jax
-import numpy as np
 import ray
 
 log = logging.getLogger(__name__)
@@ -24,33 +27,25 @@ log = logging.getLogger(__name__)
 SYNC_EVERY_S = 0.5
 
 
-def make_chunk_source(target: str, base_checkpoint: str | None):
-    """``local``: the local base policy in this process (until the Serve app is started by csil-launch);
-    ``ws://``/``grpc://``: an inference server, through the same client interface as the in-cluster one."""
-    if target == "local":
-        from csil.base_policy import LocalBasePolicy
-
-        return LocalBasePolicy(base_checkpoint)
-    from inference_server.client import connect_base_policy
-
-    return connect_base_policy(target)
-
-
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class EnvActor:
-    def __init__(self, actor_id: int, cfg, replay_address: str, coordinator, network, base_checkpoint: str | None):
+    def __init__(self, actor_id: int, cfg, replay_address: str, coordinator, network):
+        from actors.base_source import PatientChunkSource
         from actors.env_runner import EnvRunner
         from replay.writer import TransitionWriter
 
         self.actor_id, self.cfg, self.coordinator = actor_id, cfg, coordinator
         incarnation = ray.get(coordinator.register.remote(actor_id))
-        base = make_chunk_source(cfg.base_policy, base_checkpoint)
+        self.base = PatientChunkSource(cfg.base_policy, self._stopped, cfg.base_policy_timeout_s)
         seed_base = 1_000_000_000 + cfg.seed * 10_000_000 + actor_id * 100_000 + (incarnation - 1) * 10_000
-        self.runner = EnvRunner(cfg.task, cfg.obs_mode, cfg.envs_per_actor, base, network, cfg.action_mode,
+        self.runner = EnvRunner(cfg.task, cfg.obs_mode, cfg.envs_per_actor, self.base, network, cfg.action_mode,
                                 episode_seed=lambda i: seed_base + i, env_seed=cfg.seed)
         self.writer = TransitionWriter(replay_address, table="online", timeout_ms=1000)
         self.key = jax.random.PRNGKey(seed_base)
         log.info("actor %d (incarnation %d) ready with %d envs", actor_id, incarnation, cfg.envs_per_actor)
+
+    def _stopped(self) -> bool:
+        return ray.get(self.coordinator.stats.remote())["stopped"]
 
     def _wait_for_weights(self) -> bool:
         while True:
@@ -71,12 +66,14 @@ class EnvActor:
                 insert(transition)
                 return time.perf_counter() - start
             except TimeoutError:  # the learner is behind (or gone): keep waiting unless the run is over
-                if ray.get(self.coordinator.stats.remote())["stopped"]:
+                if self._stopped():
                     return None
                 insert = lambda _: self.writer.settle()  # noqa: E731
 
     def run(self) -> int:
         """Act until the coordinator says stop; returns this incarnation's env steps."""
+        from actors.base_source import RunStopped
+
         if not self._wait_for_weights():
             return 0
         steps_total, steps, episodes, blocked = 0, 0, [], 0.0
@@ -84,7 +81,10 @@ class EnvActor:
         last_sync = time.perf_counter()
         while True:
             self.key, key = jax.random.split(self.key)
-            transitions, finished = self.runner.step(key)
+            try:
+                transitions, finished = self.runner.step(key)
+            except RunStopped:
+                break
             waits = [self._write(t) for t in transitions]
             if None in waits:
                 break
@@ -102,6 +102,9 @@ class EnvActor:
                 pending = self.coordinator.sync.remote(self.actor_id, steps, episodes, blocked, self.runner.version)
                 steps_total += steps
                 steps, episodes, blocked, last_sync = 0, [], 0.0, time.perf_counter()
+        if steps:  # report the tail, so the run's counters are exact
+            ray.get(self.coordinator.sync.remote(self.actor_id, steps, episodes, blocked, self.runner.version))
         self.writer.close(timeout_ms=1000)
         self.runner.close()
+        self.base.close()
         return steps_total + steps

@@ -62,6 +62,7 @@ class EvalConfig:
     policy: str = "base"
     episodes: int = 50
     seed: int = 1_000_000  # far from demo seeds (0, 1, ...), so evaluation scenes are not training scenes
+    seed_stride: int = 100_000  # training seed k evaluates on scenes seed + k * stride, ... (paired with the base)
     obs_mode: str = "state"
     workers: int = 0  # 0: one per CPU core
     envs_per_worker: int = 5
@@ -131,6 +132,9 @@ class AgentConfig:
     kl_estimator: str = "exact"  # variant: "exact" (closed form, CSIL++) | "mc" (one-sample, CSIL)
     discount: float = 0.99
     utd: int = 4  # variant: critic updates per env step (one actor update per env step)
+    # Unroll the fused UTD loop instead of an XLA while loop. None: unroll for image observations, where XLA CPU
+    # ran the convolutions ~10x slower inside the loop (cpu size, batch 32, UTD 4: 153 s vs 12.5 s per call).
+    unroll_utd: bool | None = None
     batch_size: int = 128  # online samples per critic update (plus as many demo samples)
     beta: float = 0.3  # KL(pi||pi_BC) coefficient, actor loss and soft value
     target_entropy_per_dim: float = -0.5  # "entropy" regulariser: XQC's target entropy -d_a/2
@@ -290,11 +294,14 @@ class LaunchConfig:
     env_steps: int = 500_000
     warmup: int = 10_000
     eval_every: int = 50_000
-    eval_episodes: int = 50
+    eval_episodes: int = 50  # 0: no evaluation at all (benchmarks, scale-out)
     final_eval_rounds: int = 5  # the paper's protocol: the best parameters re-evaluated 5 x eval_episodes
     publish_every: int = 10  # learner updates between weight publications
     checkpoint_every_s: float = 600.0  # learner + replay checkpoints (and always on SIGTERM / at the end)
-    base_policy: str = "local"  # "local" | "ws://host:port" | "grpc://host:port"
+    base_policy: str = "local"  # "local" (csil-launch starts the inference server) | "ws://host:port" | "grpc://..."
+    serve_port: int = 8000  # "local": the started server's websocket port (openpi protocol), for outside clients
+    base_policy_timeout_s: float = 30.0  # actors: one connect/request attempt cycle before logging and retrying
+    duration_s: float | None = None  # stop after this many seconds of acting (benchmarks, scale-out), or None
     num_demos: int = 200
     demos: str | None = None
     base_checkpoint: str | None = None  # the local base policy's directory (None: the cached default)
@@ -303,3 +310,53 @@ class LaunchConfig:
     resume: bool = False
     seed: int = 0
     agent: AgentConfig = AgentConfig()
+
+
+# csil-experiment's methods: name -> (algorithm, action mode); "base" is the base policy alone.
+METHODS = {
+    "base": (None, None),
+    "csil++-ensemble": ("csil++", "ensemble"),
+    "csil++-residual": ("csil++", "residual"),
+    "xqc-od-ensemble": ("xqc-od", "ensemble"),
+    "xqc-od-residual": ("xqc-od", "residual"),
+    "csil-ensemble": ("csil", "ensemble"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """``csil-experiment``: tasks x methods x seeds of single-process runs (state observations, local base policy),
+    the paper's Table I and Fig. 5 at a budget that fits a CPU."""
+
+    name: str = "table1"
+    tasks: tuple[str, ...] = ("Lift", "Square")
+    methods: tuple[str, ...] = ("base", "csil++-ensemble", "xqc-od-ensemble", "xqc-od-residual")
+    seeds: int = 3
+    env_steps: int = 5_000
+    eval_every: int = 1_000
+    eval_episodes: int = 20
+    warmup: int = 1_000
+    size: str = "cpu"
+    num_demos: int = 10  # per task: BC, the reward, the critic pretraining and the demo table
+    bc_steps: int = 5_000
+    critic_steps: int = 5_000
+    runs_dir: str | None = None  # where runs live (None: <cache>/experiments/<name>); finished runs are reused
+    out_dir: str = "results"  # results/<name>/table.md, curves.png, runs.csv
+
+
+def from_dict(cls, data: dict):
+    """A config dataclass from ``dataclasses.asdict`` output read back from JSON (nested configs, tuples)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in data:
+            continue
+        value, hint = data[field.name], hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)
+        elif isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        kwargs[field.name] = value
+    return cls(**kwargs)

@@ -21,3 +21,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  configure_logging=True, logging_level="warning")
+
+
+# Custom resources that pin each role to its node type in deploy/cluster.yaml. Fractions for the head's
+# services (they share one unit), one unit per env actor and per inference replica (the node's capacity).
+ROLE_RESOURCES = {"head": ("csil_learner", 0.01), "actor": ("csil_actor", 1.0), "inference": ("csil_inference", 1.0)}
+
+
+def role_resources(role: str) -> dict[str, float]:
+    """``{resource: amount}`` for a role if the cluster advertises the role's resource; ``{}`` on plain Ray."""
+    import ray
+
+    name, amount = ROLE_RESOURCES[role]
+    return {name: amount} if ray.cluster_resources().get(name, 0) > 0 else {}

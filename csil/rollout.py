@@ -198,7 +198,11 @@ class RolloutWorker:
 
 
 def default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    """One per local core, but no more than the cluster's unreserved CPUs (a worker reserves one: a worker
+    that cannot be placed would hold its share of the seeds forever)."""
+    import ray
+
+    return max(1, min(os.cpu_count() or 1, int(ray.available_resources().get("CPU", 1))))
 
 
 def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[int] | Sequence[int], *, prompt: str,

@@ -300,16 +300,20 @@ class RunningServer:
 
 
 def start(cfg: InferenceServerConfig, address: str | None = None) -> RunningServer:
-    """Deploy the app on the current (or a new local) Ray cluster and wait until its replicas serve."""
+    """Deploy the app on the current (or a new local) Ray cluster and wait until its replicas serve.
+
+    Replicas go to the nodes that advertise ``csil_inference`` (deploy/cluster.yaml) when the cluster has them."""
     import ray
 
-    from csil.ray_utils import ensure_ray
+    from csil.ray_utils import ensure_ray, role_resources
 
     ensure_ray(address)
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) else 0)
     serve.start(proxy_location="Disabled")  # the replicas own their sockets; see the module docstring
     deployment = InferenceServer.options(num_replicas=cfg.num_replicas,
-                                         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": num_gpus})
+                                         logging_config={"enable_access_log": False},  # not a line per request
+                                         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": num_gpus,
+                                                            "resources": role_resources("inference")})
     handle = serve.run(deployment.bind(cfg), name=cfg.app_name, route_prefix=None)
     return RunningServer(cfg.app_name, f"ws://{cfg.host}:{cfg.port}", f"http://{cfg.host}:{cfg.port}",
                          f"grpc://{cfg.host}:{cfg.grpc_port}" if cfg.grpc_port is not None else None, handle)

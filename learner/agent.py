@@ -7,7 +7,8 @@ One class; the variants are fields of ``AgentConfig`` (presets in ``csil.config.
 - regulariser: ``kl_bc`` ``β·KL(π‖π_BC)`` (exact closed form for CSIL++, one-sample estimate for CSIL) or
   ``entropy`` ``α·log π`` with a learned temperature (XQC/SAC, target entropy −d_a/2);
 - critic: ``categorical`` XQC BN+WN (cross-entropy on a C51 target) or ``mse`` (CSIL's LayerNorm MLP);
-- ``utd`` critic updates per call, then one actor update, fused in one jitted ``lax.scan``.
+- ``utd`` critic updates per call, then one actor update, fused in one jitted ``lax.scan`` (unrolled for
+  image observations, see ``AgentConfig.unroll_utd``).
 
 Choices where the paper is silent (reference/algorithm.md §9):
 
@@ -120,6 +121,7 @@ class CSILAgent:
         self.critic_pretrain_opt = optax.adam(cfg.critic_pretrain_lr)  # same state layout as critic_opt
         self.reward_opt = optax.sgd(cfg.reward_lr)
         self.alpha_opt = optax.adam(cfg.actor_lr)
+        self.unroll_utd = bool(spec.cameras) if cfg.unroll_utd is None else cfg.unroll_utd
         self.update = jax.jit(self._update)
 
     # --- construction -------------------------------------------------------------------------------
@@ -358,7 +360,7 @@ class CSILAgent:
             batch, k = xs
             return self._critic_step(s, batch, k)
 
-        state, metrics = jax.lax.scan(body, state, (batches, keys[:-2]))
+        state, metrics = jax.lax.scan(body, state, (batches, keys[:-2]), unroll=self.unroll_utd)
         last = jax.tree_util.tree_map(lambda x: x[-1], batches)
         obs = self.augment(keys[-2], last.obs)
         (actor_loss, (penalty, logp, q)), grads = jax.value_and_grad(self._actor_loss, has_aux=True)(

@@ -45,9 +45,11 @@ def obs_spec(obs_mode: str) -> ObsSpec:
     raise ValueError(f"unknown obs mode {obs_mode!r}; use 'state' or 'image'")
 
 
-def agent_config(size: str, algo: str = "csil++", batch_size: int | None = None, utd: int | None = None) -> AgentConfig:
+def agent_config(size: str, algo: str = "csil++", batch_size: int | None = None, utd: int | None = None,
+                 unroll_utd: bool | None = None) -> AgentConfig:
     """``paper``: AgentConfig() as is; ``cpu``: ``csil.config.cpu_sized``; ``tiny``: minimal widths so that a smoke
-    test compiles and runs in seconds (its timings mean nothing). ``batch_size``/``utd`` override the preset."""
+    test compiles and runs in seconds (its timings mean nothing). ``batch_size``, ``utd`` and ``unroll_utd``
+    override the preset."""
     base = AgentConfig()
     if size == "cpu":
         base = cpu_sized(base)
@@ -59,8 +61,8 @@ def agent_config(size: str, algo: str = "csil++", batch_size: int | None = None,
     elif size != "paper":
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     cfg = algo_config(algo, base)
-    overrides = {k: v for k, v in (("batch_size", batch_size), ("utd", utd)) if v is not None}
-    return dataclasses.replace(cfg, **overrides)
+    overrides = {"batch_size": batch_size, "utd": utd, "unroll_utd": unroll_utd}
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def random_transitions(spec: ObsSpec, n: int, rng: np.random.Generator) -> dict:
@@ -92,7 +94,7 @@ def _batch(transitions: dict, utd: int, batch_size: int) -> Batch:
 
 def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", batch_size: int | None = None,
                   utd: int | None = None, rounds: int = 3, warmup: int = 3, items: int = 2048, seed: int = 0,
-                  progress: bool = True) -> dict:
+                  unroll_utd: bool | None = None, progress: bool = True) -> dict:
     """Env steps/s and critic updates/s of the fused update, synthetic vs. Reverb-fed; see the module docstring.
 
     One fused update is one env step (``utd`` critic updates and one actor update), so env steps/s = updates/s
@@ -104,7 +106,7 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
 
     from replay.server import DEMOS, ONLINE, BatchIterator, ReplayServer, TransitionWriter
 
-    spec, cfg = obs_spec(obs_mode), agent_config(size, algo, batch_size, utd)
+    spec, cfg = obs_spec(obs_mode), agent_config(size, algo, batch_size, utd, unroll_utd)
     agent = CSILAgent(cfg, spec)
     rng = np.random.default_rng(seed)
     key, init_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -178,3 +180,21 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
             "synthetic": throughput(med["synthetic"]), "reverb": throughput(med["reverb"]),
             "input_only": {"batches_per_s": round(med["input_only"], 3)},
             "ratio": round(med["reverb"] / med["synthetic"], 4), "device": jax.devices()[0].platform}
+
+
+def bare_update_rate(cfg: AgentConfig, spec: ObsSpec, updates: int = 50, warmup: int = 3, seed: int = 0) -> float:
+    """Fused updates per second on one device-resident random batch: the learner with nothing else to do."""
+    agent = CSILAgent(cfg, spec)
+    rng = np.random.default_rng(seed)
+    key = jax.random.PRNGKey(seed)
+    state = agent.init_state(key, agent.init_policy(key))
+    batches = jax.device_put(tuple(_batch(random_transitions(spec, cfg.utd * cfg.batch_size, rng), cfg.utd,
+                                          cfg.batch_size) for _ in range(2)))
+    for _ in range(warmup):
+        state, _ = agent.update(state, *batches, key)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(updates):
+        state, _ = agent.update(state, *batches, key)
+    jax.block_until_ready(state)
+    return updates / (time.perf_counter() - start)

@@ -4,6 +4,9 @@ A separate lightweight Ray actor (no CPU reserved) so that actors never call int
 ``publish``es ``(version, ObjectRef)`` after ``ray.put`` (the weights travel once through the object store,
 whatever the number of actors) and actors ``sync`` without blocking their env loop: one call reports their
 progress and returns the newest weights reference only if it is newer than the one they hold.
+
+Per actor it keeps env steps, the seconds it was acting (between its syncs; a restart starts a new interval) and
+the seconds its inserts were held back by the rate limiter, so throughput can be measured with and without waits.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ class Coordinator:
         self.version, self.weights = -1, None  # weights: [ObjectRef] (a list, so Ray passes the ref, not the value)
         self.env_steps, self.episodes = env_steps, episodes
         self.per_actor: dict[int, int] = collections.Counter()
+        self.active_s: dict[int, float] = collections.Counter()
+        self.last_sync: dict[int, float] = {}
         self.incarnations: dict[int, int] = collections.Counter()
         self.recent: collections.deque = collections.deque(maxlen=100)  # (return, length, success)
         self.staleness: collections.deque = collections.deque(maxlen=1000)  # learner version - acting version
@@ -31,6 +36,7 @@ class Coordinator:
     def register(self, actor_id: int) -> int:
         """A (re)started actor's incarnation number: restarts get fresh episode seeds."""
         self.incarnations[actor_id] += 1
+        self.last_sync.pop(actor_id, None)
         return self.incarnations[actor_id]
 
     def publish(self, version: int, weights: list) -> None:
@@ -40,6 +46,10 @@ class Coordinator:
     def sync(self, actor_id: int, env_steps: int, episodes: list[tuple[float, int, bool]], blocked_s: float,
              acting_version: int) -> tuple[bool, int, list | None]:
         """Record an actor's progress; return (stop, newest version, its weights ref if newer than the actor's)."""
+        now = time.time()
+        if actor_id in self.last_sync:
+            self.active_s[actor_id] += now - self.last_sync[actor_id]
+        self.last_sync[actor_id] = now
         self.env_steps += env_steps
         self.per_actor[actor_id] += env_steps
         self.episodes += len(episodes)
@@ -60,9 +70,12 @@ class Coordinator:
         recent = list(self.recent)
         return {
             "env_steps": self.env_steps, "episodes": self.episodes, "version": self.version,
-            "per_actor": dict(self.per_actor), "restarts": {k: v - 1 for k, v in self.incarnations.items()},
+            "actors": {i: {"env_steps": self.per_actor[i], "active_s": round(self.active_s[i], 3),
+                           "blocked_s": round(self.blocked_s[i], 3), "restarts": n - 1}
+                       for i, n in sorted(self.incarnations.items())},
+            "restarts": {k: v - 1 for k, v in self.incarnations.items()},
             "train_success": sum(r[2] for r in recent) / len(recent) if recent else None,
             "train_return": sum(r[0] for r in recent) / len(recent) if recent else None,
             "staleness": sum(self.staleness) / len(self.staleness) if self.staleness else None,
-            "blocked_s": dict(self.blocked_s), "stopped": self.stopped,
+            "stopped": self.stopped,
         }

@@ -15,10 +15,14 @@ import numpy as np
 
 def evaluate_policy(task, obs_mode: str, base_dir: str, params, network, action_mode: str, episodes: int,
                     seed_offset: int = 0) -> dict:
+    """Success rate and mean length over ``episodes`` seeded episodes; ``params=None`` evaluates the base alone."""
     from csil.config import EvalConfig
     from csil.rollout import run_episodes
 
-    policy = {"base": base_dir, "params": params, "network": network, "action_mode": action_mode}
+    if params is None:  # the base policy alone, on the same seeds
+        policy = f"base:{base_dir}"
+    else:
+        policy = {"base": base_dir, "params": params, "network": network, "action_mode": action_mode}
     first = EvalConfig.seed + seed_offset
     results = list(run_episodes(task.name, obs_mode, policy, range(first, first + episodes), prompt=task.prompt,
                                 envs_per_worker=max(1, episodes // 2)))

@@ -45,6 +45,9 @@ class LearnerService:
         self.lock = threading.Lock()
         self.metrics: dict[str, float] = {}
         self.update_time_s = 0.0
+        self.run_s, self.wait_s = 0.0, 0.0  # in run(): wall time, and the part spent waiting for samples
+        self.recent_rate: tuple[float, int] = (time.perf_counter(), 0)  # (time, updates) for updates/s
+        self.updates_per_s = 0.0
         self.key = jax.random.PRNGKey(cfg.seed + 1)
 
     # --- start ----------------------------------------------------------------------------------------
@@ -103,16 +106,21 @@ class LearnerService:
                               timeout_ms=SAMPLE_TIMEOUT_MS)
         stop = self.coordinator.stats.remote()
         metrics_file = (self.logdir / "learner.jsonl").open("a")
+        started = time.perf_counter()
         while True:
+            self.run_s = time.perf_counter() - started
             if ray.wait([stop], timeout=0)[0]:
                 if ray.get(stop)["stopped"]:
                     break
                 stop = self.coordinator.stats.remote()
+            waiting = time.perf_counter()
             try:
                 batch_online, batch_demos = Batch.from_sample(next(online)), Batch.from_sample(next(demos))
             except TimeoutError as e:  # actors are warming up, blocked or restarting: never give up, never hang
                 log.info("learner waiting for data: %s", e)
                 continue
+            finally:
+                self.wait_s += time.perf_counter() - waiting
             start = time.perf_counter()
             self.key, key = jax.random.split(self.key)
             with self.lock:
@@ -136,7 +144,13 @@ class LearnerService:
     # --- answered while run() loops -------------------------------------------------------------------
 
     def stats(self) -> dict:
-        return {"updates": self.updates, "update_time_s": self.update_time_s, **self.metrics}
+        """Counters, timings (``wait_s``: waiting for samples, i.e. for actors/rate limiter) and the last metrics."""
+        now, updates = time.perf_counter(), self.updates
+        then, before = self.recent_rate
+        if now - then >= 1.0:
+            self.updates_per_s, self.recent_rate = (updates - before) / (now - then), (now, updates)
+        return {"updates": updates, "updates_per_s": self.updates_per_s, "update_time_s": self.update_time_s,
+                "run_s": self.run_s, "wait_s": self.wait_s, **self.metrics}
 
     def params(self) -> tuple[int, dict]:
         with self.lock:

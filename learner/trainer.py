@@ -72,10 +72,12 @@ class Trainer:
         return state
 
     def evaluate(self, state, env_steps: int) -> dict:
-        """Deterministic evaluation of base + small policy on the fixed evaluation seeds."""
+        """Deterministic evaluation of base + small policy on this seed's fixed evaluation scenes."""
+        from csil.config import EvalConfig
+
         record = {"env_steps": env_steps, **evaluate_policy(
             self.task, "state", self.base_dir, jax.device_get(state.policy), self.agent.policy_net,
-            self.cfg.action_mode, self.cfg.eval_episodes)}
+            self.cfg.action_mode, self.cfg.eval_episodes, seed_offset=self.cfg.seed * EvalConfig.seed_stride)}
         self.evals.append(record)
         self.log({"phase": "eval", **record})
         return record

@@ -1,8 +1,11 @@
 """Shared fixtures: a per-session cache dir (no test touches ~/.cache) and one local Ray instance."""
 
 import os
+import socket
 
 import pytest
+
+from csil.config import AgentConfig, CriticConfig, HetStatConfig
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -11,6 +14,18 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 def isolated_cache(tmp_path_factory):
     os.environ["CSIL_CACHE"] = str(tmp_path_factory.mktemp("csil_cache"))
     yield
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a loopback port that is free right now."""
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +38,26 @@ def ray_local():
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_agent() -> AgentConfig:
+    """A learner small enough for end-to-end tests on 2 CPU cores."""
+    return AgentConfig(
+        policy=HetStatConfig(hidden=(64, 64), bottleneck=16, features=64), critic=CriticConfig(hidden=(64, 64)),
+        batch_size=16, bc_batch_size=64, bc_steps=200, critic_pretrain_steps=100,
+    )
+
+
+@pytest.fixture(scope="session")
+def lift_setup(tmp_path_factory, ray_local):
+    """Lift demos (3, scripted expert) and a tiny local base policy, built once per session."""
+    from csil.config import BaseTrainConfig, DemoConfig
+    from csil.pipeline import generate_demos, train_base_from_file
+
+    root = tmp_path_factory.mktemp("trainer")
+    demos = root / "lift.hdf5"
+    generate_demos(DemoConfig(task="Lift", num=3, workers=2), demos, progress=False)
+    base = root / "base"
+    train_base_from_file(demos, base, BaseTrainConfig(steps=100, batch_size=32, hidden=(32,)), progress=False)
+    return root, demos, base

@@ -221,3 +221,15 @@ def test_image_agent_shares_the_critic_encoder_with_the_policy():
     assert all(np.allclose(n, 1.0, atol=1e-4) for n in _kernel_norms(state.critic["params"], "critics"))
     assert not all(np.allclose(n, 1.0) for n in _kernel_norms(state.critic["params"], "encoder"))
     assert agent.act(state.policy, {k: v[:2] for k, v in obs.items()}, jax.random.PRNGKey(0)).shape == (2, 7)
+
+
+def test_unrolled_utd_loop_computes_the_same_update(pretrained):
+    """``unroll_utd`` only changes how XLA compiles the fused loop (images run it unrolled), not the result."""
+    agent, state, demos, _, _ = pretrained
+    rng = np.random.default_rng(3)
+    online, demo = demos.sample(rng, (SMALL.utd, 64)), demos.sample(rng, (SMALL.utd, 64))
+    unrolled = CSILAgent(dataclasses.replace(SMALL, unroll_utd=True), SPEC)
+    assert unrolled.unroll_utd and not agent.unroll_utd
+    (s1, m1), (s2, m2) = (a.update(state, online, demo, jax.random.PRNGKey(7)) for a in (agent, unrolled))
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), s1, s2)
+    assert m1.keys() == m2.keys()

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,12 +39,6 @@ LIFT_SPEC = ObsSpec("state", (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("r
                               ("object", 10)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def observation(seed: int = 0) -> dict:
     state = np.random.default_rng(seed).normal(size=LIFT_SPEC.state_dim).astype(np.float32)
     return {"observation/state": state, "prompt": "lift the red cube"}
@@ -74,7 +67,7 @@ def reference(checkpoint) -> LocalBasePolicy:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, ray_local):
+def server(checkpoint, ray_local, free_port):
     cfg = InferenceServerConfig(checkpoint=checkpoint, port=free_port(), grpc_port=free_port(), token=TOKEN,
                                 max_batch_size=16, batch_wait_timeout_s=0.01, num_cpus=0.25,
                                 model_delay_ms=MODEL_DELAY_MS, app_name="test-inference")
@@ -83,7 +76,7 @@ def server(checkpoint, ray_local):
     app.stop(cfg.app_name, shutdown_serve=True)
 
 
-def test_csil_serve_runs_until_sigint(checkpoint, ray_local, capsys):
+def test_csil_serve_runs_until_sigint(checkpoint, ray_local, capsys, free_port):
     """The standalone command: startup JSON line, health, then a clean shutdown on SIGINT; every flag has help.
 
     Run in-process on the session's Ray (a second Ray cluster would double this test's time)."""
@@ -228,7 +221,7 @@ class Float64Policy(BasePolicy):
 
 
 @pytest.fixture()
-def stock_server():
+def stock_server(free_port):
     port = free_port()
     server = WebsocketPolicyServer(Float64Policy(), "127.0.0.1", port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -248,7 +241,7 @@ def test_our_client_against_stock_openpi_server(stock_server):
     client.close()
 
 
-def test_client_backs_off_then_names_the_target(caplog):
+def test_client_backs_off_then_names_the_target(caplog, free_port):
     port = free_port()
     start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="inference_server.client"):
@@ -314,7 +307,7 @@ def test_openpi_backend_batches_one_model_call_with_per_item_transforms():
         backend.prepare({k: v for k, v in obs[0].items() if k != "prompt"})
 
 
-def test_benchmark_driver_measures_batched_and_unbatched(server, checkpoint):
+def test_benchmark_driver_measures_batched_and_unbatched(server, checkpoint, free_port):
     """``drive`` against our server and against the benchmark's baseline: openpi's server over the same backend."""
     from inference_server.backends import LocalBackend
     from inference_server.bench import BackendPolicy, drive

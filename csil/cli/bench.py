@@ -86,7 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
     learner.add_argument("--warmup", type=int, default=3, help="untimed updates per path first (compilation)")
     learner.add_argument("--items", type=int, default=2048, help="random transitions per Reverb table")
     learner.add_argument("--seed", type=int, default=0, help="seed for the agent and the random transitions")
+    learner.add_argument("--unroll-utd", choices=("auto", "on", "off"), default="auto",
+                         help="unroll the fused UTD loop (auto: for image observations) (default %(default)s)")
+    system = sub.add_parser("system", help="the distributed system for --seconds vs its parts alone: env steps/s per "
+                                           "actor vs the raw env loop, learner updates/s vs the bare update, "
+                                           "measured UTD, staleness, rate-limiter blocked time")
+    system.add_argument("--task", default="Lift", help="task name (default %(default)s)")
+    system.add_argument("--actors", type=int, default=2, help="env actors (default %(default)s)")
+    system.add_argument("--envs-per-actor", type=int, default=4, help="envs per actor (default %(default)s)")
+    system.add_argument("--seconds", type=float, default=120.0,
+                        help="seconds of acting, from the first env step (warmup fill included) (default %(default)s)")
+    system.add_argument("--size", choices=SIZES, default="cpu", help="network sizes (default %(default)s)")
+    system.add_argument("--warmup", type=int, default=1000, help="rate limiter min size (default %(default)s)")
+    system.add_argument("--pretrain-steps", type=int, default=200,
+                        help="BC and critic pretraining steps (quality does not change throughput)")
+    system.add_argument("--num-demos", type=int, default=20, help="demos for pretraining and the demo table")
+    system.add_argument("--raw-env-steps", type=int, default=500, help="steps of the raw env baseline loop")
+    system.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
     return parser
+
+
+def system_config(args: argparse.Namespace):
+    """A fixed-duration, evaluation-free launch config for ``system`` (and csil-scale)."""
+    from csil.config import AgentConfig, LaunchConfig, cpu_sized
+
+    agent = AgentConfig(bc_steps=args.pretrain_steps, critic_pretrain_steps=args.pretrain_steps)
+    return LaunchConfig(task=args.task, size=args.size, actors=args.actors, envs_per_actor=args.envs_per_actor,
+                        env_steps=10**12, duration_s=args.seconds, warmup=args.warmup, eval_episodes=0,
+                        num_demos=args.num_demos, seed=args.seed,
+                        agent=cpu_sized(agent) if args.size == "cpu" else agent)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,7 +132,12 @@ def main(argv: list[str] | None = None) -> None:
         from learner.bench import bench_learner
 
         emit_json(bench_learner(args.obs, args.updates, args.size, args.algo, args.batch_size, args.utd, args.rounds,
-                                args.warmup, args.items, args.seed))
+                                args.warmup, args.items, args.seed,
+                                unroll_utd={"auto": None, "on": True, "off": False}[args.unroll_utd]))
+    elif args.command == "system":
+        from learner.system_bench import bench_system
+
+        emit_json(bench_system(system_config(args), args.raw_env_steps))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""``csil-experiment``: the paper's Table I and Fig. 5 at CPU scale, from single-process runs.
+
+Every (task, method, seed) is one ``csil-train`` run (the same agent, replay and acting code as csil-launch, in
+one process: on a 2-core machine the distributed system would only add Ray overhead) or, for ``base``, an
+evaluation of the base policy alone. Training seed ``k`` is evaluated on scenes ``EvalConfig.seed + k·stride``
+and so is the base policy for seed ``k``: the comparison with the base is paired, scene for scene.
+
+A run is done when its ``summary.json`` exists; done runs are never redone, so the experiment can be spread
+over several sessions (an interrupted run starts again from its beginning: the trainer has no checkpoints).
+Outputs in ``<out_dir>/<name>/``: ``table.md`` (the exact command on top, the budget vs the paper's 500k steps,
+median [25th, 75th] of the final success over seeds, and the no-initial-drop check), ``curves.png`` (median
+success vs env steps per method, base level dashed) and ``runs.csv`` (every evaluation of every run).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from csil.config import METHODS, EvalConfig, ExperimentConfig, cache_dir
+
+DROP_TOLERANCE = 0.05  # "no initial drop": every evaluation >= base - 5 pp
+
+
+def runs_root(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.runs_dir) if cfg.runs_dir else cache_dir() / "experiments" / cfg.name
+
+
+def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: bool = True) -> dict:
+    """One run (or the cached result of it): {"task", "method", "seed", "evals": [{"env_steps", "success_rate"}]}."""
+    from csil.config import AgentConfig, TrainConfig, algo_config, cpu_sized
+
+    run_dir = runs_root(cfg) / task / method / f"seed{seed}"
+    done = run_dir / "summary.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    algo, action_mode = METHODS[method]
+    if algo is None:
+        evals = [{"env_steps": 0, **_evaluate_base(task, cfg.eval_episodes, seed)}]
+        summary = {}
+    else:
+        from learner.trainer import Trainer
+
+        agent = AgentConfig(bc_steps=cfg.bc_steps, critic_pretrain_steps=cfg.critic_steps)
+        agent = algo_config(algo, cpu_sized(agent) if cfg.size == "cpu" else agent)
+        trainer = Trainer(TrainConfig(task=task, algo=algo, size=cfg.size, action_mode=action_mode,
+                                      env_steps=cfg.env_steps, warmup=cfg.warmup, eval_every=cfg.eval_every,
+                                      eval_episodes=cfg.eval_episodes, num_demos=cfg.num_demos, seed=seed,
+                                      logdir=str(run_dir), agent=agent), progress=progress)
+        summary = trainer.train()
+        evals = trainer.evals
+    result = {"task": task, "method": method, "seed": seed, "summary": summary,
+              "evals": [{"env_steps": e["env_steps"], "success_rate": e["success_rate"]} for e in evals]}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _evaluate_base(task_name: str, episodes: int, seed: int) -> dict:
+    from csil.pipeline import ensure_base_policy
+    from csil.tasks import get_task
+    from learner.evaluation import evaluate_policy
+
+    task = get_task(task_name)
+    return evaluate_policy(task, "state", str(ensure_base_policy(task.name)), None, None, "ensemble", episodes,
+                           seed_offset=seed * EvalConfig.seed_stride)
+
+
+def run_experiment(cfg: ExperimentConfig, command: str, progress: bool = True) -> dict:
+    """All runs (missing ones only), then table.md, curves.png and runs.csv; returns the summary numbers."""
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    results = [run_one(cfg, task, method, seed, progress)
+               for task in cfg.tasks for method in cfg.methods for seed in range(cfg.seeds)]
+    out = Path(cfg.out_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "runs.csv", results)
+    stats = _statistics(cfg, results)
+    (out / "table.md").write_text(_table(cfg, stats, command))
+    _plot(out / "curves.png", cfg, results)
+    return {"experiment": cfg.name, "runs": len(results), "out": str(out), "results": stats}
+
+
+def _write_csv(path: Path, results: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "method", "seed", "env_steps", "success_rate"])
+        for r in results:
+            for e in r["evals"]:
+                writer.writerow([r["task"], r["method"], r["seed"], e["env_steps"], e["success_rate"]])
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    return [float(np.percentile(values, q)) for q in (50, 25, 75)]
+
+
+def _statistics(cfg: ExperimentConfig, results: list[dict]) -> dict:
+    """Per task and method: final success (median, 25th, 75th over seeds) and, against the paired base, the
+    worst evaluation and whether it stayed within DROP_TOLERANCE of the base (per seed)."""
+    by = {(r["task"], r["method"], r["seed"]): r for r in results}
+    stats: dict = {}
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            runs = [by[task, method, s] for s in range(cfg.seeds)]
+            final = [r["evals"][-1]["success_rate"] for r in runs]
+            entry = {"final": _quartiles(final)}
+            if "base" in cfg.methods and method != "base":
+                base = [by[task, "base", s]["evals"][0]["success_rate"] for s in range(cfg.seeds)]
+                worst = [min(e["success_rate"] for e in r["evals"]) for r in runs]
+                entry.update(min_eval=_quartiles(worst), base=_quartiles(base),
+                             no_drop_seeds=sum(w >= b - DROP_TOLERANCE for w, b in zip(worst, base)),
+                             beats_base_seeds=sum(f > b for f, b in zip(final, base)))
+            stats.setdefault(task, {})[method] = entry
+    return stats
+
+
+def _cell(q: list[float]) -> str:
+    return f"{q[0]:.0%} [{q[1]:.0%}, {q[2]:.0%}]"
+
+
+def _table(cfg: ExperimentConfig, stats: dict, command: str) -> str:
+    lines = [f"# {cfg.name}", "", f"`{command}`", "",
+             f"Budget: {cfg.env_steps:,} env steps per run (the paper: 500,000), evaluations every "
+             f"{cfg.eval_every:,} steps on {cfg.eval_episodes} episodes, {cfg.seeds} seeds, {cfg.size}-size networks, "
+             f"{cfg.num_demos} demos, BC {cfg.bc_steps:,} / critic pretraining {cfg.critic_steps:,} steps, state "
+             "observations, the local base policy (not π0.5). Cells: median [25th, 75th] over seeds.", "",
+             "## Final success", "", "| method | " + " | ".join(cfg.tasks) + " |",
+             "|---|" + "---|" * len(cfg.tasks)]
+    for method in cfg.methods:
+        lines.append(f"| {method} | " + " | ".join(_cell(stats[t][method]["final"]) for t in cfg.tasks) + " |")
+    if "base" in cfg.methods:
+        lines += ["", f"## No initial drop (worst evaluation ≥ paired base − {DROP_TOLERANCE:.0%})", "",
+                  "| task | method | base | worst eval | seeds without drop | seeds above base at the end |",
+                  "|---|---|---|---|---|---|"]
+        for task in cfg.tasks:
+            for method in cfg.methods:
+                e = stats[task][method]
+                if method != "base":
+                    lines.append(f"| {task} | {method} | {_cell(e['base'])} | {_cell(e['min_eval'])} | "
+                                 f"{e['no_drop_seeds']}/{cfg.seeds} | {e['beats_base_seeds']}/{cfg.seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, cfg: ExperimentConfig, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cfg.tasks), figsize=(5 * len(cfg.tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], cfg.tasks):
+        for method in cfg.methods:
+            runs = [r for r in results if r["task"] == task and r["method"] == method]
+            if method == "base":
+                ax.axhline(np.median([r["evals"][0]["success_rate"] for r in runs]), ls="--", c="gray", label="base")
+                continue
+            steps = [e["env_steps"] for e in runs[0]["evals"]]
+            curves = np.array([[e["success_rate"] for e in r["evals"]][:len(steps)] for r in runs])
+            median, low, high = (np.percentile(curves, q, axis=0) for q in (50, 25, 75))
+            line, = ax.plot(steps, median, marker="o", label=method)
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+        ax.set(title=task, xlabel="env steps", ylabel="success rate", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,46 @@
+"""csil-experiment's bookkeeping: finished runs are reused, never redone, and the table/plot/CSV are right.
+
+Training itself is tested in test_trainer.py; here the runs are already "done" (their summary.json exists)."""
+
+import csv
+import json
+
+from csil.config import ExperimentConfig
+from learner.experiment import run_experiment
+
+CURVES = {  # (method, seed) -> success at env steps 0, 1000, 2000
+    ("csil++-ensemble", 0): [0.6, 0.6, 0.8], ("csil++-ensemble", 1): [0.5, 0.6, 0.7],
+    ("xqc-od-ensemble", 0): [0.6, 0.2, 0.5], ("xqc-od-ensemble", 1): [0.5, 0.1, 0.4],
+}
+BASE = {0: 0.6, 1: 0.5}
+
+
+def _done(root, method, seed, evals):
+    run = root / "Lift" / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"task": "Lift", "method": method, "seed": seed, "summary": {},
+                                                  "evals": evals}))
+
+
+def test_finished_runs_are_reused_and_summarised(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, success in BASE.items():
+        _done(runs, "base", seed, [{"env_steps": 0, "success_rate": success}])
+    for (method, seed), curve in CURVES.items():
+        _done(runs, method, seed, [{"env_steps": 1000 * i, "success_rate": s} for i, s in enumerate(curve)])
+    cfg = ExperimentConfig(name="t", tasks=("Lift",), methods=("base", "csil++-ensemble", "xqc-od-ensemble"),
+                           seeds=2, env_steps=2000, eval_every=1000, runs_dir=str(runs), out_dir=str(tmp_path / "out"))
+    summary = run_experiment(cfg, "csil-experiment --name t", progress=False)  # would train if a run were missing
+
+    stats = summary["results"]["Lift"]
+    assert stats["csil++-ensemble"]["no_drop_seeds"] == 2 and stats["csil++-ensemble"]["beats_base_seeds"] == 2
+    assert stats["xqc-od-ensemble"]["no_drop_seeds"] == 0 and stats["xqc-od-ensemble"]["beats_base_seeds"] == 0
+    assert stats["csil++-ensemble"]["final"][0] == 0.75 and stats["base"]["final"] == [0.55, 0.525, 0.575]
+    table = (tmp_path / "out" / "t" / "table.md").read_text()
+    assert "`csil-experiment --name t`" in table and "500,000" in table and "2,000 env steps" in table
+    assert "| csil++-ensemble | 75% [72%, 78%] |" in table
+    assert "| Lift | xqc-od-ensemble | 55% [52%, 57%] | 15% [12%, 18%] | 0/2 | 0/2 |" in table
+    with (tmp_path / "out" / "t" / "runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 + 4 * 3
+    assert (tmp_path / "out" / "t" / "curves.png").stat().st_size > 10_000

@@ -1,0 +1,133 @@
+"""csil-launch end to end on a tiny budget, and the actor's fault behaviour: real Ray actors, a real Reverb
+server, the learner service and the inference server (Ray Serve) that csil-launch starts for ``local``."""
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import jax
+import pytest
+import ray
+
+from csil.config import LaunchConfig, ReplayConfig
+from learner.launcher import System
+
+
+def _faults(system: System, port: int, seen: dict) -> None:
+    """Kill actor 0 after 100 env steps; once its restart acts, record the inference server's stats and SIGTERM."""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        time.sleep(0.5)
+        coordinator = getattr(system, "coordinator", None)
+        if coordinator is None:
+            continue
+        stats = ray.get(coordinator.stats.remote())
+        if "killed" not in seen and stats["env_steps"] >= 100:
+            ray.kill(system.actors[0], no_restart=False)
+            seen["killed"] = stats["actors"][0]["env_steps"]
+        elif "killed" in seen and stats["actors"][0]["env_steps"] > seen["killed"] and stats["env_steps"] >= 300:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
+                seen["inference"] = json.loads(response.read())
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
+@pytest.mark.timeout(1200)
+def test_launch_survives_an_actor_kill_and_sigterm_then_resumes(lift_setup, tiny_agent, free_port, tmp_path):
+    _, demos, base = lift_setup
+    port = free_port()
+    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=2000, warmup=40, eval_every=1000,
+                       eval_episodes=1, final_eval_rounds=1, publish_every=2, num_demos=3, demos=str(demos),
+                       base_checkpoint=str(base), serve_port=port, logdir=str(tmp_path / "run"), agent=tiny_agent)
+    system = System(cfg, progress=False)
+    seen: dict = {}
+    threading.Thread(target=_faults, args=(system, port, seen), daemon=True).start()
+    first = system.run()
+
+    # the killed actor was restarted and acted again; SIGTERM stopped the run with checkpoints, no final eval
+    assert first["interrupted"] and first["actor_restarts"] >= 1 and "final_eval" not in first
+    assert 300 <= first["env_steps"] < 2000 and first["learner_updates"] > 0
+    assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
+    assert seen["inference"]["observations"] > 0  # actors got their chunks from the server csil-launch started
+    run = tmp_path / "run"
+    assert list((run / "checkpoints" / "learner").glob("*/counters.json"))
+    assert any((run / "checkpoints" / "replay").glob("*/DONE"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        System(cfg, progress=False)
+
+    resumed = System(dataclasses.replace(cfg, resume=True), progress=False).run()
+    assert resumed["replay_restored"] == first["replay_sizes"]  # the tables as checkpointed
+    assert resumed["replay_restored"]["online"] > 0
+    assert resumed["env_steps"] >= 2000 and resumed["learner_updates"] > first["learner_updates"]
+    assert not resumed["interrupted"] and len(resumed["best_reevaluated"]) == 1
+    evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    steps = [e["env_steps"] for e in evals]
+    assert steps[0] == 0 and first["env_steps"] in steps and steps == sorted(steps)  # history kept, counters go on
+    assert steps[-1] == resumed["env_steps"]
+    updates = [json.loads(line)["updates"] for line in (run / "learner.jsonl").read_text().splitlines()]
+    assert updates == sorted(updates)
+    assert (run / "learning_curve.png").exists() and (run / "checkpoints" / "best" / "record.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_actor_waits_for_an_unreachable_base_policy_server(lift_setup, tiny_agent, free_port, ray_local):
+    """No crash loop: the actor logs and retries until the server appears, then acts."""
+    from openpi_server import WebsocketPolicyServer
+
+    from actors.actor import EnvActor
+    from csil.base_policy import LocalBasePolicy
+    from csil.pipeline import spec_from_demos
+    from csil.demos import read_demos
+    from learner.agent import CSILAgent
+    from learner.coordinator import Coordinator
+    from replay.server import ReplayServer
+
+    _, demos, base = lift_setup
+    port = free_port()
+    target = f"ws://127.0.0.1:{port}"
+    spec = spec_from_demos(str(demos), read_demos(str(demos)).episodes[0].obs, "state")
+    agent = CSILAgent(tiny_agent, spec)
+    cfg = LaunchConfig(task="Lift", envs_per_actor=1, base_policy=target, base_policy_timeout_s=1.0, agent=tiny_agent)
+    replay_cfg = ReplayConfig(samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e9)
+    with ReplayServer(replay_cfg, spec, num_demo_transitions=1) as replay:
+        coordinator = Coordinator.remote()
+        coordinator.publish.remote(0, [ray.put(agent.init_policy(jax.random.PRNGKey(0)))])
+        actor = EnvActor.remote(0, cfg, replay.address, coordinator, agent.policy_net)
+        run = actor.run.remote()
+        deadline = time.time() + 120
+        while not _worker_logs_contain(f"base policy {target} unreachable") and time.time() < deadline:
+            time.sleep(0.5)
+        assert _worker_logs_contain("the actor keeps waiting")
+        time.sleep(3)  # several more timeouts: still waiting, not restarted, no steps
+        stats = ray.get(coordinator.stats.remote())
+        assert stats["env_steps"] == 0 and stats["restarts"] == {0: 0} and not ray.wait([run], timeout=0)[0]
+
+        server = WebsocketPolicyServer(LocalBasePolicy(base), "127.0.0.1", port)  # openpi's own server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        deadline = time.time() + 120
+        while ray.get(coordinator.stats.remote())["env_steps"] == 0 and time.time() < deadline:
+            time.sleep(0.5)
+        coordinator.stop.remote()
+        assert ray.get(run, timeout=60) > 0
+        assert ray.get(coordinator.stats.remote())["restarts"] == {0: 0}
+
+
+def _worker_logs_contain(text: str) -> bool:
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    return any(text in open(os.path.join(logs, f), errors="replace").read() for f in os.listdir(logs)
+               if f.startswith("worker-") and f.endswith((".err", ".out")))
+
+
+def test_resume_uses_the_saved_config(tmp_path, tiny_agent):
+    from csil.cli.launch import build_parser, resumed_config
+
+    saved = LaunchConfig(task="Square", actors=3, env_steps=1000, agent=tiny_agent, logdir=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(saved), default=str))
+    cfg = resumed_config(build_parser().parse_args(["--resume", "--logdir", str(tmp_path), "--env-steps", "5000"]))
+    assert cfg == dataclasses.replace(saved, env_steps=5000, resume=True)
+    with pytest.raises(SystemExit, match="does not exist"):
+        resumed_config(build_parser().parse_args(["--resume", "--logdir", str(tmp_path / "nope")]))
