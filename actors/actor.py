@@ -104,7 +104,7 @@ class EnvActor:
                 steps, episodes, blocked, last_sync = 0, [], 0.0, time.perf_counter()
         if steps:  # report the tail, so the run's counters are exact
             ray.get(self.coordinator.sync.remote(self.actor_id, steps, episodes, blocked, self.runner.version))
-        self.writer.close(timeout_ms=1000)
+        self.writer.close(timeout_ms=1000, expect_loss=True)  # the learner has stopped sampling
         self.runner.close()
         self.base.close()
         return steps_total + steps

@@ -199,6 +199,7 @@ class System:
             bar = tqdm(total=cfg.env_steps, initial=self.env_steps_offset, desc="csil-launch", unit="step",
                        disable=not self.progress, mininterval=1.0)
             acting_since, last_steps, last_ckpt = time.time(), self.env_steps_offset, time.time()
+            progress = (self.logdir / "progress.jsonl").open("a")
             while not self.stop_requested:
                 time.sleep(1.0)
                 stats = ray.get(self.coordinator.stats.remote())
@@ -208,6 +209,11 @@ class System:
                 self._supervise_actors()
                 self._collect_evals()
                 learner = ray.get(self.learner.stats.remote())
+                progress.write(json.dumps({"time": round(time.time(), 3), "env_steps": env_steps,
+                                           "updates": learner["updates"], "updates_per_s": learner["updates_per_s"],
+                                           "blocked_s": sum(a["blocked_s"] for a in stats["actors"].values()),
+                                           "staleness": stats["staleness"]}) + "\n")
+                progress.flush()
                 bar.update(env_steps - last_steps)
                 bar.set_postfix({"updates/s": f"{learner['updates_per_s']:.1f}",
                                  "eval": f"{self.evals[-1]['success_rate']:.0%}" if self.evals else "-",
@@ -221,6 +227,7 @@ class System:
                 if env_steps >= cfg.env_steps or (cfg.duration_s and time.time() - acting_since >= cfg.duration_s):
                     break
             bar.close()
+            progress.close()
             return self._finish(start, acting_since)
         finally:
             for s, handler in previous.items():

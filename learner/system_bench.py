@@ -7,9 +7,10 @@ is compared with baselines measured first on the same machine:
   limiter (reported separately), vs. the raw robosuite ``env.step`` loop of the task;
 - learner: fused updates/s while updating (excluding the time spent waiting for samples) vs. the bare fused
   update on a device-resident batch;
-- measured UTD: critic updates per env step after warmup (``utd`` × updates / (env steps − warmup)), which the
-  rate limiter should hold at ``utd`` within its slack; mean weight staleness (learner updates between the
-  weights an actor acted with and the newest).
+- measured UTD: critic updates per env step over the second half of the run (``utd`` × Δupdates / Δenv steps
+  from ``progress.jsonl``), which the rate limiter holds at ``utd``; over a whole short run the limiter's slack
+  (actors may run ``error_buffer / samples_per_insert`` inserts ahead) would bias it low. Mean weight staleness:
+  learner updates between the weights an actor acted with and the newest.
 
 ``measure_system`` is also what ``csil-scale`` runs per actor count.
 """
@@ -17,7 +18,9 @@ is compared with baselines measured first on the same machine:
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
+from pathlib import Path
 
 from csil.config import LaunchConfig
 
@@ -27,11 +30,13 @@ def measure_system(cfg: LaunchConfig) -> dict:
     from learner.launcher import System
 
     summary = System(cfg, progress=False).run()
+    progress = [json.loads(line) for line in (Path(cfg.logdir) / "progress.jsonl").read_text().splitlines()]
+    half = [p for p in progress if p["time"] >= (progress[0]["time"] + progress[-1]["time"]) / 2]
+    steps, updates = half[-1]["env_steps"] - half[0]["env_steps"], half[-1]["updates"] - half[0]["updates"]
     actors = summary["actors"].values()
     rates = [a["env_steps"] / (a["active_s"] - a["blocked_s"]) for a in actors if a["active_s"] > a["blocked_s"]]
     learner = summary["learner"]
     busy_s = learner["run_s"] - learner["wait_s"]
-    online_steps = summary["env_steps"] - cfg.warmup
     return {
         "actors": cfg.actors, "envs_per_actor": cfg.envs_per_actor, "acting_s": summary["acting_s"],
         "env_steps": summary["env_steps"], "env_steps_per_s": round(summary["env_steps"] / summary["acting_s"], 2),
@@ -41,7 +46,7 @@ def measure_system(cfg: LaunchConfig) -> dict:
         "learner_updates": learner["updates"],
         "learner_updates_per_s": round(learner["updates"] / busy_s, 2) if busy_s > 0 else None,
         "learner_wait_fraction": round(learner["wait_s"] / learner["run_s"], 4) if learner["run_s"] else None,
-        "utd_measured": round(cfg.agent.utd * learner["updates"] / online_steps, 3) if online_steps > 0 else None,
+        "utd_measured": round(cfg.agent.utd * updates / steps, 3) if steps > 0 else None,
         "utd_target": cfg.agent.utd, "mean_staleness": summary["mean_staleness"],
     }
 

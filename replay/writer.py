@@ -88,12 +88,14 @@ class TransitionWriter:
         except reverb.errors.DeadlineExceededError as e:
             raise ConnectionError(f"no Reverb server answered at {self.address} within {CONNECT_TIMEOUT_S} s") from e
 
-    def close(self, timeout_ms: int = 10_000) -> None:
-        """Flush for at most ``timeout_ms`` (so shutdown never hangs on a stopped learner), then close."""
+    def close(self, timeout_ms: int = 10_000, expect_loss: bool = False) -> None:
+        """Flush for at most ``timeout_ms`` (so shutdown never hangs on a stopped learner), then close.
+        ``expect_loss``: the caller knows the last items may be held back for good (the run is over), so
+        dropping them is logged at INFO, not as a warning."""
         try:
             self._flush(0, timeout_ms)
         except (TimeoutError, ConnectionError) as e:
-            log.warning("closing the writer to %r at %s dropped unconfirmed items: %s", self.table, self.address, e)
+            (log.info if expect_loss else log.warning)("closing the writer to %r at %s dropped unconfirmed items: %s", self.table, self.address, e)
         finally:
             self._writer.close()
 
