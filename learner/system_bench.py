@@ -69,3 +69,61 @@ def bench_system(cfg: LaunchConfig, env_steps: int = 500) -> dict:
             "raw_env_steps_per_s": raw, "bare_updates_per_s": round(bare, 2),
             "ratio": {"actor_vs_raw_env": round(per_actor / raw, 4) if per_actor else None,
                       "learner_vs_bare_update": round(learner / bare, 4) if learner else None}}
+
+
+def scale_out(cfg: LaunchConfig, actor_counts: list[int], out_dir: str, command: str,
+              raw_env_steps: int = 500) -> list[dict]:
+    """``csil-scale``: ``bench_system`` per actor count; scale.csv, table.md (command on top) and scale.png."""
+    records = [bench_system(dataclasses.replace(cfg, actors=n), raw_env_steps) for n in actor_counts]
+    write_scale(records, cfg, out_dir, command)
+    return records
+
+
+def write_scale(records: list[dict], cfg: LaunchConfig, out_dir: str, command: str) -> None:
+    import csv
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ["actors", "env_steps_per_s", "env_steps_per_s_per_actor", "raw_env_steps_per_s", "blocked_fraction",
+               "learner_updates_per_s", "bare_updates_per_s", "learner_wait_fraction", "utd_measured",
+               "mean_staleness"]
+    with (out / "scale.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    lines = [f"`{command}`", "", f"{cfg.task}, {cfg.size}-size networks, {cfg.envs_per_actor} envs per actor, "
+             f"{cfg.duration_s:g} s of acting per point.", "", "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in records]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    _plot_scale(out / "scale.png", records)
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _plot_scale(path: Path, records: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    actors = [r["actors"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(actors, [r["env_steps_per_s"] for r in records], marker="o", label="env steps/s (system)")
+    axes[0].plot(actors, [r["learner_updates_per_s"] for r in records], marker="s", label="learner updates/s (busy)")
+    axes[0].axhline(records[0]["bare_updates_per_s"], ls="--", c="gray", label="bare update/s")
+    axes[0].set(xlabel="actors", ylabel="per second", title="throughput")
+    axes[1].plot(actors, [r["blocked_fraction"] for r in records], marker="o", label="actors blocked by limiter")
+    axes[1].plot(actors, [r["learner_wait_fraction"] for r in records], marker="s", label="learner waiting")
+    axes[1].set(xlabel="actors", ylabel="fraction of time", ylim=(0, 1), title="who waits")
+    axes[2].plot(actors, [r["utd_measured"] for r in records], marker="o", label="measured UTD")
+    axes[2].plot(actors, [r["mean_staleness"] for r in records], marker="s", label="mean staleness (updates)")
+    axes[2].set(xlabel="actors", title="UTD and staleness")
+    for ax in axes:
+        ax.set_xticks(actors)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -40,7 +40,7 @@ def _faults(system: System, port: int, seen: dict) -> None:
 def test_launch_survives_an_actor_kill_and_sigterm_then_resumes(lift_setup, tiny_agent, free_port, tmp_path):
     _, demos, base = lift_setup
     port = free_port()
-    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=2000, warmup=40, eval_every=1000,
+    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=1000, warmup=40, eval_every=10**6,
                        eval_episodes=1, final_eval_rounds=1, publish_every=2, num_demos=3, demos=str(demos),
                        base_checkpoint=str(base), serve_port=port, logdir=str(tmp_path / "run"), agent=tiny_agent)
     system = System(cfg, progress=False)
@@ -50,7 +50,7 @@ def test_launch_survives_an_actor_kill_and_sigterm_then_resumes(lift_setup, tiny
 
     # the killed actor was restarted and acted again; SIGTERM stopped the run with checkpoints, no final eval
     assert first["interrupted"] and first["actor_restarts"] >= 1 and "final_eval" not in first
-    assert 300 <= first["env_steps"] < 2000 and first["learner_updates"] > 0
+    assert 300 <= first["env_steps"] < 1000 and first["learner_updates"] > 0
     assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
     assert seen["inference"]["observations"] > 0  # actors got their chunks from the server csil-launch started
     run = tmp_path / "run"
@@ -62,7 +62,7 @@ def test_launch_survives_an_actor_kill_and_sigterm_then_resumes(lift_setup, tiny
     resumed = System(dataclasses.replace(cfg, resume=True), progress=False).run()
     assert resumed["replay_restored"] == first["replay_sizes"]  # the tables as checkpointed
     assert resumed["replay_restored"]["online"] > 0
-    assert resumed["env_steps"] >= 2000 and resumed["learner_updates"] > first["learner_updates"]
+    assert resumed["env_steps"] >= 1000 and resumed["learner_updates"] > first["learner_updates"]
     assert not resumed["interrupted"] and len(resumed["best_reevaluated"]) == 1
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
     steps = [e["env_steps"] for e in evals]

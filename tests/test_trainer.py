@@ -10,7 +10,7 @@ from learner.trainer import Trainer
 
 def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent):
     root, demos, base = lift_setup
-    cfg = TrainConfig(task="Lift", env_steps=60, warmup=30, num_envs=2, eval_every=30, eval_episodes=2,
+    cfg = TrainConfig(task="Lift", env_steps=60, warmup=30, num_envs=2, eval_every=30, eval_episodes=1,
                       num_demos=3, demos=str(demos), base_policy=str(base), logdir=str(root / "run"),
                       agent=tiny_agent)
     summary = Trainer(cfg, progress=False).train()

@@ -53,6 +53,21 @@ def bench_env(task_name: str, steps: int, rounds: int, obs_mode: str, seed: int)
             "ratio": round(our_sps / raw_sps, 4), "overhead_pct": round(100 * (1 - our_sps / raw_sps), 2)}
 
 
+def add_system_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a fixed-duration system measurement (``csil-bench system``, ``csil-scale``), bar --actors."""
+    p.add_argument("--task", default="Lift", help="task name (default %(default)s)")
+    p.add_argument("--envs-per-actor", type=int, default=4, help="envs per actor (default %(default)s)")
+    p.add_argument("--seconds", type=float, default=120.0,
+                   help="seconds of acting, from the first env step (warmup fill included) (default %(default)s)")
+    p.add_argument("--size", choices=SIZES, default="cpu", help="network sizes (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=1000, help="rate limiter min size (default %(default)s)")
+    p.add_argument("--pretrain-steps", type=int, default=200,
+                   help="BC and critic pretraining steps (quality does not change throughput)")
+    p.add_argument("--num-demos", type=int, default=20, help="demos for pretraining and the demo table")
+    p.add_argument("--raw-env-steps", type=int, default=500, help="steps of the raw env baseline loop")
+    p.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="csil-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,27 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     system = sub.add_parser("system", help="the distributed system for --seconds vs its parts alone: env steps/s per "
                                            "actor vs the raw env loop, learner updates/s vs the bare update, "
                                            "measured UTD, staleness, rate-limiter blocked time")
-    system.add_argument("--task", default="Lift", help="task name (default %(default)s)")
     system.add_argument("--actors", type=int, default=2, help="env actors (default %(default)s)")
-    system.add_argument("--envs-per-actor", type=int, default=4, help="envs per actor (default %(default)s)")
-    system.add_argument("--seconds", type=float, default=120.0,
-                        help="seconds of acting, from the first env step (warmup fill included) (default %(default)s)")
-    system.add_argument("--size", choices=SIZES, default="cpu", help="network sizes (default %(default)s)")
-    system.add_argument("--warmup", type=int, default=1000, help="rate limiter min size (default %(default)s)")
-    system.add_argument("--pretrain-steps", type=int, default=200,
-                        help="BC and critic pretraining steps (quality does not change throughput)")
-    system.add_argument("--num-demos", type=int, default=20, help="demos for pretraining and the demo table")
-    system.add_argument("--raw-env-steps", type=int, default=500, help="steps of the raw env baseline loop")
-    system.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
+    add_system_args(system)
     return parser
 
 
-def system_config(args: argparse.Namespace):
+def system_config(args: argparse.Namespace, actors: int):
     """A fixed-duration, evaluation-free launch config for ``system`` (and csil-scale)."""
     from csil.config import AgentConfig, LaunchConfig, cpu_sized
 
     agent = AgentConfig(bc_steps=args.pretrain_steps, critic_pretrain_steps=args.pretrain_steps)
-    return LaunchConfig(task=args.task, size=args.size, actors=args.actors, envs_per_actor=args.envs_per_actor,
+    return LaunchConfig(task=args.task, size=args.size, actors=actors, envs_per_actor=args.envs_per_actor,
                         env_steps=10**12, duration_s=args.seconds, warmup=args.warmup, eval_episodes=0,
                         num_demos=args.num_demos, seed=args.seed,
                         agent=cpu_sized(agent) if args.size == "cpu" else agent)
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "system":
         from learner.system_bench import bench_system
 
-        emit_json(bench_system(system_config(args), args.raw_env_steps))
+        emit_json(bench_system(system_config(args, args.actors), args.raw_env_steps))
 
 
 if __name__ == "__main__":
