@@ -6,6 +6,10 @@ fetches that object and acts with it from the next step on. Every transition car
 with, so staleness is measurable. Inserts that the replay's rate limiter holds back (the learner is behind) are
 timed and reported, and never block shutdown: writes use a timeout and re-check the stop flag.
 
+Prometheus metrics (``csil.metrics``, tag ``actor``): env steps, episodes, successes, returns and lengths, seconds
+held back by the rate limiter (all recorded in one batch at each sync, every ``SYNC_EVERY_S``), the weight version
+lag (at each sync reply) and base-policy chunk request latency (``actors.base_source``).
+
 The base policy comes from the inference server (``local``: csil-launch's Serve app through a handle;
 ``ws://``/``grpc://``: any server by URL). While it is unreachable the actor waits and logs, it does not crash
 (``actors.base_source``).
@@ -22,6 +26,8 @@ import time
 import jax
 import ray
 
+from csil import metrics
+
 log = logging.getLogger(__name__)
 
 SYNC_EVERY_S = 0.5
@@ -36,7 +42,7 @@ class EnvActor:
 
         self.actor_id, self.cfg, self.coordinator = actor_id, cfg, coordinator
         incarnation = ray.get(coordinator.register.remote(actor_id))
-        self.base = PatientChunkSource(cfg.base_policy, self._stopped, cfg.base_policy_timeout_s)
+        self.base = PatientChunkSource(cfg.base_policy, self._stopped, cfg.base_policy_timeout_s, actor_id=actor_id)
         seed_base = 1_000_000_000 + cfg.seed * 10_000_000 + actor_id * 100_000 + (incarnation - 1) * 10_000
         self.runner = EnvRunner(cfg.task, cfg.obs_mode, cfg.envs_per_actor, self.base, network, cfg.action_mode,
                                 episode_seed=lambda i: seed_base + i, env_seed=cfg.seed)
@@ -70,6 +76,17 @@ class EnvActor:
                     return None
                 insert = lambda _: self.writer.settle()  # noqa: E731
 
+    def _export(self, steps: int, episodes: list, blocked: float) -> None:
+        """Prometheus (csil.metrics): what this actor reports to the coordinator at a sync, in one batch."""
+        actor = self.actor_id
+        metrics.inc("csil_actor_env_steps_total", steps, actor=actor)
+        metrics.inc("csil_actor_rate_limited_seconds_total", blocked, actor=actor)
+        metrics.inc("csil_actor_episodes_total", len(episodes), actor=actor)
+        metrics.inc("csil_actor_episode_successes_total", sum(e[2] for e in episodes), actor=actor)
+        for ret, length, _ in episodes:
+            metrics.observe("csil_actor_episode_return", ret, actor=actor)
+            metrics.observe("csil_actor_episode_length", length, actor=actor)
+
     def run(self) -> int:
         """Act until the coordinator says stop; returns this incarnation's env steps."""
         from actors.base_source import RunStopped
@@ -94,16 +111,20 @@ class EnvActor:
             if pending is not None and ray.wait([pending], timeout=0)[0]:
                 stop, version, weights = ray.get(pending)
                 pending = None
+                metrics.set_gauge("csil_actor_weight_version_lag", max(version - self.runner.version, 0),
+                                  actor=self.actor_id)
                 if stop:
                     break
                 if weights is not None:
                     self.runner.set_params(ray.get(weights[0]), version)
             if pending is None and time.perf_counter() - last_sync > SYNC_EVERY_S:
                 pending = self.coordinator.sync.remote(self.actor_id, steps, episodes, blocked, self.runner.version)
+                self._export(steps, episodes, blocked)
                 steps_total += steps
                 steps, episodes, blocked, last_sync = 0, [], 0.0, time.perf_counter()
         if steps:  # report the tail, so the run's counters are exact
             ray.get(self.coordinator.sync.remote(self.actor_id, steps, episodes, blocked, self.runner.version))
+            self._export(steps, episodes, blocked)
         self.writer.close(timeout_ms=1000, expect_loss=True)  # the learner has stopped sampling
         self.runner.close()
         self.base.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -9,7 +10,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (e.g. "auto") or start a local Ray instance, once per process.
 
     Locally the dashboard is off and workers log to the driver only on errors: evaluation and demo
-    generation should start in seconds and print progress bars, not Ray's banners.
+    generation should start in seconds and print progress bars, not Ray's banners. Ray's metrics agent still
+    exports every node's metrics without the dashboard, but the Prometheus service-discovery file is written by
+    the dashboard's reporter module, so a local start writes it itself (``csil.metrics.start_service_discovery``,
+    the same file at the same path); a cluster's head (``ray start --head``) runs the dashboard and writes it.
     """
     import ray
 
@@ -19,8 +23,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 configure_logging=True, logging_level="warning")
+        # "local": always a new instance. With no address Ray joins the cluster named in
+        # /tmp/ray/ray_current_cluster, which `ray start` and ray.cluster_utils.Cluster leave behind (stale or not).
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                           configure_logging=True, logging_level="warning")
+        from csil.metrics import start_service_discovery
+
+        try:
+            start_service_discovery(context.address_info["session_dir"])
+        except Exception as e:  # noqa: BLE001 - monitoring must never stop a run
+            logging.getLogger(__name__).warning("no Prometheus service-discovery file: %s", e)
 
 
 # Custom resources that pin each role to its node type in deploy/cluster.yaml. Fractions for the head's

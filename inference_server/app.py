@@ -16,8 +16,9 @@ Design choices, and why:
   pings are answered while a batch computes. Per-request work (validation, openpi's input transforms) runs
   on the replica's thread pool before the observations join a batch, so a malformed observation fails its
   own request only.
-- Batch sizes go to Prometheus (``ray.util.metrics``), to ``GET /stats`` and to each reply's
-  ``server_timing["batch_size"]``, which tests read without a Prometheus.
+- Batch sizes, model and request times, requests and errors go to Prometheus (``ray.util.metrics``, defined
+  in ``csil.metrics``); batch sizes also to ``GET /stats`` and to each reply's ``server_timing["batch_size"]``,
+  which tests read without a Prometheus.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 from openpi_client import msgpack_numpy
 from ray import serve
 
+from csil import metrics
 from csil.config import InferenceServerConfig
 from inference_server import wire
 from inference_server.backends import make_backend, zero_observation
@@ -48,32 +50,26 @@ class _Stats:
     """Batch sizes and request counts of this replica, for ``/stats`` and Prometheus."""
 
     def __init__(self) -> None:
-        from ray.util import metrics
-
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.observations = 0
         self.errors = 0
-        self._batch_hist = metrics.Histogram("csil_inference_batch_size", "observations per model call",
-                                             boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
-        self._model_ms = metrics.Histogram("csil_inference_model_ms", "batched model call time (ms)",
-                                           boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
-        self._latency_ms = metrics.Histogram("csil_inference_request_ms", "server time per request (ms)",
-                                             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
-                                             tag_keys=("ingress",))
-        self._errors = metrics.Counter("csil_inference_errors_total", "failed requests", tag_keys=("ingress",))
+        for spec in metrics.SPECS:  # created now, in the replica's constructor, not on the event loop later
+            if spec.component == "inference":
+                metrics.get(spec.name)
 
     def batch(self, size: int, model_ms: float) -> None:
         self.batch_sizes[size] += 1
         self.observations += size
-        self._batch_hist.observe(size)
-        self._model_ms.observe(model_ms)
+        metrics.observe("csil_inference_batch_size", size)
+        metrics.observe("csil_inference_model_ms", model_ms)
 
     def request(self, ingress: str, ms: float) -> None:
-        self._latency_ms.observe(ms, tags={"ingress": ingress})
+        metrics.inc("csil_inference_requests_total", ingress=ingress)
+        metrics.observe("csil_inference_request_ms", ms, ingress=ingress)
 
     def error(self, ingress: str) -> None:
         self.errors += 1
-        self._errors.inc(tags={"ingress": ingress})
+        metrics.inc("csil_inference_errors_total", ingress=ingress)
 
     def snapshot(self) -> dict:
         batches = sum(self.batch_sizes.values())

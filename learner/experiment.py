@@ -125,8 +125,8 @@ def _cell(q: list[float]) -> str:
 def _table(cfg: ExperimentConfig, stats: dict, command: str) -> str:
     lines = [f"# {cfg.name}", "", f"`{command}`", "",
              f"Budget: {cfg.env_steps:,} env steps per run (the paper: 500,000), evaluations every "
-             f"{cfg.eval_every:,} steps on {cfg.eval_episodes} episodes, {cfg.seeds} seeds, {cfg.size}-size networks, "
-             f"{cfg.num_demos} demos, BC {cfg.bc_steps:,} / critic pretraining {cfg.critic_steps:,} steps, state "
+             f"{cfg.eval_every:,} steps on {cfg.eval_episodes} episodes, {cfg.seeds} seed{'s' * (cfg.seeds != 1)}, "
+             f"{cfg.size}-size networks, {cfg.num_demos} demos, BC {cfg.bc_steps:,} / critic pretraining {cfg.critic_steps:,} steps, state "
              "observations, the local base policy (not π0.5). Cells: median [25th, 75th] over seeds.", "",
              "## Final success", "", "| method | " + " | ".join(cfg.tasks) + " |",
              "|---|" + "---|" * len(cfg.tasks)]

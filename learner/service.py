@@ -7,6 +7,13 @@ loop with a FloatingPointError *before* anything is checkpointed, so the last ch
 
 Checkpoints (orbax) hold the whole ``AgentState`` (networks, optimisers, target critic, atoms, temperature) and
 the counters; ``restore`` brings them back and republishes the weights with the checkpointed version.
+
+Prometheus (``csil.metrics``): updates and seconds waiting for samples (exported once a second), weights
+published, and every 100 updates the metrics dict (``csil_learner_stat{key=...}``) and the mean seconds per
+update over those 100 updates, sample waits excluded (``csil_learner_update_seconds``). JAX dispatches updates
+asynchronously, so one update's time is not observable without a device sync per update; the window ends with
+the metrics fetch, which is a sync, so its mean is right (publishing included; the first window includes the
+update's compilation).
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ import jax
 import numpy as np
 import ray
 
+from csil import metrics as prom
+
 log = logging.getLogger(__name__)
 
 SAMPLE_TIMEOUT_MS = 5_000
+EXPORT_EVERY_S = 1.0  # Prometheus counters of the update loop
 
 
 @ray.remote(max_restarts=0, max_concurrency=4)
@@ -48,6 +58,7 @@ class LearnerService:
         self.run_s, self.wait_s = 0.0, 0.0  # in run(): wall time, and the part spent waiting for samples
         self.recent_rate: tuple[float, int] = (time.perf_counter(), 0)  # (time, updates) for updates/s
         self.updates_per_s = 0.0
+        self.exported = (0, 0.0)  # (updates, wait_s) already added to the Prometheus counters
         self.key = jax.random.PRNGKey(cfg.seed + 1)
 
     # --- start ----------------------------------------------------------------------------------------
@@ -93,6 +104,14 @@ class LearnerService:
     def publish(self) -> None:
         params = jax.device_get(self.state.policy)
         self.coordinator.publish.remote(self.updates, [ray.put(params)])
+        prom.inc("csil_learner_weights_published_total")
+
+    def _export(self) -> None:
+        """Add the updates and sample-wait seconds since the last call to the Prometheus counters."""
+        updates, wait_s = self.updates, self.wait_s
+        prom.inc("csil_learner_updates_total", updates - self.exported[0])
+        prom.inc("csil_learner_sample_wait_seconds_total", wait_s - self.exported[1])
+        self.exported = (updates, wait_s)
 
     def run(self) -> dict:
         """Fused updates until the coordinator says stop; publishes every ``publish_every`` updates."""
@@ -106,9 +125,15 @@ class LearnerService:
                               timeout_ms=SAMPLE_TIMEOUT_MS)
         stop = self.coordinator.stats.remote()
         metrics_file = (self.logdir / "learner.jsonl").open("a")
-        started = time.perf_counter()
+        started = exported_at = time.perf_counter()
+        self.exported = (self.updates, self.wait_s)
+        window = (started, self.updates, self.wait_s)  # start of the current 100-update window
         while True:
-            self.run_s = time.perf_counter() - started
+            now = time.perf_counter()
+            self.run_s = now - started
+            if now - exported_at >= EXPORT_EVERY_S:
+                self._export()
+                exported_at = now
             if ray.wait([stop], timeout=0)[0]:
                 if ray.get(stop)["stopped"]:
                     break
@@ -137,7 +162,14 @@ class LearnerService:
                 self.metrics = record
                 metrics_file.write(json.dumps({"updates": self.updates, "time": time.time(), **record}) + "\n")
                 metrics_file.flush()
+                now = time.perf_counter()
+                prom.observe("csil_learner_update_seconds", max(
+                    (now - window[0] - (self.wait_s - window[2])) / (self.updates - window[1]), 1e-9))
+                window = (now, self.updates, self.wait_s)
+                for k, v in record.items():
+                    prom.set_gauge("csil_learner_stat", v, key=k)
         metrics_file.close()
+        self._export()
         self.publish()
         return {"updates": self.updates}
 
