@@ -29,6 +29,12 @@ def runs_root(cfg: ExperimentConfig) -> Path:
     return Path(cfg.runs_dir) if cfg.runs_dir else cache_dir() / "experiments" / cfg.name
 
 
+def run_budget(cfg: ExperimentConfig) -> dict:
+    """The settings a finished run must share with the experiment that reuses it."""
+    fields = ("env_steps", "eval_every", "eval_episodes", "warmup", "size", "num_demos", "bc_steps", "critic_steps")
+    return {f: getattr(cfg, f) for f in fields}
+
+
 def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: bool = True) -> dict:
     """One run (or the cached result of it): {"task", "method", "seed", "evals": [{"env_steps", "success_rate"}]}."""
     from csil.config import AgentConfig, TrainConfig, algo_config, cpu_sized
@@ -36,7 +42,11 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
     run_dir = runs_root(cfg) / task / method / f"seed{seed}"
     done = run_dir / "summary.json"
     if done.exists():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("budget") != run_budget(cfg):
+            raise ValueError(f"{run_dir} was run with {result.get('budget')}, not this experiment's "
+                             f"{run_budget(cfg)}: pick another --name (or --runs-dir) for a different budget")
+        return result
     algo, action_mode = METHODS[method]
     if algo is None:
         evals = [{"env_steps": 0, **_evaluate_base(task, cfg.eval_episodes, seed)}]
@@ -52,7 +62,7 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
                                       logdir=str(run_dir), agent=agent), progress=progress)
         summary = trainer.train()
         evals = trainer.evals
-    result = {"task": task, "method": method, "seed": seed, "summary": summary,
+    result = {"task": task, "method": method, "seed": seed, "budget": run_budget(cfg), "summary": summary,
               "evals": [{"env_steps": e["env_steps"], "success_rate": e["success_rate"]} for e in evals]}
     run_dir.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result, indent=2))

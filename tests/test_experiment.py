@@ -6,7 +6,9 @@ import csv
 import json
 
 from csil.config import ExperimentConfig
-from learner.experiment import run_experiment
+import pytest
+
+from learner.experiment import run_budget, run_experiment
 
 CURVES = {  # (method, seed) -> success at env steps 0, 1000, 2000
     ("csil++-ensemble", 0): [0.6, 0.6, 0.8], ("csil++-ensemble", 1): [0.5, 0.6, 0.7],
@@ -15,21 +17,22 @@ CURVES = {  # (method, seed) -> success at env steps 0, 1000, 2000
 BASE = {0: 0.6, 1: 0.5}
 
 
-def _done(root, method, seed, evals):
+def _done(root, method, seed, evals, budget):
     run = root / "Lift" / method / f"seed{seed}"
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"task": "Lift", "method": method, "seed": seed, "summary": {},
-                                                  "evals": evals}))
+                                                  "budget": budget, "evals": evals}))
 
 
 def test_finished_runs_are_reused_and_summarised(tmp_path):
     runs = tmp_path / "runs"
-    for seed, success in BASE.items():
-        _done(runs, "base", seed, [{"env_steps": 0, "success_rate": success}])
-    for (method, seed), curve in CURVES.items():
-        _done(runs, method, seed, [{"env_steps": 1000 * i, "success_rate": s} for i, s in enumerate(curve)])
     cfg = ExperimentConfig(name="t", tasks=("Lift",), methods=("base", "csil++-ensemble", "xqc-od-ensemble"),
                            seeds=2, env_steps=2000, eval_every=1000, runs_dir=str(runs), out_dir=str(tmp_path / "out"))
+    for seed, success in BASE.items():
+        _done(runs, "base", seed, [{"env_steps": 0, "success_rate": success}], run_budget(cfg))
+    for (method, seed), curve in CURVES.items():
+        _done(runs, method, seed, [{"env_steps": 1000 * i, "success_rate": s} for i, s in enumerate(curve)],
+              run_budget(cfg))
     summary = run_experiment(cfg, "csil-experiment --name t", progress=False)  # would train if a run were missing
 
     stats = summary["results"]["Lift"]
@@ -44,3 +47,10 @@ def test_finished_runs_are_reused_and_summarised(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 + 4 * 3
     assert (tmp_path / "out" / "t" / "curves.png").stat().st_size > 10_000
+
+
+def test_a_run_with_another_budget_is_not_reused(tmp_path):
+    cfg = ExperimentConfig(name="t", tasks=("Lift",), methods=("base",), seeds=1, runs_dir=str(tmp_path))
+    _done(tmp_path, "base", 0, [{"env_steps": 0, "success_rate": 0.5}], {**run_budget(cfg), "env_steps": 1})
+    with pytest.raises(ValueError, match="pick another --name"):
+        run_experiment(cfg, "csil-experiment", progress=False)
