@@ -39,7 +39,10 @@ def measure_system(cfg: LaunchConfig) -> dict:
     busy_s = learner["run_s"] - learner["wait_s"]
     return {
         "actors": cfg.actors, "envs_per_actor": cfg.envs_per_actor, "acting_s": summary["acting_s"],
-        "env_steps": summary["env_steps"], "env_steps_per_s": round(summary["env_steps"] / summary["acting_s"], 2),
+        "env_steps": summary["env_steps"],
+        # steady state: the second half of the run (the first includes the warmup fill, which the limiter does
+        # not pace)
+        "env_steps_per_s": round(steps / (half[-1]["time"] - half[0]["time"]), 2) if len(half) > 1 else None,
         "env_steps_per_s_per_actor": round(sum(rates) / len(rates), 2) if rates else None,
         "blocked_fraction": round(sum(a["blocked_s"] for a in actors) / max(sum(a["active_s"] for a in actors), 1e-9),
                                   4),
