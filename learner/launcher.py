@@ -98,12 +98,24 @@ class System:
             # Reserves no CPU, like the other services of a run (an inference node's GPU is what it needs).
             self.inference = app.start(InferenceServerConfig(checkpoint=self.base_dir, task=cfg.task,
                                                              port=cfg.serve_port, grpc_port=None, num_cpus=0.0))
-        counters = ray.get(counters)
+        counters = self._wait_for_pretraining(counters)
         self.env_steps_offset = counters.get("env_steps", 0) if cfg.resume else 0
         actor = EnvActor.options(resources=role_resources("actor"))
         self.actors = [actor.remote(i, cfg, address, self.coordinator, self._network()) for i in range(cfg.actors)]
         self.runs = {i: a.run.remote() for i, a in enumerate(self.actors)}
         self.learner_run = self.learner.run.remote()
+
+    def _wait_for_pretraining(self, ref) -> dict:
+        """The learner's pretrain/restore result, with a progress bar of its BC + critic pretraining steps."""
+        from tqdm import tqdm
+
+        total = ray.get(self.learner.stats.remote())["pretrain"]["total"]
+        with tqdm(total=total, desc="pretraining (BC + critic)", unit="step", mininterval=1.0,
+                  disable=not self.progress or self.cfg.resume) as bar:
+            while not ray.wait([ref], timeout=1.0)[0]:
+                bar.update(ray.get(self.learner.stats.remote())["pretrain"]["steps"] - bar.n)
+            bar.update(total - bar.n)
+        return ray.get(ref)
 
     def _supervise_actors(self) -> None:
         for i, ref in list(self.runs.items()):

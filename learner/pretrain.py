@@ -7,6 +7,7 @@ critic evaluates it, which is why fine-tuning starts at the BC policy's performa
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,8 +80,9 @@ class DemoTransitions:
 
 
 def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps: int,
-                progress: bool = True) -> tuple[dict, list[dict]]:
-    """CSIL's faithful BC loss with Adam; returns the parameters and a metrics log (every 100 steps)."""
+                progress: bool = True, on_log: Callable[[dict], None] | None = None) -> tuple[dict, list[dict]]:
+    """CSIL's faithful BC loss with Adam; returns the parameters and a metrics log (every 100 steps, each entry
+    also passed to ``on_log``: how a remote learner reports its progress)."""
     from tqdm import trange
 
     cfg = agent.cfg
@@ -106,6 +108,8 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
         if i % 100 == 0 or i == steps - 1:
             log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
             bar.set_postfix(mse=f"{log[-1]['mse']:.4f}", nll=f"{log[-1]['nll']:.2f}")
+            if on_log is not None:
+                on_log(log[-1])
     return params, log
 
 
@@ -122,8 +126,10 @@ def initial_atoms(agent: CSILAgent, bc_params, demos: DemoTransitions):
 
 
 def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions, steps: int, seed: int = 0,
-                    progress: bool = True) -> tuple[AgentState, list[dict]]:
-    """SARSA policy evaluation of the demonstrator under the training reward (batch = 2 × batch_size)."""
+                    progress: bool = True, on_log: Callable[[dict], None] | None = None
+                    ) -> tuple[AgentState, list[dict]]:
+    """SARSA policy evaluation of the demonstrator under the training reward (batch = 2 × batch_size); ``on_log``
+    as in ``pretrain_bc``."""
     from tqdm import trange
 
     rng = np.random.default_rng(seed)
@@ -138,4 +144,6 @@ def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions,
         if i % 100 == 0 or i == steps - 1:
             log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
             bar.set_postfix(loss=f"{log[-1]['critic_loss']:.3f}", q=f"{log[-1]['q_mean']:.2f}")
+            if on_log is not None:
+                on_log(log[-1])
     return state, log

@@ -58,6 +58,8 @@ class LearnerService:
         self.run_s, self.wait_s = 0.0, 0.0  # in run(): wall time, and the part spent waiting for samples
         self.recent_rate: tuple[float, int] = (time.perf_counter(), 0)  # (time, updates) for updates/s
         self.updates_per_s = 0.0
+        # BC + critic pretraining steps done (stats() answers while pretrain() runs: the launcher's progress bar)
+        self.pretrain_progress = {"steps": 0, "total": cfg.agent.bc_steps + cfg.agent.critic_pretrain_steps}
         self.exported = (0, 0.0)  # (updates, wait_s) already added to the Prometheus counters
         self.key = jax.random.PRNGKey(cfg.seed + 1)
 
@@ -70,10 +72,13 @@ class LearnerService:
 
         cfg = self.cfg.agent
         self.key, bc_key, critic_key = jax.random.split(self.key, 3)
-        bc, bc_log = pretrain_bc(self.agent, self.demos, bc_key, cfg.bc_steps, progress=False)
+        def report(offset: int):
+            return lambda record: self.pretrain_progress.update(steps=offset + record["step"] + 1)
+
+        bc, bc_log = pretrain_bc(self.agent, self.demos, bc_key, cfg.bc_steps, progress=False, on_log=report(0))
         state = self.agent.init_state(critic_key, bc, atoms=initial_atoms(self.agent, bc, self.demos))
         state, critic_log = pretrain_critic(self.agent, state, self.demos, cfg.critic_pretrain_steps,
-                                            seed=self.cfg.seed, progress=False)
+                                            seed=self.cfg.seed, progress=False, on_log=report(cfg.bc_steps))
         self.state = state
         with TransitionWriter(self.replay_address, table="demos") as writer:
             writer.write_batch(self.demos.replay_items())
@@ -182,6 +187,7 @@ class LearnerService:
         if now - then >= 1.0:
             self.updates_per_s, self.recent_rate = (updates - before) / (now - then), (now, updates)
         return {"updates": updates, "updates_per_s": self.updates_per_s, "update_time_s": self.update_time_s,
+                "pretrain": dict(self.pretrain_progress),
                 "run_s": self.run_s, "wait_s": self.wait_s, **self.metrics}
 
     def params(self) -> tuple[int, dict]:

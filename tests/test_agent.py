@@ -233,3 +233,15 @@ def test_unrolled_utd_loop_computes_the_same_update(pretrained):
     (s1, m1), (s2, m2) = (a.update(state, online, demo, jax.random.PRNGKey(7)) for a in (agent, unrolled))
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), s1, s2)
     assert m1.keys() == m2.keys()
+
+
+def test_pretraining_reports_its_progress():
+    """What a remote learner's progress bar is fed: every 100th step and the last, of BC and of the critic."""
+    demos, _ = synthetic_demos(num_episodes=3)
+    agent = CSILAgent(dataclasses.replace(SMALL, batch_size=16, bc_batch_size=16), SPEC)
+    seen: list[tuple[str, int]] = []
+    bc, _ = pretrain_bc(agent, demos, jax.random.PRNGKey(0), steps=150, progress=False,
+                        on_log=lambda r: seen.append(("bc", r["step"])))
+    pretrain_critic(agent, agent.init_state(jax.random.PRNGKey(1), bc), demos, steps=120, progress=False,
+                    on_log=lambda r: seen.append(("critic", r["step"])))
+    assert seen == [("bc", 0), ("bc", 100), ("bc", 149), ("critic", 0), ("critic", 100), ("critic", 119)]
