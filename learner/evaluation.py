@@ -13,6 +13,11 @@ from pathlib import Path
 import numpy as np
 
 
+def crossed(value: int, previous: int, every: int) -> bool:
+    """Whether going from ``previous`` to ``value`` passed a multiple of ``every`` (evaluation/logging cadence)."""
+    return value // every != previous // every
+
+
 def evaluate_policy(task, obs_mode: str, base_dir: str, params, network, action_mode: str, episodes: int,
                     seed_offset: int = 0) -> dict:
     """Success rate and mean length over ``episodes`` seeded episodes; ``params=None`` evaluates the base alone."""

@@ -28,12 +28,9 @@ from pathlib import Path
 import ray
 
 from csil.config import InferenceServerConfig, LaunchConfig, ReplayConfig
+from learner.evaluation import crossed
 
 log = logging.getLogger(__name__)
-
-
-def _crossed(value: int, previous: int, every: int) -> bool:
-    return value // every != previous // every
 
 
 class System:
@@ -42,6 +39,7 @@ class System:
         from csil.pipeline import ensure_base_policy, ensure_demos, spec_from_demos
         from csil.ray_utils import ensure_ray
         from csil.tasks import get_task
+        from learner.agent import CSILAgent
 
         if cfg.obs_mode != "state":
             raise ValueError("csil-launch runs state observations (the cached base policy and demos are state-based)")
@@ -59,6 +57,7 @@ class System:
         data = read_demos(self.demos_path, num_demos=cfg.num_demos)
         self.spec = spec_from_demos(self.demos_path, data.episodes[0].obs, "state")
         self.num_demo_transitions = sum(len(ep.actions) for ep in data.episodes)
+        self.network = CSILAgent(cfg.agent, self.spec).policy_net  # the small policy's module (actors, evaluator)
         ensure_ray(cfg.address)
         self.evals: list[dict] = []
         self.best: tuple[dict, dict] | None = None
@@ -101,7 +100,7 @@ class System:
         counters = self._wait_for_pretraining(counters)
         self.env_steps_offset = counters.get("env_steps", 0) if cfg.resume else 0
         actor = EnvActor.options(resources=role_resources("actor"))
-        self.actors = [actor.remote(i, cfg, address, self.coordinator, self._network()) for i in range(cfg.actors)]
+        self.actors = [actor.remote(i, cfg, address, self.coordinator, self.network) for i in range(cfg.actors)]
         self.runs = {i: a.run.remote() for i, a in enumerate(self.actors)}
         self.learner_run = self.learner.run.remote()
 
@@ -146,7 +145,7 @@ class System:
         """Evaluate one snapshot of the weights; keep (and save) it if it is the best so far."""
         from learner.evaluation import evaluate_policy
 
-        result = evaluate_policy(self.task, "state", self.base_dir, params, self._network(), self.cfg.action_mode,
+        result = evaluate_policy(self.task, "state", self.base_dir, params, self.network, self.cfg.action_mode,
                                  self.cfg.eval_episodes)
         record = {"env_steps": env_steps, "updates": version, **result}
         if self.best is None or result["success_rate"] > self.best[0]["success_rate"]:
@@ -187,7 +186,7 @@ class System:
         self.evaluate(env_steps)
         self._collect_evals(wait=True)
         best, params = self.best
-        rounds = [evaluate_policy(self.task, "state", self.base_dir, params, self._network(), self.cfg.action_mode,
+        rounds = [evaluate_policy(self.task, "state", self.base_dir, params, self.network, self.cfg.action_mode,
                                   self.cfg.eval_episodes, seed_offset=(r + 1) * 100_000)["success_rate"]
                   for r in range(self.cfg.final_eval_rounds)]
         return {"final_eval": self.evals[-1]["success_rate"], "best_eval": best["success_rate"],
@@ -230,7 +229,7 @@ class System:
                 bar.set_postfix({"updates/s": f"{learner['updates_per_s']:.1f}",
                                  "eval": f"{self.evals[-1]['success_rate']:.0%}" if self.evals else "-",
                                  "restarts": sum(stats["restarts"].values())})
-                if cfg.eval_episodes and _crossed(env_steps, last_steps, cfg.eval_every) and env_steps < cfg.env_steps:
+                if cfg.eval_episodes and crossed(env_steps, last_steps, cfg.eval_every) and env_steps < cfg.env_steps:
                     self.evaluate(env_steps)
                 last_steps = env_steps
                 if time.time() - last_ckpt > cfg.checkpoint_every_s:
@@ -284,11 +283,6 @@ class System:
         summary.update(wall_s=round(time.time() - start, 1), logdir=str(self.logdir))
         (self.logdir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-
-    def _network(self):
-        from learner.agent import CSILAgent
-
-        return CSILAgent(self.cfg.agent, self.spec).policy_net
 
     def _request_stop(self, signum, frame) -> None:
         log.warning("signal %d: stopping, checkpointing learner and replay", signum)

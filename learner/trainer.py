@@ -21,13 +21,8 @@ from csil.base_policy import LocalBasePolicy
 from csil.tasks import get_task
 from csil.config import TrainConfig
 from learner.agent import Batch, CSILAgent
-from learner.evaluation import evaluate_policy, write_eval_results
+from learner.evaluation import crossed, evaluate_policy, write_eval_results
 from learner.pretrain import DemoTransitions, initial_atoms, pretrain_bc, pretrain_critic
-
-
-def _crossed(value: int, increment: int, every: int) -> bool:
-    """Whether the last ``increment`` moved ``value`` past a multiple of ``every``."""
-    return value // every != (value - increment) // every
 
 
 class Trainer:
@@ -127,12 +122,12 @@ class Trainer:
                     state, metrics = agent.update(state, Batch.from_sample(next(online)), Batch.from_sample(next(demo_iter)),
                                                   update_key)
                     updates += 1
-                if updates == num_envs or _crossed(updates, num_envs, 100):
+                if updates == num_envs or crossed(updates, updates - num_envs, 100):
                     record = {k: float(v) for k, v in metrics.items()}
                     if not all(np.isfinite(list(record.values()))):
                         raise FloatingPointError(f"non-finite learner metrics at update {updates}: {record}")
                     self.log({"phase": "train", "env_steps": env_steps, "updates": updates, **record})
-            if _crossed(env_steps, num_envs, cfg.eval_every):
+            if crossed(env_steps, env_steps - num_envs, cfg.eval_every):
                 last = self.evaluate(state, env_steps)
                 recent = f"{np.mean(successes):.0%}" if successes else "n/a"
                 bar.set_postfix(eval=f"{last['success_rate']:.0%}", train_success=recent, updates=updates)
