@@ -35,18 +35,26 @@ def run_budget(cfg: ExperimentConfig) -> dict:
     return {f: getattr(cfg, f) for f in fields}
 
 
+def finished(cfg: ExperimentConfig, task: str, method: str, seed: int) -> dict | None:
+    """The result of a finished run with this experiment's budget, None if it has not finished."""
+    done = runs_root(cfg) / task / method / f"seed{seed}" / "summary.json"
+    if not done.exists():
+        return None
+    result = json.loads(done.read_text())
+    if result.get("budget") != run_budget(cfg):
+        raise ValueError(f"{done.parent} was run with {result.get('budget')}, not this experiment's "
+                         f"{run_budget(cfg)}: pick another --name (or --runs-dir) for a different budget")
+    return result
+
+
 def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: bool = True) -> dict:
     """One run (or the cached result of it): {"task", "method", "seed", "evals": [{"env_steps", "success_rate"}]}."""
     from csil.config import AgentConfig, TrainConfig, algo_config, cpu_sized
 
-    run_dir = runs_root(cfg) / task / method / f"seed{seed}"
-    done = run_dir / "summary.json"
-    if done.exists():
-        result = json.loads(done.read_text())
-        if result.get("budget") != run_budget(cfg):
-            raise ValueError(f"{run_dir} was run with {result.get('budget')}, not this experiment's "
-                             f"{run_budget(cfg)}: pick another --name (or --runs-dir) for a different budget")
+    result = finished(cfg, task, method, seed)
+    if result is not None:
         return result
+    run_dir = runs_root(cfg) / task / method / f"seed{seed}"
     algo, action_mode = METHODS[method]
     if algo is None:
         evals = [{"env_steps": 0, **_evaluate_base(task, cfg.eval_episodes, seed)}]
@@ -65,7 +73,7 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
     result = {"task": task, "method": method, "seed": seed, "budget": run_budget(cfg), "summary": summary,
               "evals": [{"env_steps": e["env_steps"], "success_rate": e["success_rate"]} for e in evals]}
     run_dir.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(result, indent=2))
+    (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -79,20 +87,27 @@ def _evaluate_base(task_name: str, episodes: int, seed: int) -> dict:
                            seed_offset=seed * EvalConfig.seed_stride)
 
 
-def run_experiment(cfg: ExperimentConfig, command: str, progress: bool = True) -> dict:
-    """All runs (missing ones only), then table.md, curves.png and runs.csv; returns the summary numbers."""
+def run_experiment(cfg: ExperimentConfig, command: str, progress: bool = True, report_only: bool = False) -> dict:
+    """All runs (missing ones only), then table.md, curves.png and runs.csv; returns the summary numbers.
+
+    ``report_only`` trains nothing: the outputs summarise the runs finished so far (cells say how many seeds)."""
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    results = [run_one(cfg, task, method, seed, progress)
-               for task in cfg.tasks for method in cfg.methods for seed in range(cfg.seeds)]
+    # seed-major: an experiment spread over several sittings has every method's seed 0 before any seed 1
+    grid = [(task, method, seed) for task in cfg.tasks for seed in range(cfg.seeds) for method in cfg.methods]
+    if report_only:
+        results = [r for r in (finished(cfg, *run) for run in grid) if r is not None]
+    else:
+        results = [run_one(cfg, *run, progress=progress) for run in grid]
     out = Path(cfg.out_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "runs.csv", results)
     stats = _statistics(cfg, results)
-    (out / "table.md").write_text(_table(cfg, stats, command))
+    (out / "table.md").write_text(_table(cfg, stats, command, missing=len(grid) - len(results)))
     _plot(out / "curves.png", cfg, results)
-    return {"experiment": cfg.name, "runs": len(results), "out": str(out), "results": stats}
+    return {"experiment": cfg.name, "runs": len(results), "missing": len(grid) - len(results), "out": str(out),
+            "results": stats}
 
 
 def _write_csv(path: Path, results: list[dict]) -> None:
@@ -115,13 +130,17 @@ def _statistics(cfg: ExperimentConfig, results: list[dict]) -> dict:
     stats: dict = {}
     for task in cfg.tasks:
         for method in cfg.methods:
-            runs = [by[task, method, s] for s in range(cfg.seeds)]
+            runs = [by[task, method, s] for s in range(cfg.seeds) if (task, method, s) in by]
+            if not runs:
+                continue
             final = [r["evals"][-1]["success_rate"] for r in runs]
-            entry = {"final": _quartiles(final)}
-            if "base" in cfg.methods and method != "base":
-                base = [by[task, "base", s]["evals"][0]["success_rate"] for s in range(cfg.seeds)]
-                worst = [min(e["success_rate"] for e in r["evals"]) for r in runs]
-                entry.update(min_eval=_quartiles(worst), base=_quartiles(base),
+            entry = {"final": _quartiles(final), "seeds": len(runs)}
+            paired = [(r, by[task, "base", r["seed"]]) for r in runs if (task, "base", r["seed"]) in by]
+            if method != "base" and paired:
+                base = [b["evals"][0]["success_rate"] for _, b in paired]
+                worst = [min(e["success_rate"] for e in r["evals"]) for r, _ in paired]
+                final = [r["evals"][-1]["success_rate"] for r, _ in paired]
+                entry.update(min_eval=_quartiles(worst), base=_quartiles(base), paired_seeds=len(paired),
                              no_drop_seeds=sum(w >= b - DROP_TOLERANCE for w, b in zip(worst, base)),
                              beats_base_seeds=sum(f > b for f, b in zip(final, base)))
             stats.setdefault(task, {})[method] = entry
@@ -132,26 +151,37 @@ def _cell(q: list[float]) -> str:
     return f"{q[0]:.0%} [{q[1]:.0%}, {q[2]:.0%}]"
 
 
-def _table(cfg: ExperimentConfig, stats: dict, command: str) -> str:
+def _final_cell(cfg: ExperimentConfig, entry: dict | None) -> str:
+    if entry is None:
+        return "—"
+    seeds = f" ({entry['seeds']} of {cfg.seeds} seeds)" if entry["seeds"] < cfg.seeds else ""
+    return _cell(entry["final"]) + seeds
+
+
+def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -> str:
     lines = [f"# {cfg.name}", "", f"`{command}`", "",
              f"Budget: {cfg.env_steps:,} env steps per run (the paper: 500,000), evaluations every "
              f"{cfg.eval_every:,} steps on {cfg.eval_episodes} episodes, {cfg.seeds} seed{'s' * (cfg.seeds != 1)}, "
              f"{cfg.size}-size networks, {cfg.num_demos} demos, BC {cfg.bc_steps:,} / critic pretraining {cfg.critic_steps:,} steps, state "
-             "observations, the local base policy (not π0.5). Cells: median [25th, 75th] over seeds.", "",
-             "## Final success", "", "| method | " + " | ".join(cfg.tasks) + " |",
-             "|---|" + "---|" * len(cfg.tasks)]
+             "observations, the local base policy (not π0.5). Cells: median [25th, 75th] over seeds.", ""]
+    if missing:
+        lines += [f"**Partial**: {missing} run{'s' * (missing != 1)} of this grid not finished yet; the command "
+                  "above continues it (finished runs are reused).", ""]
+    lines += ["## Final success", "", "| method | " + " | ".join(cfg.tasks) + " |", "|---|" + "---|" * len(cfg.tasks)]
     for method in cfg.methods:
-        lines.append(f"| {method} | " + " | ".join(_cell(stats[t][method]["final"]) for t in cfg.tasks) + " |")
+        cells = (_final_cell(cfg, stats.get(t, {}).get(method)) for t in cfg.tasks)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if "base" in cfg.methods:
         lines += ["", f"## No initial drop (worst evaluation ≥ paired base − {DROP_TOLERANCE:.0%})", "",
                   "| task | method | base | worst eval | seeds without drop | seeds above base at the end |",
                   "|---|---|---|---|---|---|"]
         for task in cfg.tasks:
             for method in cfg.methods:
-                e = stats[task][method]
-                if method != "base":
+                e = stats.get(task, {}).get(method)
+                if method != "base" and e and "paired_seeds" in e:
+                    n = e["paired_seeds"]
                     lines.append(f"| {task} | {method} | {_cell(e['base'])} | {_cell(e['min_eval'])} | "
-                                 f"{e['no_drop_seeds']}/{cfg.seeds} | {e['beats_base_seeds']}/{cfg.seeds} |")
+                                 f"{e['no_drop_seeds']}/{n} | {e['beats_base_seeds']}/{n} |")
     return "\n".join(lines) + "\n"
 
 
@@ -165,6 +195,8 @@ def _plot(path: Path, cfg: ExperimentConfig, results: list[dict]) -> None:
     for ax, task in zip(axes[0], cfg.tasks):
         for method in cfg.methods:
             runs = [r for r in results if r["task"] == task and r["method"] == method]
+            if not runs:
+                continue
             if method == "base":
                 ax.axhline(np.median([r["evals"][0]["success_rate"] for r in runs]), ls="--", c="gray", label="base")
                 continue

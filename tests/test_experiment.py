@@ -54,3 +54,23 @@ def test_a_run_with_another_budget_is_not_reused(tmp_path):
     _done(tmp_path, "base", 0, [{"env_steps": 0, "success_rate": 0.5}], {**run_budget(cfg), "env_steps": 1})
     with pytest.raises(ValueError, match="pick another --name"):
         run_experiment(cfg, "csil-experiment", progress=False)
+
+
+def test_report_summarises_the_finished_runs_without_training(tmp_path):
+    runs = tmp_path / "runs"
+    cfg = ExperimentConfig(name="t", tasks=("Lift", "Square"), methods=("base", "csil++-ensemble"), seeds=2,
+                           env_steps=2000, eval_every=1000, runs_dir=str(runs), out_dir=str(tmp_path / "out"))
+    for seed, success in BASE.items():
+        _done(runs, "base", seed, [{"env_steps": 0, "success_rate": success}], run_budget(cfg))
+    curve = CURVES["csil++-ensemble", 0]
+    _done(runs, "csil++-ensemble", 0, [{"env_steps": 1000 * i, "success_rate": s} for i, s in enumerate(curve)],
+          run_budget(cfg))
+    summary = run_experiment(cfg, "csil-experiment --name t", progress=False, report_only=True)
+
+    assert summary["runs"] == 3 and summary["missing"] == 5  # Lift csil++ seed 1 and all of Square
+    assert summary["results"]["Lift"]["csil++-ensemble"]["paired_seeds"] == 1
+    table = (tmp_path / "out" / "t" / "table.md").read_text()
+    assert "**Partial**: 5 runs" in table
+    assert "| csil++-ensemble | 80% [80%, 80%] (1 of 2 seeds) | — |" in table
+    assert "| Lift | csil++-ensemble | 60% [60%, 60%] | 60% [60%, 60%] | 1/1 | 1/1 |" in table
+    assert not (runs / "Square").exists()  # nothing was trained

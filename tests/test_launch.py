@@ -18,7 +18,8 @@ from learner.launcher import System
 
 
 def _faults(system: System, port: int, seen: dict) -> None:
-    """Kill actor 0 after 100 env steps; once its restart acts, record the inference server's stats and SIGTERM."""
+    """Kill actor 0 after 100 env steps; once its new incarnation has registered and acted (not just a late report
+    of the killed one), record the inference server's stats and SIGTERM."""
     deadline = time.time() + 600
     while time.time() < deadline:
         time.sleep(0.5)
@@ -26,10 +27,13 @@ def _faults(system: System, port: int, seen: dict) -> None:
         if coordinator is None:
             continue
         stats = ray.get(coordinator.stats.remote())
+        actor = stats["actors"].get(0, {})
         if "killed" not in seen and stats["env_steps"] >= 100:
             ray.kill(system.actors[0], no_restart=False)
-            seen["killed"] = stats["actors"][0]["env_steps"]
-        elif "killed" in seen and stats["actors"][0]["env_steps"] > seen["killed"] and stats["env_steps"] >= 300:
+            seen["killed"] = True
+        elif "killed" in seen and "restarted_at" not in seen and actor.get("restarts", 0) >= 1:
+            seen["restarted_at"] = actor["env_steps"]  # later steps can only come from the new incarnation
+        elif "restarted_at" in seen and actor["env_steps"] > seen["restarted_at"] and stats["env_steps"] >= 300:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
                 seen["inference"] = json.loads(response.read())
             os.kill(os.getpid(), signal.SIGTERM)

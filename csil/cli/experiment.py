@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="critic pretraining steps (default %(default)s; XQC+OD never pretrains its critic)")
     p.add_argument("--runs-dir", default=None, help="where runs live (default <cache>/experiments/<name>)")
     p.add_argument("--out", default=d.out_dir, help="results root (default %(default)s)")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write table.md, curves.png and runs.csv from the runs finished so far "
+                        "(cells say when they hold fewer seeds; the table's command is this one without --report)")
     return p
 
 
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         seeds=args.seeds, env_steps=args.env_steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
         warmup=args.warmup, size=args.size, num_demos=args.num_demos, bc_steps=args.bc_steps,
         critic_steps=args.critic_steps, runs_dir=args.runs_dir, out_dir=args.out)
-    emit_json(run_experiment(cfg, "csil-experiment " + shlex.join(argv)))
+    command = "csil-experiment " + shlex.join(a for a in argv if a != "--report")
+    emit_json(run_experiment(cfg, command, report_only=args.report))
 
 
 if __name__ == "__main__":
