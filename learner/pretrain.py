@@ -7,7 +7,7 @@ critic evaluates it, which is why fine-tuning starts at the BC policy's performa
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,9 @@ import optax
 from csil import hetstat
 from csil.specs import ObsSpec
 from learner.agent import AgentState, Batch, CSILAgent
+
+if TYPE_CHECKING:
+    from actors.env_runner import ChunkSource
 
 
 @dataclasses.dataclass
@@ -60,6 +63,24 @@ class DemoTransitions:
         pick = lambda x: x[idx]  # noqa: E731
         return Batch(*jax.tree_util.tree_map(pick, (self.obs, self.action, self.discount, self.next_obs,
                                                      self.next_action)))
+
+    def as_residuals(self, base: ChunkSource, prompt: str, batch: int = 256) -> DemoTransitions:
+        """Residual mode: the demo actions the small policy should output, ``a_demo − a_base(s)`` (clipped to the
+        action box), so that BC makes ``a_base + a_pi`` reproduce the demos (a BC-initialised residual starts at
+        the base's performance rather than adding a second full action to it), and the critic's demo half lives
+        in the same action space as replay's ``a_pi``. ``a_base(s)`` is the first action of a chunk asked for at
+        ``s`` (acting, the base executes chunks open loop, so this is exact every 10th step, approximate between).
+        """
+        from csil.base_policy import openpi_observation
+
+        def base_first_actions(obs: dict[str, np.ndarray]) -> np.ndarray:
+            n = len(next(iter(obs.values())))
+            rows = [openpi_observation({k: v[i] for k, v in obs.items()}, prompt) for i in range(n)]
+            return np.concatenate([base.infer_batch(rows[i:i + batch])[:, 0] for i in range(0, n, batch)])
+
+        residual = lambda a, b: np.clip(a - b, -1.0, 1.0).astype(np.float32)  # noqa: E731
+        return dataclasses.replace(self, action=residual(self.action, base_first_actions(self.obs)),
+                                   next_action=residual(self.next_action, base_first_actions(self.next_obs)))
 
     def replay_items(self) -> dict:
         """All transitions in the replay signature (for the "demos" table), with a leading axis."""

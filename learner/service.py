@@ -49,6 +49,7 @@ class LearnerService:
         self.logdir = Path(logdir)
         self.ckpt_dir = self.logdir / "checkpoints" / "learner"
         self.demos = DemoTransitions.from_episodes(read_demos(demos_path, num_demos=cfg.num_demos).episodes, self.spec)
+        self.residual_targets = cfg.action_mode == "residual"  # demo actions become a_demo − a_base at pretrain()
         self.agent = CSILAgent(cfg.agent, self.spec)
         self.state = None
         self.updates, self.env_steps_at_restore = 0, 0
@@ -72,6 +73,15 @@ class LearnerService:
 
         cfg = self.cfg.agent
         self.key, bc_key, critic_key = jax.random.split(self.key, 3)
+        if self.residual_targets:  # the base-policy server may still be starting: wait for it like the actors do
+            from actors.base_source import PatientChunkSource
+            from csil.tasks import get_task
+
+            source = PatientChunkSource(self.cfg.base_policy, stopped=lambda: False,
+                                        timeout_s=self.cfg.base_policy_timeout_s, actor_id="learner")
+            self.demos = self.demos.as_residuals(source, get_task(self.cfg.task).prompt)
+            source.close()
+
         def report(offset: int):
             return lambda record: self.pretrain_progress.update(steps=offset + record["step"] + 1)
 

@@ -43,6 +43,9 @@ class Trainer:
         data = read_demos(demos_path, num_demos=cfg.num_demos)
         self.spec = spec_from_demos(demos_path, data.episodes[0].obs, "state")
         self.demos = DemoTransitions.from_episodes(data.episodes, self.spec)
+        self.base_policy = LocalBasePolicy(self.base_dir)
+        if cfg.action_mode == "residual":
+            self.demos = self.demos.as_residuals(self.base_policy, self.task.prompt)
         self.agent = CSILAgent(cfg.agent, self.spec)
         self.key = jax.random.PRNGKey(cfg.seed)
         self.metrics_file = (self.logdir / "metrics.jsonl").open("a")
@@ -95,7 +98,7 @@ class Trainer:
         writer = TransitionWriter(replay.address, table="online")
         online = demo_iter = None
 
-        runner = EnvRunner(self.task.name, "state", cfg.num_envs, LocalBasePolicy(self.base_dir),
+        runner = EnvRunner(self.task.name, "state", cfg.num_envs, self.base_policy,
                            agent.policy_net, cfg.action_mode, self.episode_seed, env_seed=cfg.seed)
         num_envs = len(runner.envs)
         self.evaluate(state, 0)

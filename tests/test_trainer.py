@@ -25,3 +25,27 @@ def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent
     assert (root / "run" / "learning_curve.png").stat().st_size > 1000
     assert (root / "run" / "evals.csv").read_text().startswith("env_steps,success_rate")
     assert json.loads((root / "run" / "config.json").read_text())["warmup"] == 30
+
+
+def test_residual_mode_bc_targets_are_what_the_small_policy_must_add_to_the_base(lift_setup, tiny_agent):
+    """Residual BC on raw demo actions would execute base + demo-like action (twice the motion); the targets are
+    a_demo − a_base(s), so that base + target gives back the demo action."""
+    import dataclasses
+
+    from csil.actions import combine_actions
+    from csil.base_policy import LocalBasePolicy, openpi_observation
+
+    root, demos, base = lift_setup
+    cfg = TrainConfig(task="Lift", action_mode="residual", num_demos=3, demos=str(demos), base_policy=str(base),
+                      logdir=str(root / "residual"), agent=tiny_agent)
+    residual = Trainer(cfg, progress=False).demos
+    raw = Trainer(dataclasses.replace(cfg, action_mode="ensemble"), progress=False).demos
+    rows = np.arange(0, len(raw), 7)
+    observations = [openpi_observation({k: v[i] for k, v in raw.obs.items()}, "lift") for i in rows]
+    base_action = LocalBasePolicy(base).infer_batch(observations)[:, 0]
+    np.testing.assert_allclose(residual.action[rows], np.clip(raw.action[rows] - base_action, -1, 1), atol=1e-5)
+    executed = combine_actions(base_action, residual.action[rows], "residual")
+    unclipped = np.abs(raw.action[rows] - base_action) < 1
+    np.testing.assert_allclose(executed[unclipped], raw.action[rows][unclipped], atol=1e-5)
+    assert not np.allclose(residual.action, raw.action)
+    assert residual.next_action.shape == raw.next_action.shape and np.all(np.abs(residual.next_action) <= 1)
