@@ -140,6 +140,11 @@ class AgentConfig:
     target_entropy_per_dim: float = -0.5  # "entropy" regulariser: XQC's target entropy -d_a/2
     init_temperature: float = 0.01  # "entropy" regulariser: XQC's initial alpha
     actor_lr: float = 3e-4
+    # Linear actor-lr warmup over this many updates (0: none). Adam's first steps move every weight by ~lr
+    # whatever its gradient: on Lift (cpu size, after pretraining) KL(pi||pi_BC) jumps to 6.3 nats at the 2nd
+    # actor update and needs ~60 updates to come back; with 100 warmup steps it stays <= 0.002 for 16 updates
+    # (results/first-actor-updates). 0 by default: results/table1 was run without it.
+    actor_warmup_steps: int = 0
     critic_lr: float = 3e-4
     reward_lr: float = 1e-3
     tau: float = 0.005
@@ -332,7 +337,7 @@ class ExperimentConfig:
     tasks: tuple[str, ...] = ("Lift", "Square")
     methods: tuple[str, ...] = ("base", "csil++-ensemble", "xqc-od-ensemble", "xqc-od-residual")
     seeds: int = 3
-    env_steps: int = 5_000
+    env_steps: int = 3_000
     eval_every: int = 1_000
     eval_episodes: int = 20
     warmup: int = 1_000
@@ -340,6 +345,7 @@ class ExperimentConfig:
     num_demos: int = 10  # per task: BC, the reward, the critic pretraining and the demo table
     bc_steps: int = 5_000
     critic_steps: int = 5_000
+    actor_warmup: int = 0  # AgentConfig.actor_warmup_steps of every trained method
     runs_dir: str | None = None  # where runs live (None: <cache>/experiments/<name>); finished runs are reused
     out_dir: str = "results"  # results/<name>/table.md, curves.png, runs.csv
 

@@ -24,6 +24,8 @@ Choices where the paper is silent (reference/algorithm.md §9):
 - CSIL's action-gradient penalty ``sqrt(mean ||∂Q/∂a||²)`` at demo (s, a) is available for pretraining and
   online but off for CSIL++ (measurements in ``AgentConfig``'s field comment); vanilla CSIL keeps weight 1.
 - Online reward refinement (CSIL's demo-likelihood term + KL estimator on online samples), plain SGD.
+- Constant Adam learning rates (CSIL's); ``actor_warmup_steps`` optionally ramps the actor's up linearly, which
+  removes the jump away from BC that Adam's first full-size steps cause (measured in ``AgentConfig``).
 - Image observations: one encoder per camera. The critic trains its encoder (initialised from the BC policy's,
   as CSIL's ``update_encoder``); the policy uses the critic's encoder under stop-gradient and copies it after
   every critic step (DrQ). π_BC keeps its own frozen encoder; π_R refines its copy. Training batches get
@@ -116,7 +118,9 @@ class CSILAgent:
         self.critic_net = Critic(cfg.critic, spec.cameras, cfg.encoder)
         self.categorical = cfg.critic.kind == "categorical"
         self.shift = reward_shift(cfg)
-        self.policy_opt = optax.adam(cfg.actor_lr)
+        warmup = cfg.actor_warmup_steps
+        actor_lr = optax.linear_schedule(cfg.actor_lr / warmup, cfg.actor_lr, warmup) if warmup else cfg.actor_lr
+        self.policy_opt = optax.adam(actor_lr)
         self.critic_opt = optax.adam(cfg.critic_lr)
         self.critic_pretrain_opt = optax.adam(cfg.critic_pretrain_lr)  # same state layout as critic_opt
         self.reward_opt = optax.sgd(cfg.reward_lr)

@@ -31,7 +31,8 @@ def runs_root(cfg: ExperimentConfig) -> Path:
 
 def run_budget(cfg: ExperimentConfig) -> dict:
     """The settings a finished run must share with the experiment that reuses it."""
-    fields = ("env_steps", "eval_every", "eval_episodes", "warmup", "size", "num_demos", "bc_steps", "critic_steps")
+    fields = ("env_steps", "eval_every", "eval_episodes", "warmup", "size", "num_demos", "bc_steps", "critic_steps",
+              "actor_warmup")
     return {f: getattr(cfg, f) for f in fields}
 
 
@@ -41,7 +42,8 @@ def finished(cfg: ExperimentConfig, task: str, method: str, seed: int) -> dict |
     if not done.exists():
         return None
     result = json.loads(done.read_text())
-    if result.get("budget") != run_budget(cfg):
+    result["budget"] = {"actor_warmup": 0, **result.get("budget", {})}  # runs from before the option had none
+    if result["budget"] != run_budget(cfg):
         raise ValueError(f"{done.parent} was run with {result.get('budget')}, not this experiment's "
                          f"{run_budget(cfg)}: pick another --name (or --runs-dir) for a different budget")
     return result
@@ -62,7 +64,8 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
     else:
         from learner.trainer import Trainer
 
-        agent = AgentConfig(bc_steps=cfg.bc_steps, critic_pretrain_steps=cfg.critic_steps)
+        agent = AgentConfig(bc_steps=cfg.bc_steps, critic_pretrain_steps=cfg.critic_steps,
+                            actor_warmup_steps=cfg.actor_warmup)
         agent = algo_config(algo, cpu_sized(agent) if cfg.size == "cpu" else agent)
         trainer = Trainer(TrainConfig(task=task, algo=algo, size=cfg.size, action_mode=action_mode,
                                       env_steps=cfg.env_steps, warmup=cfg.warmup, eval_every=cfg.eval_every,
@@ -162,7 +165,8 @@ def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -
     lines = [f"# {cfg.name}", "", f"`{command}`", "",
              f"Budget: {cfg.env_steps:,} env steps per run (the paper: 500,000), evaluations every "
              f"{cfg.eval_every:,} steps on {cfg.eval_episodes} episodes, {cfg.seeds} seed{'s' * (cfg.seeds != 1)}, "
-             f"{cfg.size}-size networks, {cfg.num_demos} demos, BC {cfg.bc_steps:,} / critic pretraining {cfg.critic_steps:,} steps, state "
+             f"{cfg.size}-size networks, {cfg.num_demos} demos, BC {cfg.bc_steps:,} / critic pretraining "
+             f"{cfg.critic_steps:,} steps, actor-lr warmup {cfg.actor_warmup:,} updates, state "
              "observations, the local base policy (not π0.5). Cells: median [25th, 75th] over seeds.", ""]
     if missing:
         lines += [f"**Partial**: {missing} run{'s' * (missing != 1)} of this grid not finished yet; the command "

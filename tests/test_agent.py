@@ -245,3 +245,20 @@ def test_pretraining_reports_its_progress():
     pretrain_critic(agent, agent.init_state(jax.random.PRNGKey(1), bc), demos, steps=120, progress=False,
                     on_log=lambda r: seen.append(("critic", r["step"])))
     assert seen == [("bc", 0), ("bc", 100), ("bc", 149), ("critic", 0), ("critic", 100), ("critic", 119)]
+
+
+def test_actor_lr_warmup_removes_the_first_steps_jump_away_from_bc(pretrained):
+    """Adam's first steps move every weight by ~lr whatever its gradient: without warmup the policy jumps away
+    from BC (and the KL term then pulls it back); a linear warmup keeps the first updates near BC."""
+    agent, state, demos, _, _ = pretrained
+    worst = {}
+    for warmup in (0, 100):
+        agent_w = CSILAgent(dataclasses.replace(SMALL, actor_warmup_steps=warmup), SPEC)
+        s = state._replace(policy_opt=agent_w.policy_opt.init(state.policy))
+        rng, kls = np.random.default_rng(3), []
+        for i in range(8):
+            s, metrics = agent_w.update(s, demos.sample(rng, (SMALL.utd, SMALL.batch_size)),
+                                        demos.sample(rng, (SMALL.utd, SMALL.batch_size)), jax.random.PRNGKey(i))
+            kls.append(float(metrics["kl_to_bc"]))
+        worst[warmup] = max(kls)
+    assert worst[100] < 0.05 < 0.5 < worst[0]

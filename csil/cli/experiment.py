@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bc-steps", type=int, default=d.bc_steps, help="BC pretraining steps (default %(default)s)")
     p.add_argument("--critic-steps", type=int, default=d.critic_steps,
                    help="critic pretraining steps (default %(default)s; XQC+OD never pretrains its critic)")
+    p.add_argument("--actor-warmup", type=int, default=d.actor_warmup,
+                   help="linear actor learning-rate warmup, in updates, for every trained method (default "
+                        "%(default)s; 100 keeps the first actor updates near BC, see AgentConfig.actor_warmup_steps)")
     p.add_argument("--runs-dir", default=None, help="where runs live (default <cache>/experiments/<name>)")
     p.add_argument("--out", default=d.out_dir, help="results root (default %(default)s)")
     p.add_argument("--report", action="store_true",
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         name=args.name, tasks=tuple(args.tasks.split(",")), methods=tuple(args.methods.split(",")),
         seeds=args.seeds, env_steps=args.env_steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
         warmup=args.warmup, size=args.size, num_demos=args.num_demos, bc_steps=args.bc_steps,
-        critic_steps=args.critic_steps, runs_dir=args.runs_dir, out_dir=args.out)
+        critic_steps=args.critic_steps, actor_warmup=args.actor_warmup, runs_dir=args.runs_dir, out_dir=args.out)
     command = "csil-experiment " + shlex.join(a for a in argv if a != "--report")
     emit_json(run_experiment(cfg, command, report_only=args.report))
 
