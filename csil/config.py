@@ -141,9 +141,9 @@ class AgentConfig:
     init_temperature: float = 0.01  # "entropy" regulariser: XQC's initial alpha
     actor_lr: float = 3e-4
     # Linear actor-lr warmup over this many updates (0: none). Adam's first steps move every weight by ~lr
-    # whatever its gradient: on Lift (cpu size, after pretraining) KL(pi||pi_BC) jumps to 6.3 nats at the 2nd
-    # actor update and needs ~60 updates to come back; with 100 warmup steps it stays <= 0.002 for 16 updates
-    # (results/first-actor-updates). 0 by default: results/table1 was run without it.
+    # whatever its gradient: on Lift (cpu size, after pretraining) one actor step puts the policy 6.3 nats from
+    # BC and the KL term needs ~60 updates to pull it back; with 100 warmup steps the first 16 updates stay
+    # within 0.003 nats (results/first-actor-updates). 0 by default: results/table1 was run without it.
     actor_warmup_steps: int = 0
     critic_lr: float = 3e-4
     reward_lr: float = 1e-3
