@@ -138,6 +138,11 @@ def _statistics(cfg: ExperimentConfig, results: list[dict]) -> dict:
                 continue
             final = [r["evals"][-1]["success_rate"] for r in runs]
             entry = {"final": _quartiles(final), "seeds": len(runs)}
+            if method != "base":  # the method's own start (base + BC-initialised small policy, before any update)
+                start = [r["evals"][0]["success_rate"] for r in runs]
+                later = [min(e["success_rate"] for e in r["evals"][1:]) for r in runs]
+                entry.update(start=_quartiles(start), worst_after_start=_quartiles(later),
+                             no_drop_from_start_seeds=sum(w >= s - DROP_TOLERANCE for w, s in zip(later, start)))
             paired = [(r, by[task, "base", r["seed"]]) for r in runs if (task, "base", r["seed"]) in by]
             if method != "base" and paired:
                 base = [b["evals"][0]["success_rate"] for _, b in paired]
@@ -186,6 +191,17 @@ def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -
                     n = e["paired_seeds"]
                     lines.append(f"| {task} | {method} | {_cell(e['base'])} | {_cell(e['min_eval'])} | "
                                  f"{e['no_drop_seeds']}/{n} | {e['beats_base_seeds']}/{n} |")
+    lines += ["", f"## Drop from the method's own start (worst later evaluation ≥ step-0 evaluation − "
+              f"{DROP_TOLERANCE:.0%})", "",
+              "The step-0 evaluation is the base combined with the BC-initialised small policy, before any update: "
+              "it differs from the base alone when the combination does.", "",
+              "| task | method | step 0 | worst later eval | seeds without drop |", "|---|---|---|---|---|"]
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            e = stats.get(task, {}).get(method)
+            if e and "start" in e:
+                lines.append(f"| {task} | {method} | {_cell(e['start'])} | {_cell(e['worst_after_start'])} | "
+                             f"{e['no_drop_from_start_seeds']}/{e['seeds']} |")
     return "\n".join(lines) + "\n"
 
 

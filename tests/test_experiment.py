@@ -43,6 +43,9 @@ def test_finished_runs_are_reused_and_summarised(tmp_path):
     assert "`csil-experiment --name t`" in table and "500,000" in table and "2,000 env steps" in table
     assert "| csil++-ensemble | 75% [72%, 78%] |" in table
     assert "| Lift | xqc-od-ensemble | 55% [52%, 57%] | 15% [12%, 18%] | 0/2 | 0/2 |" in table
+    rows = table.splitlines()  # from the method's own step-0 evaluation
+    assert "| Lift | csil++-ensemble | 55% [52%, 57%] | 60% [60%, 60%] | 2/2 |" in rows
+    assert "| Lift | xqc-od-ensemble | 55% [52%, 57%] | 15% [12%, 18%] | 0/2 |" in rows
     with (tmp_path / "out" / "t" / "runs.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 + 4 * 3
