@@ -48,7 +48,7 @@ class Trainer:
             self.demos = self.demos.as_residuals(self.base_policy, self.task.prompt)
         self.agent = CSILAgent(cfg.agent, self.spec)
         self.key = jax.random.PRNGKey(cfg.seed)
-        self.metrics_file = (self.logdir / "metrics.jsonl").open("a")
+        self.metrics_file = (self.logdir / "metrics.jsonl").open("w")  # no resume: a rerun starts afresh
         self.evals: list[dict] = []
 
     def episode_seed(self, episode: int) -> int:
