@@ -49,7 +49,6 @@ class LearnerService:
         self.logdir = Path(logdir)
         self.ckpt_dir = self.logdir / "checkpoints" / "learner"
         self.demos = DemoTransitions.from_episodes(read_demos(demos_path, num_demos=cfg.num_demos).episodes, self.spec)
-        self.residual_targets = cfg.action_mode == "residual"  # demo actions become a_demo − a_base at pretrain()
         self.agent = CSILAgent(cfg.agent, self.spec)
         self.state = None
         self.updates, self.env_steps_at_restore = 0, 0
@@ -73,7 +72,8 @@ class LearnerService:
 
         cfg = self.cfg.agent
         self.key, bc_key, critic_key = jax.random.split(self.key, 3)
-        if self.residual_targets:  # the base-policy server may still be starting: wait for it like the actors do
+        if self.cfg.action_mode == "residual":  # demo actions become a_demo − a_base(s); the base-policy server
+            # may still be starting: wait for it like the actors do
             from actors.base_source import PatientChunkSource
             from csil.tasks import get_task
 
