@@ -147,10 +147,10 @@ def _statistics(cfg: ExperimentConfig, results: list[dict]) -> dict:
             if method != "base" and paired:
                 base = [b["evals"][0]["success_rate"] for _, b in paired]
                 worst = [min(e["success_rate"] for e in r["evals"]) for r, _ in paired]
-                final = [r["evals"][-1]["success_rate"] for r, _ in paired]
+                paired_final = [r["evals"][-1]["success_rate"] for r, _ in paired]
                 entry.update(min_eval=_quartiles(worst), base=_quartiles(base), paired_seeds=len(paired),
                              no_drop_seeds=sum(w >= b - DROP_TOLERANCE for w, b in zip(worst, base)),
-                             beats_base_seeds=sum(f > b for f, b in zip(final, base)))
+                             beats_base_seeds=sum(f > b for f, b in zip(paired_final, base)))
             stats.setdefault(task, {})[method] = entry
     return stats
 
