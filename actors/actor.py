@@ -8,11 +8,11 @@ timed and reported, and never block shutdown: writes use a timeout and re-check 
 
 Prometheus metrics (``csil.metrics``, tag ``actor``): env steps, episodes, successes, returns and lengths, seconds
 held back by the rate limiter (all recorded in one batch at each sync, every ``SYNC_EVERY_S``), the weight version
-lag (at each sync reply) and base-policy chunk request latency (``actors.base_source``).
+lag (at each sync reply) and base-policy chunk request latency (``inference_server.client.PatientChunkSource``).
 
 The base policy comes from the inference server (``local``: csil-launch's Serve app through a handle;
 ``ws://``/``grpc://``: any server by URL). While it is unreachable the actor waits and logs, it does not crash
-(``actors.base_source``).
+(``inference_server.client.PatientChunkSource``).
 
 Restarts: the actor is created with ``max_restarts=-1``; a restarted incarnation registers again and gets
 fresh episode seeds, and the launcher re-issues ``run``.
@@ -26,27 +26,29 @@ import time
 import jax
 import ray
 
+from actors.env_runner import EnvRunner
 from csil import metrics
+from csil.seeds import actor_episode_seed
+from csil.specs import ONLINE_TABLE
+from inference_server.client import PatientChunkSource, RunStopped
+from replay.writer import TransitionWriter
 
 log = logging.getLogger(__name__)
 
 SYNC_EVERY_S = 0.5
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
 class EnvActor:
-    def __init__(self, actor_id: int, cfg, replay_address: str, coordinator, network):
-        from actors.base_source import PatientChunkSource
-        from actors.env_runner import EnvRunner
-        from replay.writer import TransitionWriter
+    """Made a Ray actor by the launcher (restarted by Ray whenever it dies)."""
 
+    def __init__(self, actor_id: int, cfg, replay_address: str, coordinator, network):
         self.actor_id, self.cfg, self.coordinator = actor_id, cfg, coordinator
         incarnation = ray.get(coordinator.register.remote(actor_id))
         self.base = PatientChunkSource(cfg.base_policy, self._stopped, cfg.base_policy_timeout_s, actor_id=actor_id)
-        seed_base = 1_000_000_000 + cfg.seed * 10_000_000 + actor_id * 100_000 + (incarnation - 1) * 10_000
+        seed_base = actor_episode_seed(cfg.seed, actor_id, incarnation, 0)
         self.runner = EnvRunner(cfg.task, cfg.obs_mode, cfg.envs_per_actor, self.base, network, cfg.action_mode,
                                 episode_seed=lambda i: seed_base + i, env_seed=cfg.seed)
-        self.writer = TransitionWriter(replay_address, table="online", timeout_ms=1000)
+        self.writer = TransitionWriter(replay_address, table=ONLINE_TABLE, timeout_ms=1000)
         self.key = jax.random.PRNGKey(seed_base)
         log.info("actor %d (incarnation %d) ready with %d envs", actor_id, incarnation, cfg.envs_per_actor)
 
@@ -89,8 +91,6 @@ class EnvActor:
 
     def run(self) -> int:
         """Act until the coordinator says stop; returns this incarnation's env steps."""
-        from actors.base_source import RunStopped
-
         if not self._wait_for_weights():
             return 0
         steps_total, steps, episodes, blocked = 0, 0, [], 0.0

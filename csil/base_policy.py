@@ -24,19 +24,10 @@ import numpy as np
 import optax
 from openpi_client.base_policy import BasePolicy
 
+from csil.acting import OPENPI_KEYS
 from csil.config import BaseTrainConfig
 from csil.encoders import random_shift
 from csil.specs import ACTION_DIM, ObsSpec
-
-IMAGE_KEY, WRIST_KEY = "agentview_image", "robot0_eye_in_hand_image"
-OPENPI_KEYS = {"state": "observation/state", IMAGE_KEY: "observation/image", WRIST_KEY: "observation/wrist_image"}
-
-
-def openpi_observation(obs: dict[str, np.ndarray], prompt: str) -> dict:
-    """Our flat observation dict -> the LIBERO-style dict an openpi pi0.5 server expects."""
-    out = {OPENPI_KEYS[k]: v for k, v in obs.items() if k in OPENPI_KEYS}
-    out["prompt"] = prompt
-    return out
 
 
 class ImageEncoder(nn.Module):

@@ -6,6 +6,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from csil import seeds
+
 
 def cache_dir() -> Path:
     """Where generated demos and trained base policies are cached ($CSIL_CACHE, default ~/.cache/csil)."""
@@ -61,8 +63,7 @@ class EvalConfig:
     task: str = "Lift"
     policy: str = "base"
     episodes: int = 50
-    seed: int = 1_000_000  # far from demo seeds (0, 1, ...), so evaluation scenes are not training scenes
-    seed_stride: int = 100_000  # training seed k evaluates on scenes seed + k * stride, ... (paired with the base)
+    seed: int = seeds.EVAL_SCENES  # far from demo seeds (0, 1, ...), so evaluation scenes are not training scenes
     obs_mode: str = "state"
     workers: int = 0  # 0: one per CPU core
     envs_per_worker: int = 5
@@ -198,9 +199,6 @@ def algo_config(algo: str, base: AgentConfig = AgentConfig()) -> AgentConfig:
     raise ValueError(f"unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS)}")
 
 
-SIZES = ("paper", "cpu")
-
-
 def cpu_sized(cfg: AgentConfig) -> AgentConfig:
     """Narrower networks for CPU-only experiments: the paper-size fused update takes ~0.4 s on 2 cores, dominated
     by the HETSTAT variance head (d_a quadratic forms of width F for policy, BC anchor and reward), so F drops from
@@ -208,6 +206,28 @@ def cpu_sized(cfg: AgentConfig) -> AgentConfig:
     return dataclasses.replace(
         cfg, policy=dataclasses.replace(cfg.policy, hidden=(256, 256), bottleneck=32, features=128),
         critic=dataclasses.replace(cfg.critic, hidden=(256, 256)))
+
+
+def tiny_sized(cfg: AgentConfig) -> AgentConfig:
+    """Minimal widths for smoke tests of benchmarks (they compile and run in seconds; timings mean nothing)."""
+    return dataclasses.replace(
+        cfg, policy=dataclasses.replace(cfg.policy, hidden=(16,), bottleneck=8, features=16),
+        critic=dataclasses.replace(cfg.critic, hidden=(16,), num_atoms=11),
+        encoder=EncoderConfig(channels=(4,), out_dim=8))
+
+
+# Network sizes: name -> how it changes the paper's networks. Training CLIs offer SIZES; "tiny" is for smoke tests.
+_SIZERS = {"paper": lambda cfg: cfg, "cpu": cpu_sized, "tiny": tiny_sized}
+SIZES = ("paper", "cpu")
+
+
+def agent_config(algo: str = "csil++", size: str = "paper", **overrides) -> AgentConfig:
+    """The one way an agent config is built: ``AgentConfig`` fields ``overrides`` (e.g. ``bc_steps``), then the
+    network ``size``, then the algorithm preset (``algo_config``), whose variant fields win: XQC+OD never
+    pretrains its critic whatever ``critic_pretrain_steps`` says."""
+    if size not in _SIZERS:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(_SIZERS)}")
+    return algo_config(algo, _SIZERS[size](dataclasses.replace(AgentConfig(), **overrides)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,8 +288,7 @@ class InferenceServerConfig:
     """The base-policy inference server (``csil-serve``, and csil-launch's embedded default)."""
 
     backend: str = "local"  # "local" (our chunking BC model) or "openpi" (real pi0.5, in openpi's own env)
-    checkpoint: str | None = None  # local: a base-policy dir (None: the cached default of ``task``); openpi: ckpt dir
-    task: str = "Lift"  # local backend without a checkpoint: whose cached base policy to serve
+    checkpoint: str | None = None  # local: a csil-base dir (required: the server builds nothing); openpi: ckpt dir
     openpi_config: str | None = None  # openpi train config name, e.g. "pi05_libero"
     default_prompt: str | None = None  # openpi: prompt injected when a request has none
     host: str = "127.0.0.1"  # loopback unless told otherwise

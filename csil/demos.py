@@ -25,7 +25,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from csil.specs import ACTION_DIM, ObsSpec
+from csil.specs import ACTION_DIM, CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsSpec
 
 _DEMO_NAME = re.compile(r"demo_\d+")
 
@@ -404,3 +404,15 @@ class DemoWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def spec_from_demos(path, obs: dict, obs_mode: str) -> ObsSpec:
+    """The observation spec a policy trained on these demos will expect; missing keys are named."""
+    keys = STATE_KEYS if obs_mode == "state" else PROPRIO_KEYS
+    cameras = CAMERAS if obs_mode == "image" else ()
+    missing = [k for k in list(keys) + [f"{c}_image" for c in cameras] if k not in obs]
+    if missing:
+        raise ValueError(f"{path}: the demos lack observation key(s) {missing} needed for {obs_mode!r} "
+                         f"observations; present: {sorted(obs)}")
+    size = int(obs[f"{cameras[0]}_image"].shape[1]) if cameras else 84
+    return ObsSpec(obs_mode, tuple((k, int(obs[k].shape[-1])) for k in keys), cameras, size)

@@ -53,7 +53,7 @@ SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 MILLISECONDS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 SPECS: tuple[MetricSpec, ...] = (
-    # --- env actors (actors/actor.py, actors/base_source.py); recorded at each weight sync, every ~0.5 s ---
+    # --- env actors (actors/actor.py, inference_server/client.py: PatientChunkSource); recorded at each weight sync, every ~0.5 s ---
     MetricSpec("csil_actor_env_steps_total", "counter", "env steps taken (transitions written to replay)", "actor",
                ("actor",)),
     MetricSpec("csil_actor_episodes_total", "counter", "episodes finished (success or time limit)", "actor",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from csil.metrics import start_service_discovery
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (e.g. "auto") or start a local Ray instance, once per process.
@@ -27,8 +29,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # /tmp/ray/ray_current_cluster, which `ray start` and ray.cluster_utils.Cluster leave behind (stale or not).
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                            configure_logging=True, logging_level="warning")
-        from csil.metrics import start_service_discovery
-
         try:
             start_service_discovery(context.address_info["session_dir"])
         except Exception as e:  # noqa: BLE001 - monitoring must never stop a run

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -90,3 +90,27 @@ class ObsSpec:
             cameras=tuple(raw["cameras"]),
             image_size=int(raw["image_size"]),
         )
+
+
+# The replay tables: online transitions (FIFO, rate-limited: the UTD control) and all demo transitions.
+ONLINE_TABLE, DEMO_TABLE = "online", "demos"
+
+
+class Transition(NamedTuple):
+    """One replay item, the same in both tables (so demo and online batches stack alike).
+
+    ``action`` is the small policy's own action a_pi (the env executes its combination with ``base_action``);
+    ``discount`` is 0 at a terminal (success) step; ``next_action`` is the demonstrator's next action for demos
+    (SARSA pretraining) and repeats ``action`` online; ``policy_version`` measures staleness; ``episode_id`` is
+    -1 for demos. Fields are arrays, with a leading batch axis when several transitions travel together.
+    """
+
+    obs: dict
+    action: np.ndarray
+    base_action: np.ndarray
+    reward: np.ndarray
+    discount: np.ndarray
+    next_obs: dict
+    next_action: np.ndarray
+    policy_version: np.ndarray
+    episode_id: np.ndarray

@@ -169,7 +169,7 @@ class InferenceServer:
 
     def _load_backend(self) -> Any:
         cfg = self.cfg
-        backend = make_backend(cfg.backend, cfg.checkpoint, task=cfg.task, openpi_config=cfg.openpi_config,
+        backend = make_backend(cfg.backend, cfg.checkpoint, openpi_config=cfg.openpi_config,
                                default_prompt=cfg.default_prompt, model_delay_ms=cfg.model_delay_ms)
         obs = zero_observation(backend.metadata["observation_spec"])
         if obs is None:

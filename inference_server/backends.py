@@ -88,6 +88,7 @@ class LocalBackend(_BackendBase):
     name = "local"
 
     def __init__(self, checkpoint: str, model_delay_ms: float = 0.0):
+        # Lazy: in openpi's environment (the openpi backend) our model's pinned jax/flax stack is not installed.
         from csil.base_policy import OPENPI_KEYS, LocalBasePolicy
 
         self.policy = LocalBasePolicy(checkpoint)
@@ -188,14 +189,14 @@ class OpenPIBackend(_BackendBase):
         return np.asarray(np.stack(chunks), np.float32)
 
 
-def make_backend(kind: str, checkpoint: str | None, *, task: str = "Lift", openpi_config: str | None = None,
+def make_backend(kind: str, checkpoint: str | None, *, openpi_config: str | None = None,
                  default_prompt: str | None = None, model_delay_ms: float = 0.0) -> Backend:
-    """The backend a server config names; the local backend defaults to the cached base policy of ``task``."""
+    """The backend a server config names. The server loads what it is given and never builds anything: the
+    local backend needs a checkpoint directory (``csil-serve`` resolves a task's cached default first)."""
     if kind == "local":
         if checkpoint is None:
-            from csil.pipeline import ensure_base_policy
-
-            checkpoint = str(ensure_base_policy(task))
+            raise ValueError("the local backend needs a checkpoint: a csil-base directory (csil-serve --task T "
+                             "without --checkpoint serves T's cached default base policy)")
         return LocalBackend(checkpoint, model_delay_ms)
     if kind == "openpi":
         return OpenPIBackend(openpi_config, checkpoint, default_prompt=default_prompt, model_delay_ms=model_delay_ms)

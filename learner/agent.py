@@ -34,7 +34,6 @@ Choices where the paper is silent (reference/algorithm.md §9):
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -47,7 +46,7 @@ from csil import hetstat
 from csil.config import AgentConfig
 from csil.encoders import random_shift
 from csil.hetstat import SmallPolicy
-from csil.specs import ObsSpec
+from csil.specs import ObsSpec, Transition
 from learner import critic as C
 from learner.critic import Critic
 
@@ -82,8 +81,10 @@ class Batch(NamedTuple):
     next_action: jax.Array  # the next demo action (SARSA pretraining); unused online
 
     @staticmethod
-    def from_sample(sample: dict) -> "Batch":
-        """A replay sample (``replay.dataset.BatchIterator``'s nested dict) as the learner's Batch."""
+    def from_sample(sample: Transition | dict) -> "Batch":
+        """A replay sample (``replay.dataset.BatchIterator``'s dict of ``Transition`` fields) as the learner's Batch."""
+        if isinstance(sample, Transition):
+            sample = sample._asdict()
         return Batch(sample["obs"], sample["action"], sample["discount"], sample["next_obs"], sample["next_action"])
 
     @staticmethod
@@ -379,14 +380,3 @@ class CSILAgent:
         else:
             metrics["kl_to_bc"] = penalty / self.cfg.beta
         return state, metrics
-
-    # --- acting -------------------------------------------------------------------------------------
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def act(self, policy: PyTree, obs: Obs, key: jax.Array) -> jax.Array:
-        mu, sigma = self.policy_net.apply(policy, obs)
-        return hetstat.sample(key, mu, sigma)[0]
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def act_deterministic(self, policy: PyTree, obs: Obs) -> jax.Array:
-        return hetstat.mode(self.policy_net.apply(policy, obs)[0])

@@ -7,19 +7,21 @@ critic evaluates it, which is why fine-tuning starts at the BC policy's performa
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from csil import hetstat
-from csil.specs import ObsSpec
-from learner.agent import AgentState, Batch, CSILAgent
+from tqdm import trange
 
-if TYPE_CHECKING:
-    from actors.env_runner import ChunkSource
+from csil import hetstat
+from csil.acting import ChunkSource, first_base_actions
+from csil.demos import flatten_obs
+from csil.specs import ObsSpec, Transition
+from learner.agent import AgentState, Batch, CSILAgent
+from learner.critic import make_atoms
 
 
 @dataclasses.dataclass
@@ -42,8 +44,6 @@ class DemoTransitions:
     def from_episodes(cls, episodes, spec: ObsSpec) -> "DemoTransitions":
         """Success (reward > 0), not the end of the file's trajectory, is terminal: robomimic's done_mode 2 also
         marks the last step of failed trajectories as done."""
-        from csil.demos import flatten_obs
-
         parts: dict[str, list] = {f.name: [] for f in dataclasses.fields(cls)}
         for ep in episodes:
             if ep.next_obs is None:
@@ -64,31 +64,25 @@ class DemoTransitions:
         return Batch(*jax.tree_util.tree_map(pick, (self.obs, self.action, self.discount, self.next_obs,
                                                      self.next_action)))
 
-    def as_residuals(self, base: ChunkSource, prompt: str, batch: int = 256) -> DemoTransitions:
+    def as_residuals(self, base: ChunkSource, prompt: str) -> DemoTransitions:
         """Residual mode: the demo actions the small policy should output, ``a_demo − a_base(s)`` (clipped to the
         action box), so that BC makes ``a_base + a_pi`` reproduce the demos (a BC-initialised residual starts at
         the base's performance rather than adding a second full action to it), and the critic's demo half lives
         in the same action space as replay's ``a_pi``. ``a_base(s)`` is the first action of a chunk asked for at
         ``s`` (acting, the base executes chunks open loop, so this is exact every 10th step, approximate between).
         """
-        from csil.base_policy import openpi_observation
-
-        def base_first_actions(obs: dict[str, np.ndarray]) -> np.ndarray:
-            n = len(next(iter(obs.values())))
-            rows = [openpi_observation({k: v[i] for k, v in obs.items()}, prompt) for i in range(n)]
-            return np.concatenate([base.infer_batch(rows[i:i + batch])[:, 0] for i in range(0, n, batch)])
-
         residual = lambda a, b: np.clip(a - b, -1.0, 1.0).astype(np.float32)  # noqa: E731
-        return dataclasses.replace(self, action=residual(self.action, base_first_actions(self.obs)),
-                                   next_action=residual(self.next_action, base_first_actions(self.next_obs)))
+        return dataclasses.replace(
+            self, action=residual(self.action, first_base_actions(base, self.obs, prompt)),
+            next_action=residual(self.next_action, first_base_actions(base, self.next_obs, prompt)))
 
-    def replay_items(self) -> dict:
-        """All transitions in the replay signature (for the "demos" table), with a leading axis."""
+    def replay_items(self) -> Transition:
+        """All transitions for the demo table, with a leading axis."""
         n = len(self)
-        return {"obs": self.obs, "action": self.action, "base_action": np.zeros_like(self.action),
-                "reward": (self.discount == 0).astype(np.float32), "discount": self.discount,
-                "next_obs": self.next_obs, "next_action": self.next_action,
-                "policy_version": np.zeros(n, np.int64), "episode_id": np.full(n, -1, np.int64)}
+        return Transition(obs=self.obs, action=self.action, base_action=np.zeros_like(self.action),
+                          reward=(self.discount == 0).astype(np.float32), discount=self.discount,
+                          next_obs=self.next_obs, next_action=self.next_action,
+                          policy_version=np.zeros(n, np.int64), episode_id=np.full(n, -1, np.int64))
 
     def discounted_returns(self, rewards: np.ndarray, discount: float) -> np.ndarray:
         """Per-step discounted return-to-go within each demo under ``rewards`` (for quantile atoms)."""
@@ -100,12 +94,21 @@ class DemoTransitions:
         return out
 
 
-def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps: int,
-                progress: bool = True, on_log: Callable[[dict], None] | None = None) -> tuple[dict, list[dict]]:
-    """CSIL's faithful BC loss with Adam; returns the parameters and a metrics log (every 100 steps, each entry
-    also passed to ``on_log``: how a remote learner reports its progress)."""
-    from tqdm import trange
+class PretrainingStopped(Exception):
+    """``should_stop()`` turned true during pretraining (SIGINT/SIGTERM): nothing of it is kept."""
 
+
+def _check_stop(should_stop: Callable[[], bool] | None, what: str, step: int) -> None:
+    if should_stop is not None and should_stop():
+        raise PretrainingStopped(f"{what} stopped at step {step}: its progress is discarded")
+
+
+def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps: int,
+                progress: bool = True, on_log: Callable[[dict], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> tuple[dict, list[dict]]:
+    """CSIL's faithful BC loss with Adam; returns the parameters and a metrics log (every 100 steps, each entry
+    also passed to ``on_log``: how a remote learner reports its progress). ``should_stop`` is polled every
+    step and ends pretraining with ``PretrainingStopped`` (Ctrl-C answered within one step)."""
     cfg = agent.cfg
     params = agent.init_policy(key)
     opt = optax.adam(cfg.bc_lr)
@@ -125,6 +128,7 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
     log = []
     bar = trange(steps, desc="BC pretraining", disable=not progress, mininterval=1.0)
     for i in bar:
+        _check_stop(should_stop, "BC pretraining", i)
         params, opt_state, key, metrics = step(params, opt_state, key)
         if i % 100 == 0 or i == steps - 1:
             log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
@@ -137,8 +141,6 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
 def initial_atoms(agent: CSILAgent, bc_params, demos: DemoTransitions):
     """The critic's support: uniform, or (``atoms="quantile"``) denser where the demonstrator's returns lie under
     the training reward of the BC-initialised reward network."""
-    from learner.critic import make_atoms
-
     cfg = agent.cfg
     if cfg.critic.atoms != "quantile":
         return make_atoms(cfg.critic)
@@ -147,12 +149,10 @@ def initial_atoms(agent: CSILAgent, bc_params, demos: DemoTransitions):
 
 
 def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions, steps: int, seed: int = 0,
-                    progress: bool = True, on_log: Callable[[dict], None] | None = None
-                    ) -> tuple[AgentState, list[dict]]:
+                    progress: bool = True, on_log: Callable[[dict], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> tuple[AgentState, list[dict]]:
     """SARSA policy evaluation of the demonstrator under the training reward (batch = 2 × batch_size); ``on_log``
-    as in ``pretrain_bc``."""
-    from tqdm import trange
-
+    and ``should_stop`` as in ``pretrain_bc``."""
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
     step = jax.jit(agent.pretrain_critic_step)
@@ -160,6 +160,7 @@ def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions,
     log = []
     bar = trange(steps, desc="critic pretraining", disable=not progress, mininterval=1.0)
     for i in bar:
+        _check_stop(should_stop, "critic pretraining", i)
         key, sub = jax.random.split(key)
         state, metrics = step(state, demos.sample(rng, (batch,)), sub)
         if i % 100 == 0 or i == steps - 1:

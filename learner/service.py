@@ -1,12 +1,13 @@
-"""The learner as a Ray actor: pretraining, the Reverb-fed fused update loop, weight publishing, checkpoints.
+"""The learner as a Ray actor: ``LearnerCore`` fed by Reverb, with weight publishing, checkpoints and metrics.
 
-It is a threaded actor (``max_concurrency``): ``run`` loops in one thread while ``checkpoint`` and ``stats``
+The launcher makes it a threaded actor (``max_concurrency``): ``run`` loops in one thread while ``checkpoint`` and ``stats``
 answer from another (the launcher calls them on a timer and on SIGTERM). The loop never waits on a dead actor:
 sampling has a timeout, after which it re-checks the stop flag and tries again. A non-finite metric stops the
 loop with a FloatingPointError *before* anything is checkpointed, so the last checkpoint stays good.
 
-Checkpoints (orbax) hold the whole ``AgentState`` (networks, optimisers, target critic, atoms, temperature) and
-the counters; ``restore`` brings them back and republishes the weights with the checkpointed version.
+Checkpoints (``learner.checkpoint``: orbax, leaves keyed by name, written atomically) hold the whole
+``AgentState`` (networks, optimisers, target critic, atoms, temperature) and the counters; ``restore`` brings
+them back and republishes the weights with the checkpointed version.
 
 Prometheus (``csil.metrics``): updates and seconds waiting for samples (exported once a second), weights
 published, and every 100 updates the metrics dict (``csil_learner_stat{key=...}``) and the mean seconds per
@@ -24,11 +25,18 @@ import threading
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
 import ray
 
 from csil import metrics as prom
+from csil.demos import read_demos
+from csil.specs import DEMO_TABLE, ONLINE_TABLE, ObsSpec
+from csil.tasks import get_task
+from inference_server.client import PatientChunkSource
+from learner.agent import Batch
+from learner.core import LearnerCore, finite_metrics
+from learner.pretrain import DemoTransitions
+from replay.dataset import BatchIterator
+from replay.writer import TransitionWriter
 
 log = logging.getLogger(__name__)
 
@@ -36,89 +44,64 @@ SAMPLE_TIMEOUT_MS = 5_000
 EXPORT_EVERY_S = 1.0  # Prometheus counters of the update loop
 
 
-@ray.remote(max_restarts=0, max_concurrency=4)
 class LearnerService:
-    def __init__(self, cfg, spec_json: str, demos_path: str, replay_address: str, coordinator, logdir: str):
-        from csil.demos import read_demos
-        from csil.specs import ObsSpec
-        from learner.agent import CSILAgent
-        from learner.pretrain import DemoTransitions
+    """Made a Ray actor by the launcher (``ray.remote(max_restarts=0, max_concurrency=4)``)."""
 
+    def __init__(self, cfg, spec_json: str, demos_path: str, replay_address: str, coordinator, logdir: str):
         self.cfg, self.coordinator, self.replay_address = cfg, coordinator, replay_address
         self.spec = ObsSpec.from_json(spec_json)
         self.logdir = Path(logdir)
         self.ckpt_dir = self.logdir / "checkpoints" / "learner"
-        self.demos = DemoTransitions.from_episodes(read_demos(demos_path, num_demos=cfg.num_demos).episodes, self.spec)
-        self.agent = CSILAgent(cfg.agent, self.spec)
-        self.state = None
-        self.updates, self.env_steps_at_restore = 0, 0
+        demos = DemoTransitions.from_episodes(read_demos(demos_path, num_demos=cfg.num_demos).episodes, self.spec)
+        self.core = LearnerCore(cfg.agent, self.spec, demos, cfg.seed)
         self.lock = threading.Lock()
+        self.stop_pretraining = threading.Event()
         self.metrics: dict[str, float] = {}
         self.update_time_s = 0.0
         self.run_s, self.wait_s = 0.0, 0.0  # in run(): wall time, and the part spent waiting for samples
         self.recent_rate: tuple[float, int] = (time.perf_counter(), 0)  # (time, updates) for updates/s
         self.updates_per_s = 0.0
         # BC + critic pretraining steps done (stats() answers while pretrain() runs: the launcher's progress bar)
-        self.pretrain_progress = {"steps": 0, "total": cfg.agent.bc_steps + cfg.agent.critic_pretrain_steps}
+        self.pretrain_progress = {"steps": 0, "total": self.core.pretrain_steps}
         self.exported = (0, 0.0)  # (updates, wait_s) already added to the Prometheus counters
-        self.key = jax.random.PRNGKey(cfg.seed + 1)
+
+    @property
+    def updates(self) -> int:
+        return self.core.updates
 
     # --- start ----------------------------------------------------------------------------------------
 
     def pretrain(self) -> dict:
-        """BC, reward init and critic pretraining (unless XQC+OD), the demo table, and weights version 0."""
-        from learner.pretrain import initial_atoms, pretrain_bc, pretrain_critic
-        from replay.writer import TransitionWriter
-
-        cfg = self.cfg.agent
-        self.key, bc_key, critic_key = jax.random.split(self.key, 3)
+        """Pretraining (``LearnerCore.pretrain``), the demo table, and weights version 0. ``interrupt`` (from
+        another thread) ends it within one step with ``PretrainingStopped``."""
         if self.cfg.action_mode == "residual":  # demo actions become a_demo − a_base(s); the base-policy server
             # may still be starting: wait for it like the actors do
-            from actors.base_source import PatientChunkSource
-            from csil.tasks import get_task
-
-            source = PatientChunkSource(self.cfg.base_policy, stopped=lambda: False,
+            source = PatientChunkSource(self.cfg.base_policy, stopped=self.stop_pretraining.is_set,
                                         timeout_s=self.cfg.base_policy_timeout_s, actor_id="learner")
-            self.demos = self.demos.as_residuals(source, get_task(self.cfg.task).prompt)
+            self.core.demos = self.core.demos.as_residuals(source, get_task(self.cfg.task).prompt)
             source.close()
-
-        def report(offset: int):
-            return lambda record: self.pretrain_progress.update(steps=offset + record["step"] + 1)
-
-        bc, bc_log = pretrain_bc(self.agent, self.demos, bc_key, cfg.bc_steps, progress=False, on_log=report(0))
-        state = self.agent.init_state(critic_key, bc, atoms=initial_atoms(self.agent, bc, self.demos))
-        state, critic_log = pretrain_critic(self.agent, state, self.demos, cfg.critic_pretrain_steps,
-                                            seed=self.cfg.seed, progress=False, on_log=report(cfg.bc_steps))
-        self.state = state
-        with TransitionWriter(self.replay_address, table="demos") as writer:
-            writer.write_batch(self.demos.replay_items())
+        logs = self.core.pretrain(on_step=lambda n: self.pretrain_progress.update(steps=n),
+                                  should_stop=self.stop_pretraining.is_set)
+        with TransitionWriter(self.replay_address, table=DEMO_TABLE) as writer:
+            writer.write_batch(self.core.demos.replay_items())
         self.publish()
-        return {"bc": bc_log[-1], "critic": critic_log[-1] if critic_log else None}
+        return logs
+
+    def interrupt(self) -> None:
+        """Stop pretraining (SIGINT/SIGTERM during it): ``pretrain`` raises within one step."""
+        self.stop_pretraining.set()
 
     def restore(self) -> dict:
         """The newest learner checkpoint: state, update counter and the env steps it was taken at."""
-        import orbax.checkpoint as ocp
-
-        steps = sorted(int(p.name) for p in self.ckpt_dir.glob("[0-9]*") if (p / "counters.json").exists())
-        if not steps:
-            raise FileNotFoundError(f"--resume: no learner checkpoint under {self.ckpt_dir}")
-        path = self.ckpt_dir / str(steps[-1])
-        template = self.agent.init_state(jax.random.PRNGKey(0), self.agent.init_policy(jax.random.PRNGKey(0)))
-        leaves, treedef = jax.tree_util.tree_flatten(template)
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path / "state", {f"{i:05d}": x for i, x in enumerate(leaves)})
-        self.state = jax.tree_util.tree_unflatten(treedef, [restored[f"{i:05d}"] for i in range(len(leaves))])
-        counters = json.loads((path / "counters.json").read_text())
-        self.updates, self.env_steps_at_restore = counters["updates"], counters["env_steps"]
+        counters = self.core.restore(self.ckpt_dir)
         self.publish()
-        log.info("learner restored from %s (%s)", path, counters)
+        log.info("learner restored from %s (%s)", self.ckpt_dir, counters)
         return counters
 
     # --- the loop -------------------------------------------------------------------------------------
 
     def publish(self) -> None:
-        params = jax.device_get(self.state.policy)
-        self.coordinator.publish.remote(self.updates, [ray.put(params)])
+        self.coordinator.publish.remote(self.updates, [ray.put(self.core.policy_params())])
         prom.inc("csil_learner_weights_published_total")
 
     def _export(self) -> None:
@@ -130,13 +113,10 @@ class LearnerService:
 
     def run(self) -> dict:
         """Fused updates until the coordinator says stop; publishes every ``publish_every`` updates."""
-        from learner.agent import Batch
-        from replay.dataset import BatchIterator
-
         cfg = self.cfg
-        online = BatchIterator(self.replay_address, "online", cfg.agent.batch_size, cfg.agent.utd, self.spec,
+        online = BatchIterator(self.replay_address, ONLINE_TABLE, cfg.agent.batch_size, cfg.agent.utd, self.spec,
                                timeout_ms=SAMPLE_TIMEOUT_MS)
-        demos = BatchIterator(self.replay_address, "demos", cfg.agent.batch_size, cfg.agent.utd, self.spec,
+        demos = BatchIterator(self.replay_address, DEMO_TABLE, cfg.agent.batch_size, cfg.agent.utd, self.spec,
                               timeout_ms=SAMPLE_TIMEOUT_MS)
         stop = self.coordinator.stats.remote()
         metrics_file = (self.logdir / "learner.jsonl").open("a")
@@ -162,18 +142,13 @@ class LearnerService:
             finally:
                 self.wait_s += time.perf_counter() - waiting
             start = time.perf_counter()
-            self.key, key = jax.random.split(self.key)
             with self.lock:
-                self.state, metrics = self.agent.update(self.state, batch_online, batch_demos, key)
-                self.updates += 1
+                metrics = self.core.step(batch_online, batch_demos)
             if self.updates % cfg.publish_every == 0:
                 self.publish()
             if self.updates % 100 == 0:
-                record = {k: float(v) for k, v in metrics.items()}
+                record = finite_metrics(metrics, self.updates)  # raises before anything is checkpointed
                 self.update_time_s = time.perf_counter() - start
-                if not all(np.isfinite(list(record.values()))):
-                    raise FloatingPointError(f"non-finite learner metrics at update {self.updates}: {record}; the "
-                                             "last checkpoint is left as it was")
                 self.metrics = record
                 metrics_file.write(json.dumps({"updates": self.updates, "time": time.time(), **record}) + "\n")
                 metrics_file.flush()
@@ -202,25 +177,9 @@ class LearnerService:
 
     def params(self) -> tuple[int, dict]:
         with self.lock:
-            return self.updates, jax.device_get(self.state.policy)
+            return self.updates, self.core.policy_params()
 
     def checkpoint(self, env_steps: int) -> str:
         """Save state + counters under checkpoints/learner/<updates>; keeps the two newest."""
-        import shutil
-
-        import orbax.checkpoint as ocp
-
         with self.lock:
-            leaves = jax.device_get(jax.tree_util.tree_leaves(self.state))
-            updates = self.updates
-        path = self.ckpt_dir / str(updates)
-        if (path / "counters.json").exists():
-            return str(path)
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(path / "state", {f"{i:05d}": x for i, x in enumerate(leaves)})
-        (path / "counters.json").write_text(json.dumps({"updates": updates, "env_steps": env_steps}))
-        for old in sorted((p for p in self.ckpt_dir.glob("[0-9]*")), key=lambda p: int(p.name))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
-        return str(path)
+            return str(self.core.save(self.ckpt_dir, env_steps=env_steps))

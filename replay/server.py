@@ -15,7 +15,7 @@ import tensorflow as tf
 from reverb.cc import schema_pb2
 
 from csil.config import ReplayConfig
-from csil.specs import ObsSpec
+from csil.specs import DEMO_TABLE, ONLINE_TABLE, ObsSpec
 from replay.dataset import BatchIterator
 from replay.signature import transition_signature
 from replay.writer import TransitionWriter
@@ -23,8 +23,6 @@ from replay.writer import TransitionWriter
 __all__ = ["BatchIterator", "ReplayConfig", "ReplayServer", "TransitionWriter", "latest_checkpoint"]
 
 log = logging.getLogger(__name__)
-
-ONLINE, DEMOS = "online", "demos"
 
 
 def rate_limiter(cfg: ReplayConfig) -> reverb.rate_limiters.SampleToInsertRatio:
@@ -73,9 +71,9 @@ class ReplayServer:
 
         signature = transition_signature(obs_spec)
         tables = [
-            reverb.Table(name=ONLINE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
+            reverb.Table(name=ONLINE_TABLE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
                          max_size=cfg.online_size, rate_limiter=rate_limiter(cfg), signature=signature),
-            reverb.Table(name=DEMOS, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
+            reverb.Table(name=DEMO_TABLE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
                          max_size=max(1, num_demo_transitions), rate_limiter=reverb.rate_limiters.MinSize(1),
                          signature=signature),
         ]
@@ -107,12 +105,12 @@ class ReplayServer:
         if any(sizes.get(table, 0) != n for table, n in expected.items()):
             raise RuntimeError(f"the Reverb checkpoint {path!r} is corrupt: its items file lists {expected} items per "
                                f"table but the server restored {sizes}")
-        info = infos[ONLINE]
+        info = infos[ONLINE_TABLE]
         restored = (info.max_size, info.rate_limiter_info.samples_per_insert, info.rate_limiter_info.min_size_to_sample)
         wanted = (self.cfg.online_size, self.cfg.samples_per_insert, self.cfg.min_size)
         if restored != wanted:
             log.warning("restored table %r keeps its checkpointed (max_size, samples_per_insert, min_size) = %s, "
-                        "not the configured %s", ONLINE, restored, wanted)
+                        "not the configured %s", ONLINE_TABLE, restored, wanted)
         log.info("restored replay from %s: %s", path, sizes)
 
     def sizes(self) -> dict[str, int]:

@@ -19,6 +19,7 @@ import ray
 from csil import metrics
 from csil.config import ReplayConfig
 from csil.specs import ObsSpec
+from replay.server import ReplayServer
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,11 @@ _TOTALS = {
 }
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
 class ReplayService:
+    """Made a Ray actor by the launcher (no CPU reserved)."""
+
     def __init__(self, cfg: ReplayConfig, spec_json: str, num_demo_transitions: int, checkpoint_dir: str,
                  restore: bool):
-        from replay.server import ReplayServer
-
         self.server = ReplayServer(cfg, ObsSpec.from_json(spec_json), num_demo_transitions,
                                    checkpoint_dir=checkpoint_dir, restore=restore)
         port = self.server.address.rsplit(":", 1)[1]

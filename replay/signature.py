@@ -1,4 +1,5 @@
-"""The replay item: one transition per Reverb item, its tf.TensorSpec signature, and the checks writers apply."""
+"""The replay item (``csil.specs.Transition``, one per Reverb item): its tf.TensorSpec signature, and the checks
+writers apply."""
 
 from __future__ import annotations
 
@@ -7,22 +8,17 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow as tf
 
-from csil.specs import ACTION_DIM, ObsSpec
+from csil.specs import ACTION_DIM, ObsSpec, Transition
 
 
 def transition_signature(obs_spec: ObsSpec) -> dict:
-    """Nested ``tf.TensorSpec`` of one transition; both tables use it, so demos and online data batch alike.
-
-    ``action`` is the small policy's own action a_pi (the env executes its combination with ``base_action``);
-    ``discount`` is 0 at a terminal; ``next_action`` is the demonstrator's next action for demos (SARSA) and
-    may repeat ``action`` online; ``policy_version`` measures staleness, ``episode_id`` is -1 for demos by convention.
-    """
+    """Nested ``tf.TensorSpec`` of one ``csil.specs.Transition`` (its fields, as a dict); both tables use it."""
     obs = {key: tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype)) for key, spec in obs_spec.arrays().items()}
     action = tf.TensorSpec((ACTION_DIM,), tf.float32)
     scalar = tf.TensorSpec((), tf.float32)
     counter = tf.TensorSpec((), tf.int64)
-    return {"obs": obs, "action": action, "base_action": action, "reward": scalar, "discount": scalar,
-            "next_obs": dict(obs), "next_action": action, "policy_version": counter, "episode_id": counter}
+    return Transition(obs=obs, action=action, base_action=action, reward=scalar, discount=scalar,
+                      next_obs=dict(obs), next_action=action, policy_version=counter, episode_id=counter)._asdict()
 
 
 Layout = dict  # nested dict whose leaves are (shape, numpy dtype) pairs

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import reverb
 import tree
 
+from csil.specs import Transition
 from replay.signature import conform, layout
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,10 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5
 PROBE_EVERY_MS = 5_000  # while blocked, check this often that the server is still there
 MAX_IN_FLIGHT = 5  # items not yet confirmed by the server (Acme's default): bounds how far a writer runs ahead
+
+
+def _as_mapping(transition: Transition | Mapping) -> Mapping:
+    return transition._asdict() if isinstance(transition, Transition) else transition
 
 
 class TransitionWriter:
@@ -39,14 +44,14 @@ class TransitionWriter:
         self._writer = self._client.trajectory_writer(num_keep_alive_refs=1)
         self.wait_s = 0.0
 
-    def write(self, transition: Mapping) -> None:
-        """Insert one transition (nested dict of arrays without a batch axis)."""
-        arrays, _ = conform(transition, self._expected, batched=False)
+    def write(self, transition: Transition | Mapping) -> None:
+        """Insert one transition (arrays without a batch axis)."""
+        arrays, _ = conform(_as_mapping(transition), self._expected, batched=False)
         self._insert(arrays)
 
-    def write_batch(self, transitions: Mapping) -> None:
+    def write_batch(self, transitions: Transition | Mapping) -> None:
         """Insert N transitions given with a leading axis N (one item each); all are checked before any is sent."""
-        arrays, n = conform(transitions, self._expected, batched=True)
+        arrays, n = conform(_as_mapping(transitions), self._expected, batched=True)
         for i in range(n):
             self._insert(tree.map_structure(operator.itemgetter(i), arrays))
 

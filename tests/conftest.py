@@ -53,7 +53,7 @@ def tiny_agent() -> AgentConfig:
 def lift_setup(tmp_path_factory, ray_local):
     """Lift demos (3, scripted expert) and a tiny local base policy, built once per session."""
     from csil.config import BaseTrainConfig, DemoConfig
-    from csil.pipeline import generate_demos, train_base_from_file
+    from orchestration.pipeline import generate_demos, train_base_from_file
 
     root = tmp_path_factory.mktemp("trainer")
     demos = root / "lift.hdf5"

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from csil import hetstat
 from csil.config import AgentConfig, CriticConfig, HetStatConfig, algo_config
 from csil.specs import ObsSpec
 from learner.agent import CSILAgent
@@ -89,7 +90,7 @@ def test_critic_pretraining_learns_demo_values(pretrained):
 def test_critic_prefers_the_bc_action_on_demo_states(pretrained):
     agent, state, demos, _, _ = pretrained
     obs = {"state": jnp.asarray(demos.obs["state"][::3][:400])}
-    a_bc = agent.act_deterministic(state.policy, obs)
+    a_bc = hetstat.mode(agent.policy_net.apply(state.policy, obs)[0])
     q_bc = agent.q_values(state.critic, obs, a_bc, state.atoms).min(0)
     rng = np.random.default_rng(2)
     q_random = agent.q_values(state.critic, obs, jnp.asarray(rng.uniform(-1, 1, a_bc.shape), jnp.float32),
@@ -153,7 +154,7 @@ def test_vanilla_csil_mse_critic_is_coherent_and_runs_at_utd_1(pretrained):
     state, log = pretrain_critic(agent, state, demos, steps=1500, progress=False)
     assert log[-1]["critic_loss"] < 0.5 * log[0]["critic_loss"]
     obs = {"state": jnp.asarray(demos.obs["state"][::3][:400])}
-    a_bc = agent.act_deterministic(state.policy, obs)
+    a_bc = hetstat.mode(agent.policy_net.apply(state.policy, obs)[0])
     random_actions = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, a_bc.shape), jnp.float32)
     q_bc = agent.q_values(state.critic, obs, a_bc, state.atoms).min(0)
     q_random = agent.q_values(state.critic, obs, random_actions, state.atoms).min(0)
@@ -220,7 +221,8 @@ def test_image_agent_shares_the_critic_encoder_with_the_policy():
     assert max(jax.tree_util.tree_leaves(moved)) > 0
     assert all(np.allclose(n, 1.0, atol=1e-4) for n in _kernel_norms(state.critic["params"], "critics"))
     assert not all(np.allclose(n, 1.0) for n in _kernel_norms(state.critic["params"], "encoder"))
-    assert agent.act(state.policy, {k: v[:2] for k, v in obs.items()}, jax.random.PRNGKey(0)).shape == (2, 7)
+    mu, sigma = agent.policy_net.apply(state.policy, {k: v[:2] for k, v in obs.items()})
+    assert hetstat.sample(jax.random.PRNGKey(0), mu, sigma)[0].shape == (2, 7)
 
 
 def test_unrolled_utd_loop_computes_the_same_update(pretrained):

@@ -6,11 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from csil.base_policy import LocalBasePolicy, openpi_observation
+from csil.acting import base_observation as openpi_observation
+from csil.base_policy import LocalBasePolicy
 from csil.config import BaseTrainConfig, DemoConfig
 from csil.demos import read_demos
 from csil.envs import CsilEnv
-from csil.pipeline import generate_demos, train_base_from_file
+from orchestration.pipeline import generate_demos, train_base_from_file
 
 TINY = BaseTrainConfig(steps=300, batch_size=64, hidden=(64, 64))
 
@@ -84,7 +85,7 @@ def test_bad_observations_get_clear_errors(lift_base):
 
 
 def test_eval_cli_reports_json(lift_base, capsys, ray_local):
-    from csil.cli.evaluate import main
+    from cli.evaluate import main
 
     main(["--task", "Lift", "--policy", f"base:{lift_base[0]}", "--episodes", "3", "--workers", "1",
           "--envs-per-worker", "3"])
@@ -94,7 +95,7 @@ def test_eval_cli_reports_json(lift_base, capsys, ray_local):
 
 
 def test_expert_eval_succeeds(capsys, ray_local):
-    from csil.cli.evaluate import main
+    from cli.evaluate import main
 
     main(["--task", "Lift", "--policy", "expert", "--episodes", "4", "--workers", "2", "--envs-per-worker", "2"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

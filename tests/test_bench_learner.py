@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from csil.cli.bench import main
+from cli.bench import main
 
 
 def test_learner_bench_cli_reports_both_paths(capsys):

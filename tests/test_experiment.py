@@ -8,7 +8,7 @@ import json
 from csil.config import ExperimentConfig
 import pytest
 
-from learner.experiment import run_budget, run_experiment
+from orchestration.experiment import run_budget, run_experiment
 
 CURVES = {  # (method, seed) -> success at env steps 0, 1000, 2000
     ("csil++-ensemble", 0): [0.6, 0.6, 0.8], ("csil++-ensemble", 1): [0.5, 0.6, 0.7],

@@ -80,7 +80,7 @@ def test_csil_serve_runs_until_sigint(checkpoint, ray_local, capsys, free_port):
     """The standalone command: startup JSON line, health, then a clean shutdown on SIGINT; every flag has help.
 
     Run in-process on the session's Ray (a second Ray cluster would double this test's time)."""
-    from csil.cli.serve import build_parser, main
+    from cli.serve import build_parser, main
 
     assert all(a.help for a in build_parser()._actions)
     port = free_port()
@@ -310,7 +310,7 @@ def test_openpi_backend_batches_one_model_call_with_per_item_transforms():
 def test_benchmark_driver_measures_batched_and_unbatched(server, checkpoint, free_port):
     """``drive`` against our server and against the benchmark's baseline: openpi's server over the same backend."""
     from inference_server.backends import LocalBackend
-    from inference_server.bench import BackendPolicy, drive
+    from orchestration.bench.inference import BackendPolicy, drive
 
     port = free_port()
     baseline = WebsocketPolicyServer(BackendPolicy(LocalBackend(checkpoint)), "127.0.0.1", port)
@@ -328,7 +328,7 @@ import sys
 for name in ("reverb", "tensorflow", "robosuite"):
     sys.modules[name] = None  # any import of these now raises ImportError
 import numpy as np
-import csil.cli.serve, inference_server.app, inference_server.bench, inference_server.wire
+import cli.serve, inference_server.app, orchestration.bench.inference, inference_server.wire
 from inference_server.backends import LocalBackend
 from inference_server.client import connect_base_policy
 backend = LocalBackend({checkpoint!r})

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from csil.config import LaunchConfig, ReplayConfig
-from learner.launcher import System
+from orchestration.launcher import System
 
 
 def _faults(system: System, port: int, seen: dict) -> None:
@@ -84,10 +84,10 @@ def test_actor_waits_for_an_unreachable_base_policy_server(lift_setup, tiny_agen
 
     from actors.actor import EnvActor
     from csil.base_policy import LocalBasePolicy
-    from csil.pipeline import spec_from_demos
+    from orchestration.pipeline import spec_from_demos
     from csil.demos import read_demos
     from learner.agent import CSILAgent
-    from learner.coordinator import Coordinator
+    from orchestration.coordinator import Coordinator
     from replay.server import ReplayServer
 
     _, demos, base = lift_setup
@@ -127,7 +127,7 @@ def _worker_logs_contain(text: str) -> bool:
 
 
 def test_resume_uses_the_saved_config(tmp_path, tiny_agent):
-    from csil.cli.launch import build_parser, resumed_config
+    from cli.launch import build_parser, resumed_config
 
     saved = LaunchConfig(task="Square", actors=3, env_steps=1000, agent=tiny_agent, logdir=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(saved), default=str))

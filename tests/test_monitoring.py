@@ -116,7 +116,7 @@ def test_every_dashboard_query_has_data_from_a_real_run(lift_setup, tiny_agent, 
     ``... or vector(0)`` queries, for errors that do not happen here, answer trivially; the static test above
     checks their metric names against the registry.)"""
     from csil.config import LaunchConfig
-    from learner.launcher import System
+    from orchestration.launcher import System
 
     ray = ray_local
     session_dir = Path(ray._private.worker._global_node.get_session_dir_path())

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent('''
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
     from csil.config import AgentConfig, CriticConfig, HetStatConfig, LaunchConfig
-    from learner.launcher import System
+    from orchestration.launcher import System
 
     args = json.loads(sys.argv[1])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"csil_learner": 1}})

@@ -3,7 +3,7 @@
 import csv
 
 from csil.config import LaunchConfig
-from learner.system_bench import write_scale
+from orchestration.bench.system import write_scale
 
 
 def test_scale_table_csv_and_plot(tmp_path):

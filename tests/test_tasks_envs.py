@@ -100,7 +100,7 @@ def test_fast_render_quality_still_renders_the_scene():
 
 
 def test_env_benchmark_prints_one_json_line_with_ratio(capsys):
-    from csil.cli.bench import main
+    from cli.bench import main
 
     main(["env", "--task", "Lift", "--steps", "40", "--rounds", "1"])
     lines = capsys.readouterr().out.strip().splitlines()

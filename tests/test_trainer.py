@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from csil.config import TrainConfig
-from learner.trainer import Trainer
+from orchestration.trainer import Trainer
 
 
 def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent):

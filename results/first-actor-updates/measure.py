@@ -15,7 +15,7 @@ import numpy as np
 from csil import hetstat
 from csil.config import AgentConfig, algo_config, cpu_sized
 from csil.demos import read_demos
-from csil.pipeline import ensure_demos, spec_from_demos
+from orchestration.pipeline import ensure_demos, spec_from_demos
 from learner.agent import CSILAgent
 from learner.pretrain import DemoTransitions, initial_atoms, pretrain_bc, pretrain_critic
 

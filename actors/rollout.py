@@ -1,8 +1,9 @@
 """Running episodes: K environments stepped in lockstep per Ray worker, the policy queried in batches.
 
-This is the loop evaluation and demo generation share (and the shape the RL actors take): each env keeps a
-queue of actions; whenever some envs run dry, the policy is asked once for all of them (a chunk of 10 for
-the base policy, one action for a scripted expert). Episode ``i`` always uses seed ``seed + i``, so results
+This is the loop evaluation and demo generation share: each env keeps a queue of actions; whenever some envs
+run dry, the policy is asked once for all of them (one combined action, or one action of a scripted expert).
+Evaluation acts through ``csil.acting.CombinedPolicy``, like the env actors, and gets its base chunks through
+the same client (``chunk_source``). Episode ``i`` always uses seed ``seed + i``, so results
 do not depend on how many workers or envs ran them.
 """
 
@@ -15,9 +16,15 @@ from collections import deque
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
+import ray
 
+from csil.acting import ChunkSource, CombinedPolicy
+from csil.base_policy import LocalBasePolicy
 from csil.envs import CsilEnv
+from csil.experts import DEFAULT_NOISE, make_expert
+from csil.ray_utils import ensure_ray
 from csil.specs import STATE_KEYS
+from inference_server.client import connect_base_policy
 
 
 class RolloutPolicy(Protocol):
@@ -29,30 +36,36 @@ class RolloutPolicy(Protocol):
         """(len(slots), L, 7) actions to execute open-loop, L >= 1."""
 
 
-class BasePolicyRollout:
-    """The local base policy executed open-loop in chunks, as pi0.5 is in the paper."""
+def chunk_source(target: str) -> ChunkSource:
+    """The base policy at ``target``: the inference server (``local``: csil-launch's Serve app through a handle;
+    ``ws://``/``grpc://``: any server by URL), the same client the env actors use; or a ``csil-base``
+    checkpoint directory, loaded in this process."""
+    if target == "local" or target.startswith(("ws://", "wss://", "grpc://")):
+        return connect_base_policy(target)
+    return LocalBasePolicy(target)
 
-    def __init__(self, ckpt_dir: str, prompt: str):
-        from csil.base_policy import LocalBasePolicy
 
-        self.policy = LocalBasePolicy(ckpt_dir)
-        self.prompt = prompt
+class CombinedRollout:
+    """The acting step of ``csil.acting`` in evaluation mode: the base policy's open-loop chunks plus, when
+    ``params`` are given, the small policy's mode, combined. Without ``params`` it is the base policy alone."""
+
+    def __init__(self, base: str, prompt: str, num_slots: int, params=None, network=None,
+                 action_mode: str = "ensemble"):
+        self.policy = CombinedPolicy(chunk_source(base), network if params is not None else None, action_mode,
+                                     prompt, num_slots)
+        self.params = params
 
     def start_episode(self, slot: int, env: CsilEnv) -> None:
-        pass
+        self.policy.reset(slot)
 
     def chunks(self, slots, obs, envs) -> np.ndarray:
-        from csil.base_policy import openpi_observation
-
-        return self.policy.infer_batch([openpi_observation(o, self.prompt) for o in obs])
+        return self.policy.act(self.params, obs, None, slots).executed[:, None]
 
 
 class ExpertRollout:
     """A scripted expert per env slot; it reads privileged simulator state, one action at a time."""
 
     def __init__(self, task: str, noise: float | None, seed: int):
-        from csil.experts import DEFAULT_NOISE, make_expert
-
         noise = DEFAULT_NOISE if noise is None else noise
         self.make = lambda slot: make_expert(task, noise=noise, seed=seed + slot)
         self.experts: dict[int, object] = {}
@@ -64,49 +77,20 @@ class ExpertRollout:
         return np.stack([self.experts[s].act(e)[None] for s, e in zip(slots, envs)])
 
 
-class CombinedRollout:
-    """Base policy (open-loop chunks) plus the small HETSTAT policy every step, combined (deterministic mode).
-
-    This is how the fine-tuned system acts at evaluation time; ``network`` is the small policy's Flax module
-    (``csil.hetstat.SmallPolicy``) and ``params`` its weights.
-    """
-
-    def __init__(self, ckpt_dir: str, prompt: str, params, network, action_mode: str):
-        self.base = BasePolicyRollout(ckpt_dir, prompt)
-        self.net = network
-        self.params = params
-        self.action_mode = action_mode
-        self.queues: dict[int, deque] = {}
-
-    def start_episode(self, slot: int, env: CsilEnv) -> None:
-        self.queues[slot] = deque()
-
-    def chunks(self, slots, obs, envs) -> np.ndarray:
-        from csil.actions import combine_actions
-        from csil.hetstat import mode
-
-        empty = [i for i, s in enumerate(slots) if not self.queues[s]]
-        if empty:
-            chunks = self.base.chunks([slots[i] for i in empty], [obs[i] for i in empty], None)
-            for i, chunk in zip(empty, chunks):
-                self.queues[slots[i]].extend(chunk)
-        base = np.stack([self.queues[s].popleft() for s in slots])
-        mu, _ = self.net.apply(self.params, {k: np.stack([o[k] for o in obs]) for k in obs[0]})
-        return combine_actions(base, np.asarray(mode(mu)), self.action_mode)[:, None]
-
-
-def make_rollout_policy(spec: str | dict, task: str, prompt: str, seed: int = 0,
+def make_rollout_policy(spec: str | dict, task: str, prompt: str, num_slots: int, seed: int = 0,
                         noise: float | None = None) -> RolloutPolicy:
-    """``base:DIR`` -> the local base policy in DIR; ``expert`` -> the task's scripted expert; a dict
-    ``{"base": DIR, "params": ..., "network": SmallPolicy, "action_mode": ...}`` -> base + small policy."""
+    """``base:TARGET`` -> the base policy alone (TARGET: a csil-base checkpoint dir, ``local``, ``ws://...`` or
+    ``grpc://...``); ``expert`` -> the task's scripted expert; a dict ``{"base": TARGET, "params": ...,
+    "network": SmallPolicy, "action_mode": ...}`` -> base + small policy."""
     if isinstance(spec, dict):
-        return CombinedRollout(spec["base"], prompt, spec["params"], spec["network"], spec["action_mode"])
+        return CombinedRollout(spec["base"], prompt, num_slots, spec["params"], spec["network"], spec["action_mode"])
     kind, _, arg = spec.partition(":")
     if kind == "base" and arg:
-        return BasePolicyRollout(arg, prompt)
+        return CombinedRollout(arg, prompt, num_slots)
     if kind == "expert":
         return ExpertRollout(task, noise, seed)
-    raise ValueError(f"unknown policy {spec!r}; use 'base:DIR' (a csil-base checkpoint) or 'expert'")
+    raise ValueError(f"unknown policy {spec!r}; use 'base:DIR' (a csil-base checkpoint), 'base:ws://HOST:PORT' "
+                     "(a served base policy) or 'expert'")
 
 
 @dataclasses.dataclass
@@ -163,7 +147,7 @@ class RolloutWorker:
     def __init__(self, task: str, obs_mode: str, policy: str | dict, num_envs: int, prompt: str,
                  seed: int = 0, noise: float | None = None):
         self.envs = [CsilEnv(task, obs_mode) for _ in range(num_envs)]
-        self.policy = make_rollout_policy(policy, task, prompt, seed=seed, noise=noise)
+        self.policy = make_rollout_policy(policy, task, prompt, num_envs, seed=seed, noise=noise)
 
     def run(self, seeds: Sequence[int], record: bool = False) -> list[EpisodeResult]:
         if len(seeds) > len(self.envs):
@@ -200,8 +184,6 @@ class RolloutWorker:
 def default_workers() -> int:
     """One per local core, but no more than the cluster's unreserved CPUs (a worker reserves one: a worker
     that cannot be placed would hold its share of the seeds forever)."""
-    import ray
-
     return max(1, min(os.cpu_count() or 1, int(ray.available_resources().get("CPU", 1))))
 
 
@@ -213,10 +195,6 @@ def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[i
     Each worker gets up to ``envs_per_worker`` seeds per call; two calls per worker are kept in flight so
     a worker never idles while the driver collects results.
     """
-    import ray
-
-    from csil.ray_utils import ensure_ray
-
     ensure_ray()
     workers = workers or default_workers()
     remote_cls = ray.remote(num_cpus=1)(RolloutWorker)

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import time
 
-from csil.cli import emit_json
+from cli import emit_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +115,7 @@ def resumed_config(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from learner.launcher import System
+    from orchestration.launcher import System
 
     emit_json(System(resumed_config(args) if args.resume else config_from_args(args)).run())
 

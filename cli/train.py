@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import time
 
-from csil.cli import emit_json
+from cli import emit_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from csil.config import AgentConfig, TrainConfig, algo_config, cpu_sized
-    from learner.trainer import Trainer
+    from orchestration.trainer import Trainer
 
     agent = dataclasses.replace(AgentConfig(), bc_steps=args.bc_steps, critic_pretrain_steps=args.critic_steps)
     if args.size == "cpu":

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from csil.cli import emit_json
+from cli import emit_json
 from csil.config import EvalConfig
 
 
@@ -33,13 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
 
-    from csil.rollout import run_episodes
+    from actors.rollout import run_episodes
     from csil.tasks import get_task
 
     task = get_task(args.task)
     policy = args.policy
     if policy == "base":
-        from csil.pipeline import ensure_base_policy
+        from orchestration.pipeline import ensure_base_policy
 
         policy = f"base:{ensure_base_policy(task.name)}"
     start = time.time()

@@ -15,11 +15,11 @@ import collections
 import time
 from typing import Any
 
-import ray
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
 class Coordinator:
+    """Made a Ray actor by the launcher (no CPU reserved)."""
+
     def __init__(self, env_steps: int = 0, episodes: int = 0):
         self.version, self.weights = -1, None  # weights: [ObjectRef] (a list, so Ray passes the ref, not the value)
         self.env_steps, self.episodes = env_steps, episodes
@@ -59,9 +59,6 @@ class Coordinator:
             self.staleness.append(self.version - acting_version)
         newer = self.weights if self.version > acting_version else None
         return self.stopped, self.version, newer
-
-    def latest(self) -> tuple[int, list | None]:
-        return self.version, self.weights
 
     def stop(self) -> None:
         self.stopped = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from csil.cli import emit_json
+from cli import emit_json
 from csil.config import BASE_POLICY_DEFAULTS, BaseTrainConfig
 
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from csil import pipeline
+    from orchestration import pipeline
 
     if args.command == "prepare":
         emit_json({"task": args.task, "base_policy": str(pipeline.ensure_base_policy(args.task))})

@@ -21,9 +21,8 @@ import ray
 from openpi_client.base_policy import BasePolicy
 
 from csil.config import InferenceServerConfig
-from csil.pipeline import ensure_base_policy
 from inference_server import app
-from inference_server.backends import zero_observation
+from inference_server.backends import make_backend, zero_observation
 
 
 class BackendPolicy(BasePolicy):
@@ -41,11 +40,9 @@ class UnbatchedServer:
     """openpi's WebsocketPolicyServer, in a thread of this actor, over the same backend as ours."""
 
     def __init__(self, cfg: InferenceServerConfig):
-        from openpi_server import WebsocketPolicyServer
+        from openpi_server import WebsocketPolicyServer  # openpi's own server: only this baseline needs it
 
-        from inference_server.backends import make_backend
-
-        backend = make_backend(cfg.backend, cfg.checkpoint, task=cfg.task, openpi_config=cfg.openpi_config,
+        backend = make_backend(cfg.backend, cfg.checkpoint, openpi_config=cfg.openpi_config,
                                model_delay_ms=cfg.model_delay_ms)
         server = WebsocketPolicyServer(BackendPolicy(backend), cfg.host, cfg.port, backend.metadata)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -108,9 +105,6 @@ def drive(url: str, observation: dict, clients: int, duration_s: float, warmup_s
 def bench_inference(client_counts: list[int], cfg: InferenceServerConfig, duration_s: float,
                     baseline_port: int) -> list[dict]:
     """One record per client count: batched vs. unbatched throughput and latency, and their ratio."""
-    if cfg.checkpoint is None and cfg.backend == "local":
-        # Resolve (and build, if absent) the cached default once here, not in both servers at the same time.
-        cfg = dataclasses.replace(cfg, checkpoint=str(ensure_base_policy(cfg.task)))
     server = app.start(cfg)
     baseline = UnbatchedServer.options(num_cpus=cfg.num_cpus).remote(dataclasses.replace(cfg, port=baseline_port))
     try:

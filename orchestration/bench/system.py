@@ -17,18 +17,23 @@ is compared with baselines measured first on the same machine:
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import tempfile
 from pathlib import Path
 
 from csil.config import LaunchConfig
+from csil.demos import read_demos, spec_from_demos
+from orchestration.bench.env import bench_env
+from orchestration.bench.learner import bare_update_rate
+from orchestration.launcher import System
+from orchestration.pipeline import ensure_demos
+from orchestration.plotting import plt
 
 
 def measure_system(cfg: LaunchConfig) -> dict:
     """Run ``cfg`` (a fixed-duration launch) and reduce its summary to throughput numbers."""
-    from learner.launcher import System
-
     summary = System(cfg, progress=False).run()
     progress = [json.loads(line) for line in (Path(cfg.logdir) / "progress.jsonl").read_text().splitlines()]
     half = [p for p in progress if p["time"] >= (progress[0]["time"] + progress[-1]["time"]) / 2]
@@ -56,11 +61,6 @@ def measure_system(cfg: LaunchConfig) -> dict:
 
 def bench_system(cfg: LaunchConfig, env_steps: int = 500) -> dict:
     """Baselines first (raw env loop, bare update), then the system; one JSON-ready record."""
-    from csil.cli.bench import bench_env
-    from csil.demos import read_demos
-    from csil.pipeline import ensure_demos, spec_from_demos
-    from learner.bench import bare_update_rate
-
     demos = cfg.demos or str(ensure_demos(cfg.task))
     spec = spec_from_demos(demos, read_demos(demos, num_demos=1).episodes[0].obs, "state")
     raw = bench_env(cfg.task, env_steps, 1, "state", cfg.seed)["raw_steps_per_s"]
@@ -83,8 +83,6 @@ def scale_out(cfg: LaunchConfig, actor_counts: list[int], out_dir: str, command:
 
 
 def write_scale(records: list[dict], cfg: LaunchConfig, out_dir: str, command: str) -> None:
-    import csv
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     columns = ["actors", "env_steps_per_s", "env_steps_per_s_per_actor", "raw_env_steps_per_s", "blocked_fraction",
@@ -107,11 +105,6 @@ def _fmt(value) -> str:
 
 
 def _plot_scale(path: Path, records: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     actors = [r["actors"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(actors, [r["env_steps_per_s"] for r in records], marker="o", label="env steps/s (system)")

@@ -2,7 +2,7 @@
 
 Every (task, method, seed) is one ``csil-train`` run (the same agent, replay and acting code as csil-launch, in
 one process: on a 2-core machine the distributed system would only add Ray overhead) or, for ``base``, an
-evaluation of the base policy alone. Training seed ``k`` is evaluated on scenes ``EvalConfig.seed + k·stride``
+evaluation of the base policy alone. Training seed ``k`` is evaluated on scenes ``csil.seeds.eval_scene(k)``
 and so is the base policy for seed ``k``: the comparison with the base is paired, scene for scene.
 
 A run is done when its ``summary.json`` exists; done runs are never redone, so the experiment can be spread
@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from csil.config import METHODS, EvalConfig, ExperimentConfig, cache_dir
+from csil import seeds
+from csil.config import METHODS, ExperimentConfig, TrainConfig, agent_config, cache_dir
+from csil.tasks import get_task
+from orchestration.evaluator import evaluate_policy
+from orchestration.plotting import plt
+from orchestration.pipeline import ensure_base_policy
+from orchestration.trainer import Trainer
 
 DROP_TOLERANCE = 0.05  # "no initial drop": every evaluation >= base - 5 pp
 
@@ -51,8 +57,6 @@ def finished(cfg: ExperimentConfig, task: str, method: str, seed: int) -> dict |
 
 def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: bool = True) -> dict:
     """One run (or the cached result of it): {"task", "method", "seed", "evals": [{"env_steps", "success_rate"}]}."""
-    from csil.config import AgentConfig, TrainConfig, algo_config, cpu_sized
-
     result = finished(cfg, task, method, seed)
     if result is not None:
         return result
@@ -62,11 +66,8 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
         evals = [{"env_steps": 0, **_evaluate_base(task, cfg.eval_episodes, seed)}]
         summary = {}
     else:
-        from learner.trainer import Trainer
-
-        agent = AgentConfig(bc_steps=cfg.bc_steps, critic_pretrain_steps=cfg.critic_steps,
-                            actor_warmup_steps=cfg.actor_warmup)
-        agent = algo_config(algo, cpu_sized(agent) if cfg.size == "cpu" else agent)
+        agent = agent_config(algo, cfg.size, bc_steps=cfg.bc_steps, critic_pretrain_steps=cfg.critic_steps,
+                             actor_warmup_steps=cfg.actor_warmup)
         trainer = Trainer(TrainConfig(task=task, algo=algo, size=cfg.size, action_mode=action_mode,
                                       env_steps=cfg.env_steps, warmup=cfg.warmup, eval_every=cfg.eval_every,
                                       eval_episodes=cfg.eval_episodes, num_demos=cfg.num_demos, seed=seed,
@@ -81,13 +82,10 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
 
 
 def _evaluate_base(task_name: str, episodes: int, seed: int) -> dict:
-    from csil.pipeline import ensure_base_policy
-    from csil.tasks import get_task
-    from learner.evaluation import evaluate_policy
-
+    """The base policy alone on the scenes a trained run of ``seed`` is evaluated on (round 0)."""
     task = get_task(task_name)
     return evaluate_policy(task, "state", str(ensure_base_policy(task.name)), None, None, "ensemble", episodes,
-                           seed_offset=seed * EvalConfig.seed_stride)
+                           seeds.eval_scene(seed))
 
 
 def run_experiment(cfg: ExperimentConfig, command: str, progress: bool = True, report_only: bool = False) -> dict:
@@ -206,11 +204,6 @@ def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -
 
 
 def _plot(path: Path, cfg: ExperimentConfig, results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(cfg.tasks), figsize=(5 * len(cfg.tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], cfg.tasks):
         for method in cfg.methods:

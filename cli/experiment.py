@@ -9,7 +9,7 @@ import argparse
 import shlex
 import sys
 
-from csil.cli import emit_json
+from cli import emit_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     from csil.config import ExperimentConfig
-    from learner.experiment import run_experiment
+    from orchestration.experiment import run_experiment
 
     cfg = ExperimentConfig(
         name=args.name, tasks=tuple(args.tasks.split(",")), methods=tuple(args.methods.split(",")),

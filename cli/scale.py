@@ -8,11 +8,11 @@ import argparse
 import shlex
 import sys
 
-from csil.cli import emit_json
+from cli import emit_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from csil.cli.bench import add_system_args
+    from cli.bench import add_system_args
 
     p = argparse.ArgumentParser(prog="csil-scale", description=__doc__)
     p.add_argument("--actors", default="1,2,4,8", help="comma-separated actor counts (default %(default)s)")
@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    from csil.cli.bench import system_config
-    from learner.system_bench import scale_out
+    from cli.bench import system_config
+    from orchestration.bench.system import scale_out
 
     counts = [int(n) for n in args.actors.split(",")]
     for record in scale_out(system_config(args, counts[0]), counts, args.out, "csil-scale " + shlex.join(argv),

@@ -9,48 +9,9 @@ import time
 
 import numpy as np
 
-from csil.cli import emit_json
+from cli import emit_json
 from csil.config import ALGORITHMS, SIZES
-from csil.cli.serve import add_server_args, config_from_args
-
-
-def bench_env(task_name: str, steps: int, rounds: int, obs_mode: str, seed: int) -> dict:
-    """Raw robosuite ``env.step`` loop vs our ``CsilEnv.step``, same kwargs and actions, rounds interleaved."""
-    import robosuite
-
-    from csil.envs import CsilEnv
-
-    ours = CsilEnv(task_name, obs_mode, seed=seed)
-    raw = robosuite.make(ours.task.env_name, **ours.make_kwargs)
-    actions = np.random.default_rng(seed).uniform(-1, 1, (steps, 7))
-
-    def run_raw() -> float:
-        raw.reset()
-        start = time.perf_counter()
-        for t, a in enumerate(actions):
-            raw.step(a)
-            if (t + 1) % ours.horizon == 0:
-                raw.reset()
-        return steps / (time.perf_counter() - start)
-
-    def run_ours() -> float:
-        ours.reset()
-        start = time.perf_counter()
-        for a in actions:
-            _, _, success, truncated, _ = ours.step(a)
-            if success or truncated:
-                ours.reset()
-        return steps / (time.perf_counter() - start)
-
-    run_raw(), run_ours()  # warm-up: first-touch allocations, caches
-    raw_rates, our_rates = [], []
-    for _ in range(rounds):
-        raw_rates.append(run_raw())
-        our_rates.append(run_ours())
-    raw_sps, our_sps = float(np.median(raw_rates)), float(np.median(our_rates))
-    return {"bench": "env", "task": ours.task.name, "obs": obs_mode, "steps": steps, "rounds": rounds,
-            "raw_steps_per_s": round(raw_sps, 1), "wrapped_steps_per_s": round(our_sps, 1),
-            "ratio": round(our_sps / raw_sps, 4), "overhead_pct": round(100 * (1 - our_sps / raw_sps), 2)}
+from cli.serve import add_server_args, config_from_args
 
 
 def add_system_args(p: argparse.ArgumentParser) -> None:
@@ -127,20 +88,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "env":
         emit_json(bench_env(args.task, args.steps, args.rounds, args.obs, args.seed))
     elif args.command == "inference":
-        from inference_server.bench import bench_inference
+        from orchestration.bench.inference import bench_inference
 
         cfg = dataclasses.replace(config_from_args(args), grpc_port=None)
         for record in bench_inference([int(n) for n in args.clients.split(",")], cfg, args.duration,
                                       args.baseline_port):
             emit_json(record)
     elif args.command == "learner":
-        from learner.bench import bench_learner
+        from orchestration.bench.learner import bench_learner
 
         emit_json(bench_learner(args.obs, args.updates, args.size, args.algo, args.batch_size, args.utd, args.rounds,
                                 args.warmup, args.items, args.seed,
                                 unroll_utd={"auto": None, "on": True, "off": False}[args.unroll_utd]))
     elif args.command == "system":
-        from learner.system_bench import bench_system
+        from orchestration.bench.system import bench_system
 
         emit_json(bench_system(system_config(args, args.actors), args.raw_env_steps))
 

@@ -7,7 +7,7 @@ machines here are noisy, so only same-run ratios mean anything), and the medians
 
 - ``synthetic``: one random batch put on the device once and reused; nothing but the update runs.
 - ``reverb``: a real in-process ``ReplayServer`` filled with random transitions, read through two
-  ``BatchIterator``s (online and demos) exactly as ``learner.trainer`` reads them.
+  ``BatchIterator``s (online and demos) exactly as ``orchestration.trainer`` reads them.
 - ``input_only``: the reverb path without the update (next() on both iterators + device_put), i.e. how many
   batches per second the input path can deliver when it has the machine to itself.
 
@@ -25,11 +25,13 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
-from csil.config import AgentConfig, EncoderConfig, ReplayConfig, algo_config, cpu_sized
 from csil.config import SIZES as PRESET_SIZES
-from csil.specs import CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsSpec
+from csil.config import AgentConfig, ReplayConfig, agent_config
+from csil.specs import CAMERAS, DEMO_TABLE, ONLINE_TABLE, PROPRIO_KEYS, STATE_KEYS, ObsSpec, Transition
 from learner.agent import Batch, CSILAgent
+from replay.server import BatchIterator, ReplayServer, TransitionWriter
 
 # Lift's state layout (eef pos, eef quat, gripper qpos, 10-d object state: 19-d); image mode keeps the proprio part.
 WIDTHS = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10}
@@ -45,27 +47,16 @@ def obs_spec(obs_mode: str) -> ObsSpec:
     raise ValueError(f"unknown obs mode {obs_mode!r}; use 'state' or 'image'")
 
 
-def agent_config(size: str, algo: str = "csil++", batch_size: int | None = None, utd: int | None = None,
-                 unroll_utd: bool | None = None) -> AgentConfig:
-    """``paper``: AgentConfig() as is; ``cpu``: ``csil.config.cpu_sized``; ``tiny``: minimal widths so that a smoke
-    test compiles and runs in seconds (its timings mean nothing). ``batch_size``, ``utd`` and ``unroll_utd``
-    override the preset."""
-    base = AgentConfig()
-    if size == "cpu":
-        base = cpu_sized(base)
-    elif size == "tiny":
-        base = dataclasses.replace(
-            base, policy=dataclasses.replace(base.policy, hidden=(16,), bottleneck=8, features=16),
-            critic=dataclasses.replace(base.critic, hidden=(16,), num_atoms=11),
-            encoder=EncoderConfig(channels=(4,), out_dim=8))
-    elif size != "paper":
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    cfg = algo_config(algo, base)
+def bench_agent_config(size: str, algo: str = "csil++", batch_size: int | None = None, utd: int | None = None,
+                       unroll_utd: bool | None = None) -> AgentConfig:
+    """``csil.config.agent_config`` (sizes paper, cpu or tiny); ``batch_size``, ``utd`` and ``unroll_utd``
+    override the preset (so ``--utd`` also applies to vanilla CSIL's UTD 1)."""
+    cfg = agent_config(algo, size)
     overrides = {"batch_size": batch_size, "utd": utd, "unroll_utd": unroll_utd}
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def random_transitions(spec: ObsSpec, n: int, rng: np.random.Generator) -> dict:
+def random_transitions(spec: ObsSpec, n: int, rng: np.random.Generator) -> Transition:
     """``n`` transitions in the replay signature's layout; actions stay inside (-1, 1) where tanh policies have
     finite log-densities, and about 2% are terminal so both branches of the TD target are exercised."""
 
@@ -79,12 +70,12 @@ def random_transitions(spec: ObsSpec, n: int, rng: np.random.Generator) -> dict:
         return rng.uniform(-0.9, 0.9, (n, 7)).astype(np.float32)
 
     discount = (rng.random(n) > 0.02).astype(np.float32)
-    return {"obs": obs(), "action": actions(), "base_action": actions(), "reward": 1.0 - discount,
-            "discount": discount, "next_obs": obs(), "next_action": actions(),
-            "policy_version": np.zeros(n, np.int64), "episode_id": np.arange(n, dtype=np.int64)}
+    return Transition(obs=obs(), action=actions(), base_action=actions(), reward=1.0 - discount, discount=discount,
+                      next_obs=obs(), next_action=actions(), policy_version=np.zeros(n, np.int64),
+                      episode_id=np.arange(n, dtype=np.int64))
 
 
-def _batch(transitions: dict, utd: int, batch_size: int) -> Batch:
+def _batch(transitions: Transition, utd: int, batch_size: int) -> Batch:
     """The first utd x batch_size transitions as a Batch with leading (utd, batch_size) dims."""
     def shape(x: np.ndarray) -> np.ndarray:
         return x[:utd * batch_size].reshape(utd, batch_size, *x.shape[1:])
@@ -102,11 +93,7 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
     Reverb streams), then ``rounds`` rounds of ``updates`` timed updates each, alternating paths. ``items``
     random transitions fill each table (sampled uniformly with replacement, so the count barely matters).
     """
-    from tqdm import tqdm
-
-    from replay.server import DEMOS, ONLINE, BatchIterator, ReplayServer, TransitionWriter
-
-    spec, cfg = obs_spec(obs_mode), agent_config(size, algo, batch_size, utd, unroll_utd)
+    spec, cfg = obs_spec(obs_mode), bench_agent_config(size, algo, batch_size, utd, unroll_utd)
     agent = CSILAgent(cfg, spec)
     rng = np.random.default_rng(seed)
     key, init_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -125,11 +112,11 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
                file=sys.stderr, disable=not progress, mininterval=1.0)
     with ReplayServer(replay_cfg, spec, num_demo_transitions=items) as server:
         bar.set_postfix_str("filling replay")
-        for table in (ONLINE, DEMOS):
+        for table in (ONLINE_TABLE, DEMO_TABLE):
             with TransitionWriter(server.address, table) as writer:
                 writer.write_batch(random_transitions(spec, items, rng))
-        online = BatchIterator(server.address, ONLINE, cfg.batch_size, cfg.utd, spec)
-        demos = BatchIterator(server.address, DEMOS, cfg.batch_size, cfg.utd, spec)
+        online = BatchIterator(server.address, ONLINE_TABLE, cfg.batch_size, cfg.utd, spec)
+        demos = BatchIterator(server.address, DEMO_TABLE, cfg.batch_size, cfg.utd, spec)
 
         def timed(count: int, step: Callable[[int], object]) -> float:
             """Updates (or batches) per second of ``count`` calls of ``step``, waiting for the device at both ends."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from csil.cli import emit_json
+from cli import emit_json
 from csil.config import DemoConfig, cache_dir
 
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
-        from csil.pipeline import generate_demos
+        from orchestration.pipeline import generate_demos
 
         cfg = DemoConfig(task=args.task, num=args.num, obs_mode=args.obs, seed=args.seed, noise=args.noise,
                          workers=args.workers)

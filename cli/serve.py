@@ -12,8 +12,10 @@ import os
 import signal
 import threading
 
-from csil.cli import emit_json
+from cli import emit_json
 from csil.config import InferenceServerConfig
+from inference_server import app
+from orchestration.pipeline import ensure_base_policy
 
 TOKEN_ENV = "CSIL_SERVE_TOKEN"
 
@@ -26,7 +28,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="local: a base-policy dir from `csil-base train` (default: the cached default of "
                              "--task, built if absent); openpi: the checkpoint dir")
-    parser.add_argument("--task", default=d.task, help="local backend without --checkpoint: whose base policy")
+    parser.add_argument("--task", default="Lift", help="local backend without --checkpoint: whose cached base policy "
+                                                         "(default %(default)s)")
     parser.add_argument("--openpi-config", default=None, help="openpi train config name, e.g. pi05_libero")
     parser.add_argument("--default-prompt", default=None, help="openpi: prompt for requests that carry none")
     parser.add_argument("--host", default=d.host,
@@ -50,8 +53,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> InferenceServerConfig:
+    """The server config; the local backend without --checkpoint gets --task's cached base policy (built here,
+    once, if absent: the server itself only loads)."""
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.backend == "local":
+        checkpoint = str(ensure_base_policy(args.task))
     return InferenceServerConfig(
-        backend=args.backend, checkpoint=args.checkpoint, task=args.task, openpi_config=args.openpi_config,
+        backend=args.backend, checkpoint=checkpoint, openpi_config=args.openpi_config,
         default_prompt=args.default_prompt, host=args.host, port=args.port, grpc_port=args.grpc_port or None,
         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
         num_replicas=args.num_replicas, num_gpus=args.num_gpus, num_cpus=args.num_cpus, token=args.token,
@@ -71,8 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from inference_server import app
-
     stop = threading.Event()
     server = app.start(cfg, address=args.address)
     for sig in (signal.SIGINT, signal.SIGTERM):

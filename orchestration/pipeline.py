@@ -13,7 +13,14 @@ import time
 from itertools import count
 from pathlib import Path
 
+from tqdm import tqdm
+
+from actors.rollout import run_episodes
+from csil.base_policy import ChunkDataset, save_base_policy, train_base_policy
 from csil.config import BASE_POLICY_DEFAULTS, BaseTrainConfig, DemoConfig, cache_dir
+from csil.demos import DemoWriter, Episode, read_demos, spec_from_demos
+from csil.envs import robomimic_env_args, robosuite_kwargs
+from csil.experts import EXPERT_TASKS
 from csil.tasks import get_task
 
 
@@ -23,13 +30,6 @@ def generate_demos(cfg: DemoConfig, out: str | Path, progress: bool = True) -> d
     Results are accepted in seed order (a contiguous prefix of seeds), so the file does not depend on how
     many workers ran or in which order they finished. Returns a summary with the expert's success rate.
     """
-    from tqdm import tqdm
-
-    from csil.demos import DemoWriter, Episode
-    from csil.envs import robomimic_env_args, robosuite_kwargs
-    from csil.experts import EXPERT_TASKS
-    from csil.rollout import run_episodes
-
     task = get_task(cfg.task)
     if task.name not in EXPERT_TASKS:
         raise ValueError(f"no scripted expert for {task.name}; experts exist for {', '.join(EXPERT_TASKS)}")
@@ -93,9 +93,6 @@ def ensure_base_policy(task: str, cfg: BaseTrainConfig | None = None) -> Path:
 def train_base_from_file(demos: str | Path, out: str | Path, cfg: BaseTrainConfig, obs_mode: str = "state",
                          progress: bool = True) -> dict:
     """Read demos, train the chunking model, save an orbax checkpoint; returns a summary."""
-    from csil.base_policy import ChunkDataset, save_base_policy, train_base_policy
-    from csil.demos import read_demos
-
     start = time.time()
     data = read_demos(demos, num_demos=cfg.num_demos, load_next_obs=False)
     spec = spec_from_demos(demos, data.episodes[0].obs, obs_mode)
@@ -107,17 +104,3 @@ def train_base_from_file(demos: str | Path, out: str | Path, cfg: BaseTrainConfi
                       "loss_curve": losses})
     return {"out": str(out), "task": task, "num_demos": len(data.episodes), "steps": cfg.steps,
             "final_loss": losses[-1], "seconds": round(time.time() - start, 1)}
-
-
-def spec_from_demos(path, obs: dict, obs_mode: str):
-    """The observation spec a policy trained on these demos will expect; missing keys are named."""
-    from csil.specs import CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsSpec
-
-    keys = STATE_KEYS if obs_mode == "state" else PROPRIO_KEYS
-    cameras = CAMERAS if obs_mode == "image" else ()
-    missing = [k for k in list(keys) + [f"{c}_image" for c in cameras] if k not in obs]
-    if missing:
-        raise ValueError(f"{path}: the demos lack observation key(s) {missing} needed for {obs_mode!r} "
-                         f"observations; present: {sorted(obs)}")
-    size = int(obs[f"{cameras[0]}_image"].shape[1]) if cameras else 84
-    return ObsSpec(obs_mode, tuple((k, int(obs[k].shape[-1])) for k in keys), cameras, size)

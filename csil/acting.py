@@ -1,0 +1,116 @@
+"""The one acting step: observations + base-action chunk queues + small-policy params -> the executed actions.
+
+Every place that turns an observation into an action goes through ``CombinedPolicy``: the env actors and the
+single-process trainer (``act(..., key)``: a sample from the small policy), the evaluator (``act(..., None)``:
+its mode), and residual-mode pretraining (``first_base_actions``). The base policy is anything with openpi's
+``infer_batch`` (``ChunkSource``): the inference server's client, or the local model in-process. Each env slot
+keeps a queue of base actions; a slot whose queue ran dry gets a fresh chunk, asked for all such slots at once,
+and plays it open loop, as π0.5 does in the paper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import Protocol, Sequence
+
+import jax
+import numpy as np
+
+from csil import hetstat
+
+ACTION_MODES = ("ensemble", "residual")
+
+# Our flat observation keys -> the LIBERO-style keys an openpi π0.5 server expects.
+OPENPI_KEYS = {"state": "observation/state", "agentview_image": "observation/image",
+               "robot0_eye_in_hand_image": "observation/wrist_image"}
+
+
+class ChunkSource(Protocol):
+    """A base policy as the acting step needs it: openpi-style observations in, (B, H, 7) action chunks out."""
+
+    def infer_batch(self, observations: Sequence[dict]) -> np.ndarray: ...
+
+
+def base_observation(obs: dict[str, np.ndarray], prompt: str) -> dict:
+    """Our flat observation dict -> the request an openpi server expects (keys renamed, prompt added)."""
+    out = {OPENPI_KEYS[k]: v for k, v in obs.items() if k in OPENPI_KEYS}
+    out["prompt"] = prompt
+    return out
+
+
+def combine_actions(base: np.ndarray, small: np.ndarray, mode: str) -> np.ndarray:
+    """ensemble: the mean of the two (the paper's default); residual: their sum, clipped to the action box.
+
+    Replay stores ``small`` (a_pi) itself, not the result: the coherent reward and the critic are defined on
+    the small policy's own actions.
+    """
+    if mode == "ensemble":
+        return 0.5 * (base + small)
+    if mode == "residual":
+        return np.clip(base + small, -1.0, 1.0)
+    raise ValueError(f"unknown action mode {mode!r}; choose one of {ACTION_MODES}")
+
+
+def first_base_actions(base: ChunkSource, obs: dict[str, np.ndarray], prompt: str, batch: int = 256) -> np.ndarray:
+    """(N, 7): the first action of the chunk the base policy gives at each of N stacked observations."""
+    n = len(next(iter(obs.values())))
+    rows = [base_observation({k: v[i] for k, v in obs.items()}, prompt) for i in range(n)]
+    return np.concatenate([base.infer_batch(rows[i:i + batch])[:, 0] for i in range(0, n, batch)])
+
+
+def stack_obs(obs: Sequence[dict]) -> dict[str, np.ndarray]:
+    return {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+
+
+@dataclasses.dataclass
+class Step:
+    """One acting step for K slots: what the envs execute, the small policy's own action, the base action."""
+
+    executed: np.ndarray
+    small: np.ndarray
+    base: np.ndarray
+
+
+class CombinedPolicy:
+    """The base policy's open-loop chunks (one queue per env slot) combined with the small HETSTAT policy.
+
+    ``network`` is the small policy's Flax module (``csil.hetstat.SmallPolicy``); ``network=None`` acts with the
+    base policy alone (the executed action is the base action).
+    """
+
+    def __init__(self, base: ChunkSource, network, action_mode: str, prompt: str, num_slots: int):
+        if action_mode not in ACTION_MODES:
+            raise ValueError(f"unknown action mode {action_mode!r}; choose one of {ACTION_MODES}")
+        self.base, self.network, self.action_mode, self.prompt = base, network, action_mode, prompt
+        self.queues = [deque() for _ in range(num_slots)]
+        if network is not None:
+            self._sample = jax.jit(lambda params, obs, key: hetstat.sample(key, *network.apply(params, obs))[0])
+            self._mode = jax.jit(lambda params, obs: hetstat.mode(network.apply(params, obs)[0]))
+
+    def reset(self, slot: int) -> None:
+        """A new episode in ``slot``: its unplayed base actions are dropped."""
+        self.queues[slot].clear()
+
+    def base_actions(self, obs: Sequence[dict], slots: Sequence[int]) -> np.ndarray:
+        """(len(slots), 7): each slot's next base action; one batched request for the slots that ran dry."""
+        dry = [i for i, s in enumerate(slots) if not self.queues[s]]
+        if dry:
+            chunks = self.base.infer_batch([base_observation(obs[i], self.prompt) for i in dry])
+            for i, chunk in zip(dry, chunks):
+                self.queues[slots[i]].extend(np.asarray(chunk, np.float32))
+        return np.stack([self.queues[s].popleft() for s in slots])
+
+    def act(self, params, obs: Sequence[dict], key: jax.Array | None, slots: Sequence[int] | None = None) -> Step:
+        """Actions for ``obs`` (one per slot, all slots by default): the small policy samples with ``key``,
+        or acts with its mode when ``key`` is None (evaluation)."""
+        slots = range(len(self.queues)) if slots is None else slots
+        a_base = self.base_actions(obs, slots)
+        if self.network is None:
+            return Step(a_base, np.zeros_like(a_base), a_base)
+        if params is None:
+            raise RuntimeError("CombinedPolicy.act without small-policy params: no weights received yet")
+        batch = stack_obs(obs)
+        a_pi = self._mode(params, batch) if key is None else self._sample(params, batch, key)
+        a_pi = np.asarray(a_pi, np.float32)
+        return Step(combine_actions(a_base, a_pi, self.action_mode).astype(np.float32), a_pi, a_base)

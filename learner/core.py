@@ -1,0 +1,98 @@
+"""The learner without transport: pretraining, the fused update on a batch pair, parameters, checkpoints.
+
+The single-process trainer (``csil-train``) calls it directly; the Ray learner service (``learner.service``)
+wraps it with Reverb input, weight publishing and metrics. Both pretrain, update and checkpoint the same way.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from csil import seeds
+from csil.config import AgentConfig
+from csil.specs import ObsSpec
+from learner.agent import AgentState, Batch, CSILAgent
+from learner.checkpoint import numbered_checkpoints, restore_checkpoint, save_checkpoint
+from learner.pretrain import DemoTransitions, initial_atoms, pretrain_bc, pretrain_critic
+
+KEEP_CHECKPOINTS = 2
+
+
+class LearnerCore:
+    """One agent's state and the operations on it. ``updates`` counts fused updates (one per env step)."""
+
+    def __init__(self, cfg: AgentConfig, spec: ObsSpec, demos: DemoTransitions, seed: int):
+        self.cfg, self.spec, self.demos, self.seed = cfg, spec, demos, seed
+        self.agent = CSILAgent(cfg, spec)
+        self.key = jax.random.PRNGKey(seeds.learner_key_seed(seed))
+        self.state: AgentState | None = None
+        self.updates = 0
+
+    @property
+    def pretrain_steps(self) -> int:
+        return self.cfg.bc_steps + self.cfg.critic_pretrain_steps
+
+    def pretrain(self, progress: bool = False, on_step: Callable[[int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> dict:
+        """BC (the policy, the KL anchor, the initial reward), the critic's atoms and SARSA critic pretraining
+        (none for XQC+OD). ``on_step(n)`` reports BC + critic steps done; ``should_stop`` interrupts
+        (``learner.pretrain.PretrainingStopped``)."""
+        cfg = self.cfg
+        self.key, bc_key, critic_key = jax.random.split(self.key, 3)
+
+        def report(offset: int):
+            return None if on_step is None else (lambda record: on_step(offset + record["step"] + 1))
+
+        bc, bc_log = pretrain_bc(self.agent, self.demos, bc_key, cfg.bc_steps, progress, report(0), should_stop)
+        state = self.agent.init_state(critic_key, bc, atoms=initial_atoms(self.agent, bc, self.demos))
+        self.state, critic_log = pretrain_critic(self.agent, state, self.demos, cfg.critic_pretrain_steps,
+                                                 seed=self.seed, progress=progress, on_log=report(cfg.bc_steps),
+                                                 should_stop=should_stop)
+        return {"bc": bc_log[-1], "critic": critic_log[-1] if critic_log else None}
+
+    def step(self, online: Batch, demos: Batch) -> dict:
+        """One fused update (UTD critic steps + one actor step); its metrics stay on the device until read."""
+        self.key, key = jax.random.split(self.key)
+        self.state, metrics = self.agent.update(self.state, online, demos, key)
+        self.updates += 1
+        return metrics
+
+    def policy_params(self):
+        """The small policy's parameters on the host (what actors and the evaluator act with)."""
+        return jax.device_get(self.state.policy)
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path, **counters) -> Path:
+        """``<directory>/<updates>``: the whole agent state, ``updates`` and ``counters``; keeps the newest two."""
+        path = Path(directory) / str(self.updates)
+        if not (path / "record.json").exists():
+            save_checkpoint(path, self.state, {"updates": self.updates, **counters})
+        for old in numbered_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def restore(self, directory: str | Path) -> dict:
+        """The newest checkpoint under ``directory``; returns its counters (``updates`` and what ``save`` got)."""
+        found = numbered_checkpoints(directory)
+        if not found:
+            raise FileNotFoundError(f"no learner checkpoint under {directory}")
+        key = jax.random.PRNGKey(0)
+        template = self.agent.init_state(key, self.agent.init_policy(key))
+        self.state, counters = restore_checkpoint(found[-1], template)
+        self.updates = counters["updates"]
+        return counters
+
+
+def finite_metrics(metrics: dict, updates: int) -> dict[str, float]:
+    """The metrics as floats; a FloatingPointError naming the non-finite ones otherwise."""
+    record = {k: float(v) for k, v in metrics.items()}
+    bad = [k for k, v in record.items() if not np.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"non-finite learner metrics {bad} at update {updates}: {record}")
+    return record

@@ -1,0 +1,276 @@
+"""Starts, supervises and tears down the distributed system: inference server, coordinator, Reverb replay,
+learner, env actors, evaluator.
+
+The data flow: env actors (``actors.actor.EnvActor``) step their envs with the combined policy, asking the
+inference server for base chunks, and write transitions to replay (``replay.service.ReplayService``); the
+learner (``learner.service.LearnerService``) samples them, updates, and publishes versioned weights through
+the coordinator (``orchestration.coordinator.Coordinator``), from which actors pull them without blocking.
+
+The launcher process is the supervisor. It makes the plain service classes Ray actors (``ROLES``: restart
+policy and concurrency of each), restarts the ``run`` of an actor that died (Ray restarts the actor itself),
+has the evaluator (``orchestration.evaluator.Evaluator``) evaluate the newest weights every ``eval_every`` env
+steps on a background thread, checkpoints learner and replay every ``checkpoint_every_s`` and on SIGTERM/SIGINT
+(which also interrupt pretraining within a step: nothing of it is kept, and ``--resume`` pretrains again), and
+at the end re-evaluates the best parameters ``final_eval_rounds`` × ``eval_episodes`` times (the paper's
+protocol).
+
+``--resume`` continues a run from its checkpoints: learner state and counters, the replay tables, the eval
+history and the best parameters so far.
+
+Placement: on a cluster from deploy/cluster.yaml the coordinator, replay and learner go to the head
+(``csil_learner``), actors to CPU workers (``csil_actor``) and inference replicas to GPU workers
+(``csil_inference``); on a plain Ray they go wherever Ray puts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import ray
+from tqdm import tqdm
+
+from actors.actor import EnvActor
+from csil.config import InferenceServerConfig, LaunchConfig, ReplayConfig
+from csil.demos import read_demos, spec_from_demos
+from csil.hetstat import SmallPolicy
+from csil.ray_utils import ensure_ray, role_resources
+from csil.tasks import get_task
+from inference_server import app
+from learner.pretrain import PretrainingStopped
+from learner.service import LearnerService
+from orchestration.coordinator import Coordinator
+from orchestration.evaluator import Evaluator, crossed, evaluate_policy, write_eval_results
+from orchestration.pipeline import ensure_base_policy, ensure_demos
+from replay.service import ReplayService
+
+log = logging.getLogger(__name__)
+
+# The services as Ray actors: restart policy and concurrency (CPU and placement are chosen at start).
+ROLES = {
+    "replay": ray.remote(num_cpus=0, max_restarts=0)(ReplayService),
+    "coordinator": ray.remote(num_cpus=0, max_restarts=0)(Coordinator),
+    # threaded: run() loops while checkpoint(), stats(), params() and interrupt() answer
+    "learner": ray.remote(max_restarts=0, max_concurrency=4)(LearnerService),
+    "actor": ray.remote(max_restarts=-1, max_task_retries=0)(EnvActor),
+}
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived before acting started."""
+
+
+class System:
+    def __init__(self, cfg: LaunchConfig, progress: bool = True):
+        if cfg.obs_mode != "state":
+            raise ValueError("csil-launch runs state observations (the cached base policy and demos are state-based)")
+        self.cfg, self.progress = cfg, progress
+        self.task = get_task(cfg.task)
+        self.logdir = Path(cfg.logdir)
+        if self.logdir.exists() and any(self.logdir.iterdir()) and not cfg.resume:
+            raise FileExistsError(f"{self.logdir} already holds a run; pass --resume to continue it or pick --logdir")
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+        self.demos_path = str(cfg.demos or ensure_demos(self.task.name))
+        self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name))
+        data = read_demos(self.demos_path, num_demos=cfg.num_demos)
+        self.spec = spec_from_demos(self.demos_path, data.episodes[0].obs, "state")
+        self.num_demo_transitions = sum(len(ep.actions) for ep in data.episodes)
+        self.network = SmallPolicy(cfg.agent.policy, self.spec.cameras, cfg.agent.encoder)  # actors, evaluator
+        ensure_ray(cfg.address)
+        # Evaluation asks the same base-policy server as the actors: it measures what they run.
+        self.evaluator = Evaluator(functools.partial(self._evaluate, cfg.base_policy), cfg.eval_episodes, cfg.seed,
+                                   self.logdir)
+        self.stop_requested = False
+        self.handles: dict[str, object] = {}
+        self.actors: list = []
+        self.runs: dict[int, ray.ObjectRef] = {}
+        self.inference = None
+
+    def _evaluate(self, base: str, params, first_scene: int, episodes: int) -> dict:
+        return evaluate_policy(self.task, "state", base, params, self.network, self.cfg.action_mode, episodes,
+                               first_scene)
+
+    # --- start --------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        head = role_resources("head")
+        learner_ckpt = self.logdir / "checkpoints" / "learner"
+        resume_learner = cfg.resume and any(learner_ckpt.glob("[0-9]*/record.json"))
+        if cfg.resume and not resume_learner:
+            log.warning("--resume: %s holds no learner checkpoint (the run stopped during pretraining): "
+                        "pretraining again", learner_ckpt)
+        replay_cfg = ReplayConfig(samples_per_insert=cfg.agent.utd * cfg.agent.batch_size, min_size=cfg.warmup)
+        self.replay = ROLES["replay"].options(resources=head).remote(
+            replay_cfg, self.spec.to_json(), self.num_demo_transitions, str(self.logdir / "checkpoints" / "replay"),
+            resume_learner)
+        address = ray.get(self.replay.get_address.remote())
+        self.replay_restored = ray.get(self.replay.sizes.remote()) if resume_learner else None
+        self.coordinator = ROLES["coordinator"].options(resources=head).remote()
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        self.learner = ROLES["learner"].options(num_cpus=1, num_gpus=gpus, resources=head).remote(
+            cfg, self.spec.to_json(), self.demos_path, address, self.coordinator, str(self.logdir))
+        counters = self.learner.restore.remote() if resume_learner else self.learner.pretrain.remote()
+        ray.get(self.learner.stats.remote())  # placed (and holding its GPU) before inference replicas ask for one
+        if cfg.base_policy == "local":  # started while the learner pretrains
+            # Reserves no CPU, like the other services of a run (an inference node's GPU is what it needs).
+            self.inference = app.start(InferenceServerConfig(checkpoint=self.base_dir, port=cfg.serve_port,
+                                                             grpc_port=None, num_cpus=0.0))
+        counters = self._wait_for_pretraining(counters, show=not resume_learner)
+        self.env_steps_offset = counters.get("env_steps", 0) if resume_learner else 0
+        if cfg.resume:
+            self.evaluator.load(self.network.init(jax.random.PRNGKey(0), {
+                k: v.zeros((1,)) for k, v in self.spec.arrays().items()}))
+        actor = ROLES["actor"].options(resources=role_resources("actor"))
+        self.actors = [actor.remote(i, cfg, address, self.coordinator, self.network) for i in range(cfg.actors)]
+        self.runs = {i: a.run.remote() for i, a in enumerate(self.actors)}
+        self.learner_run = self.learner.run.remote()
+
+    def _wait_for_pretraining(self, ref, show: bool) -> dict:
+        """The learner's pretrain/restore result, with a progress bar of its BC + critic pretraining steps; a
+        stop request interrupts pretraining (``Interrupted``)."""
+        total = ray.get(self.learner.stats.remote())["pretrain"]["total"]
+        with tqdm(total=total, desc="pretraining (BC + critic)", unit="step", mininterval=1.0,
+                  disable=not self.progress or not show) as bar:
+            while not ray.wait([ref], timeout=1.0)[0]:
+                if self.stop_requested:
+                    ray.get(self.learner.interrupt.remote())
+                    break
+                bar.update(ray.get(self.learner.stats.remote())["pretrain"]["steps"] - bar.n)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, PretrainingStopped):
+                    raise Interrupted(str(e.cause)) from None
+                raise
+            bar.update(total - bar.n)
+        return result
+
+    def _supervise_actors(self) -> None:
+        for i, ref in list(self.runs.items()):
+            if ray.wait([ref], timeout=0)[0]:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    log.warning("actor %d died (%s); Ray restarts it, re-issuing its run", i, type(e).__name__)
+                if not self.stop_requested:
+                    self.runs[i] = self.actors[i].run.remote()
+
+    def evaluate(self, env_steps: int) -> None:
+        """Evaluate the learner's current weights in the background."""
+        if self.cfg.eval_episodes:
+            self.evaluator.submit(env_steps, *ray.get(self.learner.params.remote()))
+
+    # --- the run ------------------------------------------------------------------------------------
+
+    def checkpoint(self, env_steps: int) -> None:
+        ray.get([self.learner.checkpoint.remote(env_steps), self.replay.checkpoint.remote()])
+
+    def run(self) -> dict:
+        start = time.time()
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            try:
+                self._start()
+            except Interrupted as e:
+                return self._summary(start, {"interrupted": True, "phase": "pretraining", "note": str(e)})
+            history = self.evaluator.history
+            if not history or history[-1]["env_steps"] != self.env_steps_offset:
+                self.evaluate(self.env_steps_offset)
+            acting_since = time.time()
+            env_steps = self._act(acting_since)
+            return self._finish(start, acting_since, env_steps)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self._teardown()
+
+    def _act(self, acting_since: float) -> int:
+        """Supervise until the env-step budget (or ``duration_s``, or a stop request); returns the env steps."""
+        cfg = self.cfg
+        bar = tqdm(total=cfg.env_steps, initial=self.env_steps_offset, desc="csil-launch", unit="step",
+                   disable=not self.progress, mininterval=1.0)
+        last_steps = env_steps = self.env_steps_offset
+        last_ckpt = time.time()
+        with (self.logdir / "progress.jsonl").open("a") as progress:
+            while not self.stop_requested:
+                time.sleep(1.0)
+                stats = ray.get(self.coordinator.stats.remote())
+                env_steps = self.env_steps_offset + stats["env_steps"]
+                if ray.wait([self.learner_run], timeout=0)[0]:
+                    ray.get(self.learner_run)  # raises the learner's error (e.g. non-finite loss)
+                self._supervise_actors()
+                self.evaluator.collect()
+                learner = ray.get(self.learner.stats.remote())
+                progress.write(json.dumps({"time": round(time.time(), 3), "env_steps": env_steps,
+                                           "updates": learner["updates"], "updates_per_s": learner["updates_per_s"],
+                                           "blocked_s": sum(a["blocked_s"] for a in stats["actors"].values()),
+                                           "staleness": stats["staleness"]}) + "\n")
+                progress.flush()
+                bar.update(env_steps - last_steps)
+                last = self.evaluator.last_success()
+                bar.set_postfix({"updates/s": f"{learner['updates_per_s']:.1f}",
+                                 "eval": "-" if last is None else f"{last:.0%}",
+                                 "restarts": sum(stats["restarts"].values())})
+                if cfg.eval_episodes and crossed(env_steps, last_steps, cfg.eval_every) and env_steps < cfg.env_steps:
+                    self.evaluate(env_steps)
+                last_steps = env_steps
+                if time.time() - last_ckpt > cfg.checkpoint_every_s:
+                    self.checkpoint(env_steps)
+                    last_ckpt = time.time()
+                if env_steps >= cfg.env_steps or (cfg.duration_s and time.time() - acting_since >= cfg.duration_s):
+                    break
+        bar.close()
+        return env_steps
+
+    def _finish(self, start: float, acting_since: float, env_steps: int) -> dict:
+        """Stop actors and learner, checkpoint, evaluate (unless interrupted), write the summary."""
+        cfg = self.cfg
+        ray.get(self.coordinator.stop.remote())
+        ray.get(self.learner_run)
+        acting_s = time.time() - acting_since
+        ray.wait(list(self.runs.values()), num_returns=len(self.runs), timeout=30)
+        stats = ray.get(self.coordinator.stats.remote())
+        learner = ray.get(self.learner.stats.remote())
+        env_steps = self.env_steps_offset + stats["env_steps"]
+        self.checkpoint(env_steps)
+        summary = {"env_steps": env_steps, "learner_updates": learner["updates"],
+                   "interrupted": self.stop_requested, "actor_restarts": sum(stats["restarts"].values()),
+                   "mean_staleness": stats["staleness"], "acting_s": round(acting_s, 1),
+                   "replay_sizes": ray.get(self.replay.sizes.remote()), "replay_restored": self.replay_restored,
+                   "actors": stats["actors"], "learner": {k: learner[k] for k in ("updates", "run_s", "wait_s")}}
+        if not self.stop_requested and cfg.eval_episodes:
+            self.evaluate(env_steps)
+            summary.update(self.evaluator.reevaluate_best(cfg.final_eval_rounds))
+        self.evaluator.collect(wait=True)
+        if self.evaluator.history:
+            write_eval_results(self.logdir, self.evaluator.history, f"{cfg.algo} ({cfg.action_mode})",
+                               self.task.name)
+        return self._summary(start, summary)
+
+    def _summary(self, start: float, fields: dict) -> dict:
+        summary = {"task": self.cfg.task, "algo": self.cfg.algo, **fields, "wall_s": round(time.time() - start, 1),
+                   "logdir": str(self.logdir)}
+        (self.logdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _teardown(self) -> None:
+        """Release everything this run started on the cluster (the next run in this Ray starts clean)."""
+        self.evaluator.close()
+        for handle in [*self.actors, *(getattr(self, n, None) for n in ("learner", "replay", "coordinator"))]:
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
+        if self.inference is not None:
+            app.stop(self.inference.app_name)
+
+    def _request_stop(self, signum, frame) -> None:
+        log.warning("signal %d: stopping (pretraining is discarded; after it, learner and replay are "
+                    "checkpointed)", signum)
+        self.stop_requested = True
