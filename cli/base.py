@@ -6,6 +6,9 @@ import argparse
 import dataclasses
 
 from cli import emit_json
+from csil.demos import read_demos
+from csil.tasks import get_task
+from orchestration import pipeline
 from csil.config import BASE_POLICY_DEFAULTS, BaseTrainConfig
 
 
@@ -36,14 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from orchestration import pipeline
 
     if args.command == "prepare":
         emit_json({"task": args.task, "base_policy": str(pipeline.ensure_base_policy(args.task))})
         return
-    from csil.demos import read_demos
-    from csil.tasks import get_task
-
     task = get_task(read_demos(args.demos, num_demos=1, load_next_obs=False).env_meta["env_name"]).name
     default = BASE_POLICY_DEFAULTS.get(task, BaseTrainConfig())
     cfg = dataclasses.replace(

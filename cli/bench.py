@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
-
-import numpy as np
 
 from cli import emit_json
-from csil.config import ALGORITHMS, SIZES
 from cli.serve import add_server_args, config_from_args
+from csil.config import ALGORITHMS, SIZES, LaunchConfig, agent_config
+from orchestration.bench.env import bench_env
+from orchestration.bench.inference import bench_inference
+from orchestration.bench.learner import bench_learner
+from orchestration.bench.system import bench_system
 
 
 def add_system_args(p: argparse.ArgumentParser) -> None:
@@ -72,15 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def system_config(args: argparse.Namespace, actors: int):
+def system_config(args: argparse.Namespace, actors: int) -> LaunchConfig:
     """A fixed-duration, evaluation-free launch config for ``system`` (and csil-scale)."""
-    from csil.config import AgentConfig, LaunchConfig, cpu_sized
-
-    agent = AgentConfig(bc_steps=args.pretrain_steps, critic_pretrain_steps=args.pretrain_steps)
+    agent = agent_config("csil++", args.size, bc_steps=args.pretrain_steps, critic_pretrain_steps=args.pretrain_steps)
     return LaunchConfig(task=args.task, size=args.size, actors=actors, envs_per_actor=args.envs_per_actor,
                         env_steps=10**12, duration_s=args.seconds, warmup=args.warmup, eval_episodes=0,
-                        num_demos=args.num_demos, seed=args.seed,
-                        agent=cpu_sized(agent) if args.size == "cpu" else agent)
+                        num_demos=args.num_demos, seed=args.seed, agent=agent)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,21 +86,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "env":
         emit_json(bench_env(args.task, args.steps, args.rounds, args.obs, args.seed))
     elif args.command == "inference":
-        from orchestration.bench.inference import bench_inference
-
         cfg = dataclasses.replace(config_from_args(args), grpc_port=None)
         for record in bench_inference([int(n) for n in args.clients.split(",")], cfg, args.duration,
                                       args.baseline_port):
             emit_json(record)
     elif args.command == "learner":
-        from orchestration.bench.learner import bench_learner
-
         emit_json(bench_learner(args.obs, args.updates, args.size, args.algo, args.batch_size, args.utd, args.rounds,
                                 args.warmup, args.items, args.seed,
                                 unroll_utd={"auto": None, "on": True, "off": False}[args.unroll_utd]))
     elif args.command == "system":
-        from orchestration.bench.system import bench_system
-
         emit_json(bench_system(system_config(args, args.actors), args.raw_env_steps))
 
 

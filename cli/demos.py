@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from cli import emit_json
 from csil.config import DemoConfig, cache_dir
+from csil.demos import read_demos
+from orchestration.pipeline import generate_demos
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
-        from orchestration.pipeline import generate_demos
-
         cfg = DemoConfig(task=args.task, num=args.num, obs_mode=args.obs, seed=args.seed, noise=args.noise,
                          workers=args.workers)
         out = args.out or str(cache_dir() / "demos" / f"{args.task}_{args.obs}_{args.num}_seed{args.seed}.hdf5")
@@ -41,10 +43,6 @@ def main(argv: list[str] | None = None) -> None:
               f"({summary['demos']}/{summary['attempted']} episodes), wrote {summary['out']}")
         emit_json(summary)
     else:
-        import numpy as np
-
-        from csil.demos import read_demos
-
         data = read_demos(args.file, load_next_obs=False)
         lengths = np.array([len(ep) for ep in data.episodes])
         first = data.episodes[0]

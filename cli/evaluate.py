@@ -5,48 +5,60 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
+from tqdm import tqdm
+
+from actors.rollout import run_episodes
 from cli import emit_json
+from cli.flags import at_least, field, values
 from csil.config import EvalConfig
+from csil.tasks import get_task
+from orchestration.pipeline import ensure_base_policy
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = EvalConfig()
+    E = EvalConfig
     parser = argparse.ArgumentParser(prog="csil-eval", description=__doc__)
-    parser.add_argument("--task", required=True, help="task name (Lift, Can, Square, NutAssembly, Stack)")
-    parser.add_argument("--policy", default=d.policy,
-                        help="base:DIR (a csil-base checkpoint), base (the task's cached default base policy, "
-                             "built on first use) or expert (the scripted expert) (default %(default)s)")
-    parser.add_argument("--episodes", type=int, default=d.episodes, help="episodes (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=d.seed,
-                        help="episode i uses seed SEED+i, whatever the parallelism (default %(default)s)")
-    parser.add_argument("--obs", choices=("state", "image"), default=d.obs_mode,
-                        help="observation mode; must match what the policy was trained on")
-    parser.add_argument("--workers", type=int, default=d.workers, help="Ray worker processes (default: one per core)")
-    parser.add_argument("--envs-per-worker", type=int, default=d.envs_per_worker,
-                        help="envs stepped in lockstep per worker; the policy is queried in batches across them")
+    field(parser, E, "task", required=True, help="task name (Lift, Can, Square, NutAssembly, Stack)")
+    field(parser, E, "policy", help="base:DIR (a csil-base checkpoint), base (the task's cached default base policy, "
+                                    "built on first use), base:ws://HOST:PORT or base:grpc://HOST:PORT (a served "
+                                    "base policy) or expert (the scripted expert)")
+    field(parser, E, "episodes", type=at_least(1), help="episodes")
+    field(parser, E, "seed", help="episode i uses seed SEED+i, whatever the parallelism")
+    field(parser, E, "obs_mode", "--obs", choices=("state", "image"),
+          help="observation mode; must match what the policy was trained on")
+    field(parser, E, "workers", type=at_least(0), help="Ray worker processes (0: one per core)")
+    field(parser, E, "envs_per_worker", type=at_least(1),
+          help="envs stepped in lockstep per worker; the policy is queried in batches across them")
     parser.add_argument("--out", help="also write per-episode results (JSON) to this file")
     return parser
 
 
+def resolve_policy(policy: str, task) -> str:
+    """``base`` -> the cached default base policy (built if absent); checkpoint dirs are checked here, before any
+    worker starts."""
+    if policy == "base":
+        return f"base:{ensure_base_policy(task.name)}"
+    kind, _, target = policy.partition(":")
+    if kind == "base" and target and "://" not in target and not (Path(target) / "base_policy.json").exists():
+        raise SystemExit(f"csil-eval: --policy {policy}: {target} is not a csil-base checkpoint (no "
+                         "base_policy.json there)")
+    if kind not in ("base", "expert") or (kind == "base" and not target):
+        raise SystemExit(f"csil-eval: --policy {policy!r}: use base, base:DIR, base:ws://HOST:PORT or expert")
+    return policy
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from tqdm import tqdm
-
-    from actors.rollout import run_episodes
-    from csil.tasks import get_task
-
-    task = get_task(args.task)
-    policy = args.policy
-    if policy == "base":
-        from orchestration.pipeline import ensure_base_policy
-
-        policy = f"base:{ensure_base_policy(task.name)}"
+    cfg = values(args, EvalConfig)
+    task = get_task(cfg["task"])
+    policy = resolve_policy(cfg["policy"], task)
     start = time.time()
     results = []
-    with tqdm(total=args.episodes, desc=f"eval {task.name}", unit="ep") as bar:
-        for res in run_episodes(task.name, args.obs, policy, range(args.seed, args.seed + args.episodes),
-                                prompt=task.prompt, workers=args.workers, envs_per_worker=args.envs_per_worker):
+    with tqdm(total=cfg["episodes"], desc=f"eval {task.name}", unit="ep") as bar:
+        for res in run_episodes(task.name, cfg["obs_mode"], policy, range(cfg["seed"], cfg["seed"] + cfg["episodes"]),
+                                prompt=task.prompt, workers=cfg["workers"], envs_per_worker=cfg["envs_per_worker"]):
             results.append(res)
             bar.update(1)
             bar.set_postfix(success=f"{sum(r.success for r in results) / len(results):.0%}")
@@ -57,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         "success_rate": len(successes) / len(results),
         "mean_episode_length": sum(r.length for r in results) / len(results),
         "mean_success_length": sum(r.length for r in successes) / len(successes) if successes else None,
-        "seed": args.seed, "seconds": round(time.time() - start, 1),
+        "seed": cfg["seed"], "seconds": round(time.time() - start, 1),
     }
     if args.out:
         with open(args.out, "w") as f:

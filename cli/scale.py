@@ -9,11 +9,11 @@ import shlex
 import sys
 
 from cli import emit_json
+from cli.bench import add_system_args, system_config
+from orchestration.bench.system import scale_out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli.bench import add_system_args
-
     p = argparse.ArgumentParser(prog="csil-scale", description=__doc__)
     p.add_argument("--actors", default="1,2,4,8", help="comma-separated actor counts (default %(default)s)")
     add_system_args(p)
@@ -24,9 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    from cli.bench import system_config
-    from orchestration.bench.system import scale_out
-
     counts = [int(n) for n in args.actors.split(",")]
     for record in scale_out(system_config(args, counts[0]), counts, args.out, "csil-scale " + shlex.join(argv),
                             args.raw_env_steps):

@@ -26,6 +26,7 @@ from openpi_client.base_policy import BasePolicy
 
 from csil.acting import OPENPI_KEYS
 from csil.config import BaseTrainConfig
+from csil.demos import flatten_obs
 from csil.encoders import random_shift
 from csil.specs import ACTION_DIM, ObsSpec
 
@@ -71,8 +72,6 @@ class ChunkDataset:
 
     @classmethod
     def from_episodes(cls, episodes, spec: ObsSpec, chunk_length: int) -> "ChunkDataset":
-        from csil.demos import flatten_obs
-
         states, images, chunks = [], {k: [] for k in spec.image_keys}, []
         for ep in episodes:
             flat = flatten_obs(ep.obs, spec)

@@ -34,13 +34,18 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
 
+import grpc
 import numpy as np
+import ray
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from openpi_client import msgpack_numpy
 from ray import serve
 
 from csil import metrics
 from csil.config import InferenceServerConfig
+from csil.ray_utils import ensure_ray, role_resources
 from inference_server import wire
+from inference_server.proto import chunk_pb2, chunk_pb2_grpc
 from inference_server.backends import make_backend, zero_observation
 
 logger = logging.getLogger(__name__)
@@ -84,11 +89,6 @@ async def _start_grpc(server: InferenceServer) -> Callable[[], Awaitable[None]]:
 
     Defined (like ``_start_websocket``) before the deployment class: Serve serialises the class when it is
     decorated, and the functions it calls must exist by then."""
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    from inference_server.proto import chunk_pb2, chunk_pb2_grpc
-
     class ChunkServicer(chunk_pb2_grpc.ChunkServiceServicer):
         async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
             if not wire.token_ok(server.cfg.token, dict(context.invocation_metadata()).get("authorization")):
@@ -299,10 +299,6 @@ def start(cfg: InferenceServerConfig, address: str | None = None) -> RunningServ
     """Deploy the app on the current (or a new local) Ray cluster and wait until its replicas serve.
 
     Replicas go to the nodes that advertise ``csil_inference`` (deploy/cluster.yaml) when the cluster has them."""
-    import ray
-
-    from csil.ray_utils import ensure_ray, role_resources
-
     ensure_ray(address)
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) else 0)
     serve.start(proxy_location="Disabled")  # the replicas own their sockets; see the module docstring

@@ -22,6 +22,7 @@ import logging
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
+import grpc
 import numpy as np
 from openpi_client import msgpack_numpy
 from openpi_client.base_policy import BasePolicy
@@ -29,6 +30,7 @@ from openpi_client.base_policy import BasePolicy
 from csil import metrics
 from csil.config import InferenceServerConfig
 from inference_server import wire
+from inference_server.proto import chunk_pb2, chunk_pb2_grpc
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -168,10 +170,6 @@ class GrpcClient(BaseClient):
     """Our gRPC ingress (inference_server/proto/chunk.proto)."""
 
     def __init__(self, target: str, timeout_s: float, token: str | None):
-        import grpc
-
-        from inference_server.proto import chunk_pb2, chunk_pb2_grpc
-
         self.target, self._timeout_s = target, timeout_s
         self._pb = chunk_pb2
         self._channel = grpc.insecure_channel(target.removeprefix("grpc://"),

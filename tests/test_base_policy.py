@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from csil.acting import base_observation as openpi_observation
+from csil.acting import base_observation
 from csil.base_policy import LocalBasePolicy
 from csil.config import BaseTrainConfig, DemoConfig
 from csil.demos import read_demos
@@ -59,7 +59,7 @@ def test_training_fits_the_demo_chunks(lift_base):
 def test_base_policy_speaks_openpi_contract(lift_base, lift_demos):
     policy = LocalBasePolicy(lift_base[0])
     env = CsilEnv("Lift", "state")
-    obs = openpi_observation(env.reset(seed=0), "lift the red cube")
+    obs = base_observation(env.reset(seed=0), "lift the red cube")
     out = policy.infer(obs)
     assert out["actions"].shape == (10, 7) and out["actions"].dtype == np.float32
     assert np.all(np.abs(out["actions"]) <= 1.0)
@@ -110,7 +110,7 @@ def test_image_base_policy_trains_and_infers(tmp_path, ray_local):
     out = tmp_path / "base_image"
     train_base_from_file(path, out, dataclasses.replace(TINY, steps=20), obs_mode="image", progress=False)
     policy = LocalBasePolicy(out)
-    obs = openpi_observation(CsilEnv("Lift", "image").reset(seed=0), "lift")
+    obs = base_observation(CsilEnv("Lift", "image").reset(seed=0), "lift")
     assert set(obs) == {"observation/state", "observation/image", "observation/wrist_image", "prompt"}
     assert policy.infer(obs)["actions"].shape == (10, 7)
     with pytest.raises(ValueError, match="observation/wrist_image"):

@@ -58,7 +58,7 @@ def test_launch_survives_an_actor_kill_and_sigterm_then_resumes(lift_setup, tiny
     assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
     assert seen["inference"]["observations"] > 0  # actors got their chunks from the server csil-launch started
     run = tmp_path / "run"
-    assert list((run / "checkpoints" / "learner").glob("*/counters.json"))
+    assert list((run / "checkpoints" / "learner").glob("*/record.json"))
     assert any((run / "checkpoints" / "replay").glob("*/DONE"))
     with pytest.raises(FileExistsError, match="--resume"):
         System(cfg, progress=False)
@@ -82,12 +82,10 @@ def test_actor_waits_for_an_unreachable_base_policy_server(lift_setup, tiny_agen
     """No crash loop: the actor logs and retries until the server appears, then acts."""
     from openpi_server import WebsocketPolicyServer
 
-    from actors.actor import EnvActor
     from csil.base_policy import LocalBasePolicy
-    from orchestration.pipeline import spec_from_demos
-    from csil.demos import read_demos
+    from csil.demos import read_demos, spec_from_demos
     from learner.agent import CSILAgent
-    from orchestration.coordinator import Coordinator
+    from orchestration.launcher import ROLES
     from replay.server import ReplayServer
 
     _, demos, base = lift_setup
@@ -98,9 +96,9 @@ def test_actor_waits_for_an_unreachable_base_policy_server(lift_setup, tiny_agen
     cfg = LaunchConfig(task="Lift", envs_per_actor=1, base_policy=target, base_policy_timeout_s=1.0, agent=tiny_agent)
     replay_cfg = ReplayConfig(samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e9)
     with ReplayServer(replay_cfg, spec, num_demo_transitions=1) as replay:
-        coordinator = Coordinator.remote()
+        coordinator = ROLES["coordinator"].remote()
         coordinator.publish.remote(0, [ray.put(agent.init_policy(jax.random.PRNGKey(0)))])
-        actor = EnvActor.remote(0, cfg, replay.address, coordinator, agent.policy_net)
+        actor = ROLES["actor"].remote(0, cfg, replay.address, coordinator, agent.policy_net)
         run = actor.run.remote()
         deadline = time.time() + 120
         while not _worker_logs_contain(f"base policy {target} unreachable") and time.time() < deadline:

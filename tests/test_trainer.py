@@ -32,16 +32,16 @@ def test_residual_mode_bc_targets_are_what_the_small_policy_must_add_to_the_base
     a_demo − a_base(s), so that base + target gives back the demo action."""
     import dataclasses
 
-    from csil.actions import combine_actions
-    from csil.base_policy import LocalBasePolicy, openpi_observation
+    from csil.acting import base_observation, combine_actions
+    from csil.base_policy import LocalBasePolicy
 
     root, demos, base = lift_setup
     cfg = TrainConfig(task="Lift", action_mode="residual", num_demos=3, demos=str(demos), base_policy=str(base),
                       logdir=str(root / "residual"), agent=tiny_agent)
-    residual = Trainer(cfg, progress=False).demos
-    raw = Trainer(dataclasses.replace(cfg, action_mode="ensemble"), progress=False).demos
+    residual = Trainer(cfg, progress=False).learner.demos
+    raw = Trainer(dataclasses.replace(cfg, action_mode="ensemble"), progress=False).learner.demos
     rows = np.arange(0, len(raw), 7)
-    observations = [openpi_observation({k: v[i] for k, v in raw.obs.items()}, "lift") for i in rows]
+    observations = [base_observation({k: v[i] for k, v in raw.obs.items()}, "lift") for i in rows]
     base_action = LocalBasePolicy(base).infer_batch(observations)[:, 0]
     np.testing.assert_allclose(residual.action[rows], np.clip(raw.action[rows] - base_action, -1, 1), atol=1e-5)
     executed = combine_actions(base_action, residual.action[rows], "residual")
