@@ -57,7 +57,9 @@ def restore_checkpoint(path: str | Path, template: PyTree) -> tuple[PyTree, dict
     if not (path / "record.json").exists():
         raise FileNotFoundError(f"no complete checkpoint at {path}")
     with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(path / "tree").item_metadata
+        meta = checkpointer.metadata(path / "tree")
+        meta = getattr(meta, "item_metadata", meta)  # orbax versions differ in how they wrap the tree
+        stored = getattr(meta, "tree", meta)
         saved = checkpointer.restore(path / "tree", {n: jax.ShapeDtypeStruct(m.shape, m.dtype) for n, m in stored.items()})
     wanted, treedef, names = _named_leaves(template)
     missing = [n for n in names if n not in saved]

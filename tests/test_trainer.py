@@ -23,7 +23,7 @@ def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent
     train = [r for r in records if r["phase"] == "train"]
     assert train and all(np.isfinite(r["critic_loss"]) and r["reward_online"] <= 0 for r in train)
     assert (root / "run" / "learning_curve.png").stat().st_size > 1000
-    assert (root / "run" / "evals.csv").read_text().startswith("env_steps,success_rate")
+    assert (root / "run" / "evals.csv").read_text().startswith("env_steps,updates,success_rate")
     assert json.loads((root / "run" / "config.json").read_text())["warmup"] == 30
 
 

@@ -13,11 +13,11 @@ import jax
 import numpy as np
 
 from csil import hetstat
-from csil.config import AgentConfig, algo_config, cpu_sized
-from csil.demos import read_demos
-from orchestration.pipeline import ensure_demos, spec_from_demos
+from csil.config import agent_config
+from csil.demos import read_demos, spec_from_demos
 from learner.agent import CSILAgent
 from learner.pretrain import DemoTransitions, initial_atoms, pretrain_bc, pretrain_critic
+from orchestration.pipeline import ensure_demos
 
 CHECKPOINTS = (1, 2, 4, 8, 16, 32, 64, 100)
 
@@ -27,7 +27,7 @@ def main() -> None:
     data = read_demos(path, num_demos=10)
     spec = spec_from_demos(path, data.episodes[0].obs, "state")
     demos = DemoTransitions.from_episodes(data.episodes, spec)
-    cfg = algo_config("csil++", cpu_sized(AgentConfig(bc_steps=5_000, critic_pretrain_steps=5_000)))
+    cfg = agent_config("csil++", "cpu", bc_steps=5_000, critic_pretrain_steps=5_000)
     agent = CSILAgent(cfg, spec)
     key = jax.random.PRNGKey(1)
     bc, _ = pretrain_bc(agent, demos, key, cfg.bc_steps, progress=False)
