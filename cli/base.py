@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output directory (orbax checkpoint + base_policy.json)")
     train.add_argument("--num-demos", type=int, default=None,
                        help="use only the first N demos: the knob that makes the base good but imperfect "
-                            "(default: the task's documented setting, else all)")
+                            "(default: every demo in the file; `csil-base prepare` uses the task's documented "
+                            "setting)")
     train.add_argument("--steps", type=int, default=None,
                        help="gradient steps (default: the task's documented setting, else %d)" % d.steps)
     train.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default %(default)s)")
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     default = BASE_POLICY_DEFAULTS.get(task, BaseTrainConfig())
     cfg = dataclasses.replace(
         default,
-        num_demos=args.num_demos if args.num_demos is not None else default.num_demos,
+        num_demos=args.num_demos,  # None: every demo of the file given (the task's preset is for `prepare`)
         steps=args.steps if args.steps is not None else default.steps,
         batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
     )

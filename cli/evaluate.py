@@ -13,7 +13,7 @@ from actors.rollout import run_episodes
 from cli import emit_json
 from cli.flags import at_least, field, values
 from csil.config import EvalConfig
-from csil.tasks import get_task
+from csil.tasks import check_available, get_task
 from orchestration.pipeline import ensure_base_policy
 
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cfg = values(args, EvalConfig)
     task = get_task(cfg["task"])
+    check_available(task)  # e.g. a MimicGen task: say what it needs before building anything
     policy = resolve_policy(cfg["policy"], task)
     start = time.time()
     results = []

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import threading
 
 from cli import emit_json
@@ -75,9 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_ports_free(cfg: InferenceServerConfig) -> None:
+    """A taken port is a clear error before Serve starts (Serve itself only says the deployment failed)."""
+    for what, port in (("--port", cfg.port), ("--grpc-port", cfg.grpc_port)):
+        if port is None:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((cfg.host, port))
+            except OSError as exc:
+                raise SystemExit(f"csil-serve: {what} {port} on {cfg.host} is in use ({exc.strerror}); pick another "
+                                 "port or stop what holds it") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    check_ports_free(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     server = app.start(cfg, address=args.address)

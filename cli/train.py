@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, TrainConfig, "eval_episodes", type=at_least(1), help="episodes per evaluation")
     field(p, TrainConfig, "num_demos", type=at_least(1), help="demos for BC, reward and the demo table")
     field(p, TrainConfig, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
-    field(p, TrainConfig, "base_policy", help="csil-base checkpoint dir (default: the cached one)")
+    field(p, TrainConfig, "base_checkpoint", "--base-checkpoint", "--base-policy",
+          help="the local base policy: a csil-base checkpoint dir (default: the cached one)")
     field(p, AgentConfig, "bc_steps", help="BC pretraining steps")
     field(p, AgentConfig, "critic_pretrain_steps", "--critic-steps",
           help="SARSA critic pretraining steps (xqc-od never pretrains its critic)")

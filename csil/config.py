@@ -277,7 +277,7 @@ class TrainConfig:
     eval_episodes: int = 20
     num_demos: int = 200
     demos: str | None = None  # None: the cached scripted demos of the task
-    base_policy: str | None = None  # None: the cached default base policy of the task
+    base_checkpoint: str | None = None  # the local base policy's csil-base dir (None: the cached default of the task)
     logdir: str = "runs/latest"
     seed: int = 0
     agent: AgentConfig = AgentConfig()

@@ -149,36 +149,40 @@ def read_demos(
         raise FileNotFoundError(f"demo file {path} does not exist")
     if not h5py.is_hdf5(path):
         raise DemoFileError(f"{path}: not an HDF5 file; expected a robomimic demo file (data/demo_<i> groups)")
-    with h5py.File(path, "r") as f:
-        if not isinstance(f.get("data"), h5py.Group):
-            raise DemoFileError(
-                f"{path}: no 'data' group; expected robomimic's layout data/demo_<i>. Top-level keys: {sorted(f)}"
-            )
-        data = f["data"]
-        env_meta = normalize_env_meta(_read_env_args(path, data))
-        masks = {k: _decode_names(f["mask"][k][()]) for k in f["mask"]} if "mask" in f else {}
-
-        for name, item in data.items():
-            if not (_DEMO_NAME.fullmatch(name) and isinstance(item, h5py.Group)):
-                raise DemoFileError(f"{path}: data/{name}: expected only groups named demo_<int> under data/")
-        names = sorted(data, key=lambda s: int(s[5:]))
-        where = "the file"
-        if filter_key is not None:
-            if filter_key not in masks:
+    try:
+        with h5py.File(path, "r") as f:
+            if not isinstance(f.get("data"), h5py.Group):
                 raise DemoFileError(
-                    f"{path}: unknown filter key {filter_key!r}; masks in the file: {sorted(masks) or 'none'}"
+                    f"{path}: no 'data' group; expected robomimic's layout data/demo_<i>. Top-level keys: {sorted(f)}"
                 )
-            missing = [n for n in masks[filter_key] if n not in data]
-            if missing:
-                raise DemoFileError(f"{path}: mask/{filter_key} lists demos that data/ lacks: {missing}")
-            names = sorted(masks[filter_key], key=lambda s: int(s[5:]))
-            where = f"mask {filter_key!r}"
-        if num_demos is not None:
-            if num_demos > len(names):
-                raise DemoFileError(f"{path}: asked for {num_demos} demos but {where} has only {len(names)}")
-            names = names[:num_demos]
+            data = f["data"]
+            env_meta = normalize_env_meta(_read_env_args(path, data))
+            masks = {k: _decode_names(f["mask"][k][()]) for k in f["mask"]} if "mask" in f else {}
 
-        episodes = [_read_episode(path, name, data[name], obs_keys, load_next_obs) for name in names]
+            for name, item in data.items():
+                if not (_DEMO_NAME.fullmatch(name) and isinstance(item, h5py.Group)):
+                    raise DemoFileError(f"{path}: data/{name}: expected only groups named demo_<int> under data/")
+            names = sorted(data, key=lambda s: int(s[5:]))
+            where = "the file"
+            if filter_key is not None:
+                if filter_key not in masks:
+                    raise DemoFileError(
+                        f"{path}: unknown filter key {filter_key!r}; masks in the file: {sorted(masks) or 'none'}"
+                    )
+                missing = [n for n in masks[filter_key] if n not in data]
+                if missing:
+                    raise DemoFileError(f"{path}: mask/{filter_key} lists demos that data/ lacks: {missing}")
+                names = sorted(masks[filter_key], key=lambda s: int(s[5:]))
+                where = f"mask {filter_key!r}"
+            if num_demos is not None:
+                if num_demos > len(names):
+                    raise DemoFileError(f"{path}: asked for {num_demos} demos but {where} has only {len(names)}")
+                names = names[:num_demos]
+
+            episodes = [_read_episode(path, name, data[name], obs_keys, load_next_obs) for name in names]
+    except OSError as exc:  # h5py's error for a truncated or damaged file
+        raise DemoFileError(f"{path}: cannot be read as HDF5 ({exc}); the file is truncated or damaged: "
+                            "regenerate or re-download it") from None
     return DemoDataset(path=path, env_meta=env_meta, episodes=episodes, masks=masks, names=names)
 
 

@@ -98,9 +98,22 @@ class PretrainingStopped(Exception):
     """``should_stop()`` turned true during pretraining (SIGINT/SIGTERM): nothing of it is kept."""
 
 
-def _check_stop(should_stop: Callable[[], bool] | None, what: str, step: int) -> None:
-    if should_stop is not None and should_stop():
-        raise PretrainingStopped(f"{what} stopped at step {step}: its progress is discarded")
+def _run(what: str, steps: int, step: Callable[[], dict], shown: dict[str, str], progress: bool,
+         on_log: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None) -> list[dict]:
+    """``steps`` calls of ``step`` under a progress bar; every 100th step's metrics are logged (the ``shown``
+    ones, ``{key: format}``, in the bar) and passed to ``on_log``; ``should_stop`` is polled every step."""
+    log = []
+    bar = trange(steps, desc=what, disable=not progress, mininterval=1.0)
+    for i in bar:
+        if should_stop is not None and should_stop():
+            raise PretrainingStopped(f"{what} stopped at step {i}: its progress is discarded")
+        metrics = step()
+        if i % 100 == 0 or i == steps - 1:
+            log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
+            bar.set_postfix({k: format(log[-1][k], f) for k, f in shown.items()})
+            if on_log is not None:
+                on_log(log[-1])
+    return log
 
 
 def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps: int,
@@ -125,16 +138,12 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
         updates, o = opt.update(grads, o, p)
         return optax.apply_updates(p, updates), o, k, metrics
 
-    log = []
-    bar = trange(steps, desc="BC pretraining", disable=not progress, mininterval=1.0)
-    for i in bar:
-        _check_stop(should_stop, "BC pretraining", i)
+    def bc_step() -> dict:
+        nonlocal params, opt_state, key
         params, opt_state, key, metrics = step(params, opt_state, key)
-        if i % 100 == 0 or i == steps - 1:
-            log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
-            bar.set_postfix(mse=f"{log[-1]['mse']:.4f}", nll=f"{log[-1]['nll']:.2f}")
-            if on_log is not None:
-                on_log(log[-1])
+        return metrics
+
+    log = _run("BC pretraining", steps, bc_step, {"mse": ".4f", "nll": ".2f"}, progress, on_log, should_stop)
     return params, log
 
 
@@ -157,15 +166,13 @@ def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions,
     key = jax.random.PRNGKey(seed)
     step = jax.jit(agent.pretrain_critic_step)
     batch = 2 * agent.cfg.batch_size
-    log = []
-    bar = trange(steps, desc="critic pretraining", disable=not progress, mininterval=1.0)
-    for i in bar:
-        _check_stop(should_stop, "critic pretraining", i)
+
+    def critic_step() -> dict:
+        nonlocal state, key
         key, sub = jax.random.split(key)
         state, metrics = step(state, demos.sample(rng, (batch,)), sub)
-        if i % 100 == 0 or i == steps - 1:
-            log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
-            bar.set_postfix(loss=f"{log[-1]['critic_loss']:.3f}", q=f"{log[-1]['q_mean']:.2f}")
-            if on_log is not None:
-                on_log(log[-1])
+        return metrics
+
+    log = _run("critic pretraining", steps, critic_step, {"critic_loss": ".3f", "q_mean": ".2f"}, progress, on_log,
+               should_stop)
     return state, log

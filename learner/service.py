@@ -31,10 +31,10 @@ from csil import metrics as prom
 from csil.demos import read_demos
 from csil.specs import DEMO_TABLE, ONLINE_TABLE, ObsSpec
 from csil.tasks import get_task
-from inference_server.client import PatientChunkSource
+from inference_server.client import PatientChunkSource, RunStopped
 from learner.agent import Batch
 from learner.core import LearnerCore, finite_metrics
-from learner.pretrain import DemoTransitions
+from learner.pretrain import DemoTransitions, PretrainingStopped
 from replay.dataset import BatchIterator
 from replay.writer import TransitionWriter
 
@@ -78,8 +78,12 @@ class LearnerService:
             # may still be starting: wait for it like the actors do
             source = PatientChunkSource(self.cfg.base_policy, stopped=self.stop_pretraining.is_set,
                                         timeout_s=self.cfg.base_policy_timeout_s, actor_id="learner")
-            self.core.demos = self.core.demos.as_residuals(source, get_task(self.cfg.task).prompt)
-            source.close()
+            try:
+                self.core.demos = self.core.demos.as_residuals(source, get_task(self.cfg.task).prompt)
+            except RunStopped as e:
+                raise PretrainingStopped("stopped while waiting for the base-policy server") from e
+            finally:
+                source.close()
         logs = self.core.pretrain(on_step=lambda n: self.pretrain_progress.update(steps=n),
                                   should_stop=self.stop_pretraining.is_set)
         with TransitionWriter(self.replay_address, table=DEMO_TABLE) as writer:

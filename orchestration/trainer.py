@@ -46,7 +46,7 @@ class Trainer:
         self.logdir.mkdir(parents=True, exist_ok=True)
         (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         demos_path = cfg.demos or ensure_demos(self.task.name)
-        self.base_dir = str(cfg.base_policy or ensure_base_policy(self.task.name))
+        self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name))
         data = read_demos(demos_path, num_demos=cfg.num_demos)
         self.spec = spec_from_demos(demos_path, data.episodes[0].obs, "state")
         demos = DemoTransitions.from_episodes(data.episodes, self.spec)

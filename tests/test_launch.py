@@ -133,3 +133,35 @@ def test_resume_uses_the_saved_config(tmp_path, tiny_agent):
     assert cfg == dataclasses.replace(saved, env_steps=5000, resume=True)
     with pytest.raises(SystemExit, match="does not exist"):
         resumed_config(build_parser().parse_args(["--resume", "--logdir", str(tmp_path / "nope")]))
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_during_pretraining_stops_within_seconds_and_the_run_resumes(lift_setup, tiny_agent, free_port,
+                                                                             tmp_path):
+    """Pretraining answers SIGTERM within a step (nothing of it is kept); --resume then pretrains again."""
+    _, demos, base = lift_setup
+    long_pretraining = dataclasses.replace(tiny_agent, bc_steps=10**7)
+    cfg = LaunchConfig(task="Lift", actors=1, envs_per_actor=1, env_steps=60, warmup=20, eval_episodes=0,
+                       num_demos=3, demos=str(demos), base_checkpoint=str(base), serve_port=free_port(),
+                       logdir=str(tmp_path / "run"), agent=long_pretraining)
+    system = System(cfg, progress=False)
+    signalled: dict = {}
+
+    def stop_once_pretraining() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            time.sleep(0.5)
+            learner = getattr(system, "learner", None)
+            if learner is not None and ray.get(learner.stats.remote())["pretrain"]["steps"] > 0:
+                signalled["at"] = time.time()
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=stop_once_pretraining, daemon=True).start()
+    first = system.run()
+    assert first["interrupted"] and first["phase"] == "pretraining"
+    assert time.time() - signalled["at"] < 10
+    assert not list((tmp_path / "run" / "checkpoints" / "learner").glob("*/record.json"))
+
+    resumed = System(dataclasses.replace(cfg, resume=True, agent=tiny_agent), progress=False).run()
+    assert not resumed["interrupted"] and resumed["env_steps"] >= 60 and resumed["learner_updates"] > 0

@@ -11,7 +11,7 @@ from orchestration.trainer import Trainer
 def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent):
     root, demos, base = lift_setup
     cfg = TrainConfig(task="Lift", env_steps=60, warmup=30, num_envs=2, eval_every=30, eval_episodes=1,
-                      num_demos=3, demos=str(demos), base_policy=str(base), logdir=str(root / "run"),
+                      num_demos=3, demos=str(demos), base_checkpoint=str(base), logdir=str(root / "run"),
                       agent=tiny_agent)
     summary = Trainer(cfg, progress=False).train()
     assert summary["env_steps"] == 60
@@ -36,7 +36,7 @@ def test_residual_mode_bc_targets_are_what_the_small_policy_must_add_to_the_base
     from csil.base_policy import LocalBasePolicy
 
     root, demos, base = lift_setup
-    cfg = TrainConfig(task="Lift", action_mode="residual", num_demos=3, demos=str(demos), base_policy=str(base),
+    cfg = TrainConfig(task="Lift", action_mode="residual", num_demos=3, demos=str(demos), base_checkpoint=str(base),
                       logdir=str(root / "residual"), agent=tiny_agent)
     residual = Trainer(cfg, progress=False).learner.demos
     raw = Trainer(dataclasses.replace(cfg, action_mode="ensemble"), progress=False).learner.demos
