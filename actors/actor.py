@@ -15,7 +15,8 @@ The base policy comes from the inference server (``local``: csil-launch's Serve 
 (``inference_server.client.PatientChunkSource``).
 
 Restarts: the actor is created with ``max_restarts=-1``; a restarted incarnation registers again and gets
-fresh episode seeds, and the launcher re-issues ``run``.
+fresh episode seeds, and the launcher re-issues ``run``. When the replay server dies, writes fail with
+ConnectionError and the actor reconnects to the address the launcher's restarted server has (coordinator).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class EnvActor:
         seed_base = actor_episode_seed(cfg.seed, actor_id, incarnation, 0)
         self.runner = EnvRunner(cfg.task, cfg.obs_mode, cfg.envs_per_actor, self.base, network, cfg.action_mode,
                                 episode_seed=lambda i: seed_base + i, env_seed=cfg.seed)
-        self.writer = TransitionWriter(replay_address, table=ONLINE_TABLE, timeout_ms=1000)
+        self._connect_replay(replay_address)  # a restarted actor finds a restarted replay through the coordinator
         self.key = jax.random.PRNGKey(seed_base)
         log.info("actor %d (incarnation %d) ready with %d envs", actor_id, incarnation, cfg.envs_per_actor)
 
@@ -77,6 +78,22 @@ class EnvActor:
                 if self._stopped():
                     return None
                 insert = lambda _: self.writer.settle()  # noqa: E731
+            except ConnectionError as e:  # the replay server died; the launcher restarts it at a new address
+                log.warning("actor %d lost the replay server (%s); reconnecting", self.actor_id, e)
+                if not self._connect_replay():
+                    return None
+                insert = self.writer.write  # what the dead server had not confirmed is lost with it
+
+    def _connect_replay(self, address: str | None = None) -> bool:
+        """A writer to the replay's current address (the coordinator's); False if the run stopped meanwhile."""
+        while not self._stopped():
+            address = ray.get(self.coordinator.replay_address.remote()) or address
+            try:
+                self.writer = TransitionWriter(address, table=ONLINE_TABLE, timeout_ms=1000)
+                return True
+            except ConnectionError:
+                time.sleep(1.0)
+        return False
 
     def _export(self, steps: int, episodes: list, blocked: float) -> None:
         """Prometheus (csil.metrics): what this actor reports to the coordinator at a sync, in one batch."""

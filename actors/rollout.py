@@ -24,7 +24,7 @@ from csil.envs import CsilEnv
 from csil.experts import DEFAULT_NOISE, make_expert
 from csil.ray_utils import ensure_ray
 from csil.specs import STATE_KEYS
-from inference_server.client import connect_base_policy
+from inference_server.client import PatientChunkSource, connect_base_policy
 
 
 class RolloutPolicy(Protocol):
@@ -39,8 +39,11 @@ class RolloutPolicy(Protocol):
 def chunk_source(target: str) -> ChunkSource:
     """The base policy at ``target``: the inference server (``local``: csil-launch's Serve app through a handle;
     ``ws://``/``grpc://``: any server by URL), the same client the env actors use; or a ``csil-base``
-    checkpoint directory, loaded in this process."""
-    if target == "local" or target.startswith(("ws://", "wss://", "grpc://")):
+    checkpoint directory, loaded in this process. The run's own server (``local``) is waited for while Serve
+    replaces a replica, like the actors do; a server given by URL fails after the client's timeout."""
+    if target == "local":
+        return PatientChunkSource(target, stopped=lambda: False, actor_id="evaluation")
+    if target.startswith(("ws://", "wss://", "grpc://")):
         return connect_base_policy(target)
     return LocalBasePolicy(target)
 
@@ -149,6 +152,10 @@ class RolloutWorker:
         self.envs = [CsilEnv(task, obs_mode) for _ in range(num_envs)]
         self.policy = make_rollout_policy(policy, task, prompt, num_envs, seed=seed, noise=noise)
 
+    def reconstructed(self) -> bool:
+        """Whether Ray restarted this worker (it died and its calls were retried)."""
+        return ray.get_runtime_context().was_current_actor_reconstructed
+
     def run(self, seeds: Sequence[int], record: bool = False) -> list[EpisodeResult]:
         if len(seeds) > len(self.envs):
             raise ValueError(f"{len(seeds)} seeds for {len(self.envs)} envs")
@@ -181,6 +188,9 @@ class RolloutWorker:
         return [results[s] for s in range(len(seeds))]
 
 
+WORKER_RETRIES = 3
+
+
 def default_workers() -> int:
     """One per local core, but no more than the cluster's unreserved CPUs (a worker reserves one: a worker
     that cannot be placed would hold its share of the seeds forever)."""
@@ -189,15 +199,17 @@ def default_workers() -> int:
 
 def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[int] | Sequence[int], *, prompt: str,
                  workers: int = 0, envs_per_worker: int = 1, record: bool = False, noise: float | None = None,
-                 worker_seed: int = 0) -> Iterator[EpisodeResult]:
+                 worker_seed: int = 0, stats: dict | None = None) -> Iterator[EpisodeResult]:
     """Yield episode results as Ray workers finish them; ``seeds`` may be endless (stop iterating to stop).
 
     Each worker gets up to ``envs_per_worker`` seeds per call; two calls per worker are kept in flight so
-    a worker never idles while the driver collects results.
+    a worker never idles while the driver collects results. A worker that dies (e.g. Ray's OOM monitor) is
+    restarted by Ray and its calls re-run on the same seeds (episodes are deterministic given their seed), up to
+    ``WORKER_RETRIES`` times; ``stats["worker_restarts"]`` then counts the workers that were restarted.
     """
     ensure_ray()
     workers = workers or default_workers()
-    remote_cls = ray.remote(num_cpus=1)(RolloutWorker)
+    remote_cls = ray.remote(num_cpus=1, max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)(RolloutWorker)
     actors = [remote_cls.remote(task, obs_mode, policy, envs_per_worker, prompt, worker_seed + 1000 * i, noise)
               for i in range(workers)]
     seed_iter = iter(seeds)
@@ -218,6 +230,8 @@ def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[i
             results = ray.get(done[0])
             submit(actor)
             yield from results
+        if stats is not None:
+            stats["worker_restarts"] = sum(ray.get([actor.reconstructed.remote() for actor in actors]))
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -97,7 +97,10 @@ def resumed_config(args: argparse.Namespace) -> LaunchConfig:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     resume = values(args, LaunchConfig)["resume"]
-    emit_json(System(resumed_config(args) if resume else config_from_args(args)).run())
+    summary = System(resumed_config(args) if resume else config_from_args(args)).run()
+    emit_json(summary)
+    if "failed" in summary:  # a component that cannot go on (crash loop, non-finite loss): say so by the exit code
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class MetricSpec:
     name: str
     kind: str  # "counter" | "gauge" | "histogram"
     description: str
-    component: str  # "actor" | "learner" | "replay" | "inference"
+    component: str  # "actor" | "learner" | "replay" | "inference" | "run"
     tags: tuple[str, ...] = ()
     boundaries: tuple[float, ...] = ()  # histograms (Ray wants them > 0)
     unit: str = ""
@@ -100,6 +100,10 @@ SPECS: tuple[MetricSpec, ...] = (
                "seconds the table worker waited on the rate limiter: waiting_for=sampling (inserts held back "
                "until the learner samples), waiting_for=inserts (samples held back until actors insert)", "replay",
                ("table", "waiting_for"), unit="s"),
+    # --- the run (orchestration/coordinator.py, recorded when the launcher restarts a component) ---
+    MetricSpec("csil_component_restarts", "gauge",
+               "in-run restarts of a component so far (actor, learner, replay, inference, evaluation); a gauge "
+               "set from 0 at the run's start, so a run without faults shows its zeros", "run", ("component",)),
     # --- inference server (inference_server/app.py), per replica ---
     MetricSpec("csil_inference_requests_total", "counter", "requests answered (a request carries 1..K observations)",
                "inference", ("ingress",)),

@@ -29,6 +29,7 @@ import dataclasses
 import http
 import json
 import logging
+import os
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -242,6 +243,10 @@ class InferenceServer:
     async def infer_batch(self, observations: list[dict]) -> np.ndarray:
         """The in-cluster path (Serve handle): no auth, no serialisation beyond Ray's."""
         return (await self.infer_many(observations, "handle"))[0]
+
+    def replica_info(self) -> dict:
+        """Which replica answered (its Serve id and process): how a supervisor sees replicas being replaced."""
+        return {"replica_id": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid()}
 
     def server_metadata(self) -> dict:
         return self.metadata

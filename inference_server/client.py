@@ -223,10 +223,15 @@ class ServeHandleClient(BaseClient):
         self._handle, self.metadata = _with_retries(self.target, timeout_s, "connect", attempt)
 
     def infer_batch(self, observations: Sequence[dict]) -> np.ndarray:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import RayServeException
+
         try:
             actions = self._handle.infer_batch.remote(list(observations)).result(timeout_s=self._timeout_s)
         except TimeoutError as exc:
             raise ConnectionError(f"base-policy server {self.target}: no answer in {self._timeout_s:g} s") from exc
+        except (RayActorError, ActorUnavailableError, RayServeException) as exc:  # a replica died: Serve replaces it
+            raise ConnectionError(f"base-policy server {self.target}: {type(exc).__name__}: {exc}") from exc
         except ValueError as exc:  # the replica's ValueError, re-raised by Ray as a RayTaskError subclass of it
             raise InferenceError(f"{self.target} rejected the request: {getattr(exc, 'cause', exc)}") from None
         return _as_chunks(actions, len(observations), self.target)

@@ -9,6 +9,7 @@ ignored. A checkpoint is written into ``<path>.partial`` and renamed when comple
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -42,10 +43,14 @@ def save_checkpoint(path: str | Path, tree: PyTree, record: dict) -> Path:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(partial / "tree", {name: np.asarray(leaf) for name, leaf in named.items()})
         (partial / "record.json").write_text(json.dumps(record))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # tensorstore reports a full disk as ValueError(RESOURCE_EXHAUSTED ...)
         shutil.rmtree(partial, ignore_errors=True)
-        raise OSError(e.errno, f"writing checkpoint {path} failed ({e.strerror or e}); the previous checkpoint "
-                               "is kept") from e
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "ENOSPC" in str(e)
+        if not isinstance(e, OSError) and not full:
+            raise
+        raise OSError(errno.ENOSPC if full else e.errno,
+                      f"writing checkpoint {path} failed ({'the disk is full' if full else e.strerror or e}); the "
+                      "previous checkpoint is kept") from e
     shutil.rmtree(path, ignore_errors=True)
     partial.rename(path)
     return path

@@ -98,14 +98,14 @@ class LearnerService:
     def restore(self) -> dict:
         """The newest learner checkpoint: state, update counter and the env steps it was taken at."""
         counters = self.core.restore(self.ckpt_dir)
-        self.publish()
+        self.publish(restored=True)
         log.info("learner restored from %s (%s)", self.ckpt_dir, counters)
         return counters
 
     # --- the loop -------------------------------------------------------------------------------------
 
-    def publish(self) -> None:
-        self.coordinator.publish.remote(self.updates, [ray.put(self.core.policy_params())])
+    def publish(self, restored: bool = False) -> None:
+        self.coordinator.publish.remote(self.updates, [ray.put(self.core.policy_params())], restored)
         prom.inc("csil_learner_weights_published_total")
 
     def _export(self) -> None:
@@ -115,13 +115,28 @@ class LearnerService:
         prom.inc("csil_learner_sample_wait_seconds_total", wait_s - self.exported[1])
         self.exported = (updates, wait_s)
 
+    def _batches(self) -> tuple[BatchIterator, BatchIterator]:
+        """Online and demo batch streams from the replay at ``replay_address``."""
+        n, utd = self.cfg.agent.batch_size, self.cfg.agent.utd
+        return tuple(BatchIterator(self.replay_address, table, n, utd, self.spec, timeout_ms=SAMPLE_TIMEOUT_MS)
+                     for table in (ONLINE_TABLE, DEMO_TABLE))
+
+    def _reconnect(self, *streams: BatchIterator) -> tuple[BatchIterator, BatchIterator]:
+        """Streams from the replay's current address (the coordinator's), once a server answers there."""
+        for stream in streams:
+            stream.close()
+        while not ray.get(self.coordinator.stats.remote())["stopped"]:
+            self.replay_address = ray.get(self.coordinator.replay_address.remote()) or self.replay_address
+            try:
+                return self._batches()
+            except ConnectionError:
+                time.sleep(1.0)
+        return streams
+
     def run(self) -> dict:
         """Fused updates until the coordinator says stop; publishes every ``publish_every`` updates."""
         cfg = self.cfg
-        online = BatchIterator(self.replay_address, ONLINE_TABLE, cfg.agent.batch_size, cfg.agent.utd, self.spec,
-                               timeout_ms=SAMPLE_TIMEOUT_MS)
-        demos = BatchIterator(self.replay_address, DEMO_TABLE, cfg.agent.batch_size, cfg.agent.utd, self.spec,
-                              timeout_ms=SAMPLE_TIMEOUT_MS)
+        online, demos = self._batches()
         stop = self.coordinator.stats.remote()
         metrics_file = (self.logdir / "learner.jsonl").open("a")
         started = exported_at = time.perf_counter()
@@ -142,6 +157,10 @@ class LearnerService:
                 batch_online, batch_demos = Batch.from_sample(next(online)), Batch.from_sample(next(demos))
             except TimeoutError as e:  # actors are warming up, blocked or restarting: never give up, never hang
                 log.info("learner waiting for data: %s", e)
+                continue
+            except ConnectionError as e:  # the replay server died: the launcher restarts it at a new address
+                log.warning("learner lost the replay server (%s); reconnecting", e)
+                online, demos = self._reconnect(online, demos)
                 continue
             finally:
                 self.wait_s += time.perf_counter() - waiting

@@ -7,12 +7,26 @@ learner (``learner.service.LearnerService``) samples them, updates, and publishe
 the coordinator (``orchestration.coordinator.Coordinator``), from which actors pull them without blocking.
 
 The launcher process is the supervisor. It makes the plain service classes Ray actors (``ROLES``: restart
-policy and concurrency of each), restarts the ``run`` of an actor that died (Ray restarts the actor itself),
-has the evaluator (``orchestration.evaluator.Evaluator``) evaluate the newest weights every ``eval_every`` env
-steps on a background thread, checkpoints learner and replay every ``checkpoint_every_s`` and on SIGTERM/SIGINT
-(which also interrupt pretraining within a step: nothing of it is kept, and ``--resume`` pretrains again), and
-at the end re-evaluates the best parameters ``final_eval_rounds`` × ``eval_episodes`` times (the paper's
-protocol).
+policy and concurrency of each) and keeps the run going through any single fault:
+
+- an env actor that dies is restarted by Ray; the launcher re-issues its ``run`` (fresh episode seeds);
+- a learner that dies is replaced by a new one restored from the newest learner checkpoint (one is written right
+  after pretraining): the updates since that checkpoint are lost, actors take its (older) weights;
+- a replay server that dies is restarted from its newest checkpoint at a new address, which the learner and the
+  actors read from the coordinator when their connection fails: the transitions since that checkpoint are lost;
+- an inference replica that dies is replaced by Serve; actors and evaluation wait (``PatientChunkSource``);
+- a rollout worker that dies during an evaluation is restarted by Ray and its scenes re-run.
+
+Each restart is logged with what was lost, counted by the coordinator (``csil_component_restarts``) and listed
+in the summary (``restarts``, ``faults``). A component that dies a fourth time within 10 minutes, or a learner
+whose loss turns non-finite, ends the run with a clear error (``failed`` in the summary, exit code 1); the failed
+component's last good checkpoint is kept.
+
+The launcher also has the evaluator (``orchestration.evaluator.Evaluator``) evaluate the newest weights every
+``eval_every`` env steps on a background thread, checkpoints learner and replay every ``checkpoint_every_s`` and
+on SIGTERM/SIGINT (which also interrupt pretraining within a step: nothing of it is kept, and ``--resume``
+pretrains again), and at the end re-evaluates the best parameters ``final_eval_rounds`` × ``eval_episodes``
+times (the paper's protocol).
 
 ``--resume`` continues a run from its checkpoints: learner state and counters, the replay tables, the eval
 history and the best parameters so far.
@@ -40,6 +54,7 @@ from actors.actor import EnvActor
 from csil.config import InferenceServerConfig, LaunchConfig, ReplayConfig
 from csil.demos import read_demos, spec_from_demos
 from csil.hetstat import SmallPolicy
+from csil.specs import ONLINE_TABLE
 from csil.ray_utils import ensure_ray, role_resources
 from csil.tasks import get_task
 from inference_server import app
@@ -47,6 +62,7 @@ from learner.pretrain import PretrainingStopped
 from learner.service import LearnerService
 from orchestration.coordinator import Coordinator
 from orchestration.evaluator import Evaluator, crossed, evaluate_policy, write_eval_results
+from orchestration.faults import ComponentFailed, ReplicaWatch, RestartBudget
 from orchestration.pipeline import ensure_base_policy, ensure_demos
 from replay.service import ReplayService
 
@@ -88,50 +104,70 @@ class System:
         self.evaluator = Evaluator(functools.partial(self._evaluate, cfg.base_policy), cfg.eval_episodes, cfg.seed,
                                    self.logdir)
         self.stop_requested = False
-        self.handles: dict[str, object] = {}
         self.actors: list = []
         self.runs: dict[int, ray.ObjectRef] = {}
-        self.inference = None
+        self.inference = self.replicas = self.replay_ping = None
+        self.budget = RestartBudget()
+        self.restarts: dict[str, int] = {}  # in-run restarts per component (the coordinator's count)
+        self.faults: list[dict] = []  # what happened, for the summary
+        self.learner_updates = 0
 
     def _evaluate(self, base: str, params, first_scene: int, episodes: int) -> dict:
-        return evaluate_policy(self.task, "state", base, params, self.network, self.cfg.action_mode, episodes,
-                               first_scene)
+        result = evaluate_policy(self.task, "state", base, params, self.network, self.cfg.action_mode, episodes,
+                                 first_scene)
+        for _ in range(result["worker_restarts"]):  # on the evaluator's thread; the coordinator serialises
+            self._record("evaluation", "a rollout worker died; Ray restarted it and re-ran its scenes", "nothing")
+        return result
 
     # --- start --------------------------------------------------------------------------------------
 
     def _start(self) -> None:
         cfg = self.cfg
-        head = role_resources("head")
         learner_ckpt = self.logdir / "checkpoints" / "learner"
         resume_learner = cfg.resume and any(learner_ckpt.glob("[0-9]*/record.json"))
         if cfg.resume and not resume_learner:
             log.warning("--resume: %s holds no learner checkpoint (the run stopped during pretraining): "
                         "pretraining again", learner_ckpt)
-        replay_cfg = ReplayConfig(samples_per_insert=cfg.agent.utd * cfg.agent.batch_size, min_size=cfg.warmup)
-        self.replay = ROLES["replay"].options(resources=head).remote(
-            replay_cfg, self.spec.to_json(), self.num_demo_transitions, str(self.logdir / "checkpoints" / "replay"),
-            resume_learner)
-        address = ray.get(self.replay.get_address.remote())
-        self.replay_restored = ray.get(self.replay.sizes.remote()) if resume_learner else None
-        self.coordinator = ROLES["coordinator"].options(resources=head).remote()
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        self.learner = ROLES["learner"].options(num_cpus=1, num_gpus=gpus, resources=head).remote(
-            cfg, self.spec.to_json(), self.demos_path, address, self.coordinator, str(self.logdir))
-        counters = self.learner.restore.remote() if resume_learner else self.learner.pretrain.remote()
+        self.coordinator = ROLES["coordinator"].options(resources=role_resources("head")).remote()
+        self._start_replay(restore=resume_learner)
+        self.replay_restored = self.replay_sizes if resume_learner else None
+        counters = self._start_learner(pretrain=not resume_learner)
         ray.get(self.learner.stats.remote())  # placed (and holding its GPU) before inference replicas ask for one
         if cfg.base_policy == "local":  # started while the learner pretrains
             # Reserves no CPU, like the other services of a run (an inference node's GPU is what it needs).
             self.inference = app.start(InferenceServerConfig(checkpoint=self.base_dir, port=cfg.serve_port,
                                                              grpc_port=None, num_cpus=0.0))
+            self.replicas = ReplicaWatch(self.inference.handle, num_replicas=1)
         counters = self._wait_for_pretraining(counters, show=not resume_learner)
         self.env_steps_offset = counters.get("env_steps", 0) if resume_learner else 0
+        if not resume_learner:
+            self.checkpoint(0)  # from here on a learner or replay that dies restarts from a checkpoint
         if cfg.resume:
             self.evaluator.load(self.network.init(jax.random.PRNGKey(0), {
                 k: v.zeros((1,)) for k, v in self.spec.arrays().items()}))
         actor = ROLES["actor"].options(resources=role_resources("actor"))
-        self.actors = [actor.remote(i, cfg, address, self.coordinator, self.network) for i in range(cfg.actors)]
+        self.actors = [actor.remote(i, cfg, self.replay_address, self.coordinator, self.network)
+                       for i in range(cfg.actors)]
         self.runs = {i: a.run.remote() for i, a in enumerate(self.actors)}
         self.learner_run = self.learner.run.remote()
+
+    def _start_replay(self, restore: bool) -> None:
+        """The replay service (restored from its checkpoint with ``restore``), its address told to the coordinator."""
+        replay_cfg = ReplayConfig(samples_per_insert=self.cfg.agent.utd * self.cfg.agent.batch_size,
+                                  min_size=self.cfg.warmup)
+        self.replay = ROLES["replay"].options(resources=role_resources("head")).remote(
+            replay_cfg, self.spec.to_json(), self.num_demo_transitions, str(self.logdir / "checkpoints" / "replay"),
+            restore)
+        self.replay_address = ray.get(self.replay.get_address.remote())
+        self.replay_sizes = ray.get(self.replay.sizes.remote())
+        ray.get(self.coordinator.set_replay.remote(self.replay_address))
+
+    def _start_learner(self, pretrain: bool) -> ray.ObjectRef:
+        """The learner service; returns its ``pretrain`` (fresh) or ``restore`` (newest checkpoint) call."""
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        self.learner = ROLES["learner"].options(num_cpus=1, num_gpus=gpus, resources=role_resources("head")).remote(
+            self.cfg, self.spec.to_json(), self.demos_path, self.replay_address, self.coordinator, str(self.logdir))
+        return self.learner.pretrain.remote() if pretrain else self.learner.restore.remote()
 
     def _wait_for_pretraining(self, ref, show: bool) -> dict:
         """The learner's pretrain/restore result, with a progress bar of its BC + critic pretraining steps; a
@@ -153,15 +189,72 @@ class System:
             bar.update(total - bar.n)
         return result
 
-    def _supervise_actors(self) -> None:
+    # --- supervision ----------------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        """Restart what died (or raise ``ComponentFailed``); called once a second while the run acts."""
         for i, ref in list(self.runs.items()):
             if ray.wait([ref], timeout=0)[0]:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayActorError as e:
                     log.warning("actor %d died (%s); Ray restarts it, re-issuing its run", i, type(e).__name__)
+                    self.budget.spend(f"actor {i}")
+                    self.faults.append({"component": "actor", "time": round(time.time(), 1),
+                                        "what": f"actor {i} died ({type(e).__name__}); Ray restarted it",
+                                        "lost": "its episodes in progress and up to 5 unconfirmed inserts"})
+                except ray.exceptions.RayTaskError as e:  # its loop raised: log it, run it again (budgeted)
+                    log.error("actor %d's run failed: %s; re-issuing it", i, e.cause)
+                    self.budget.spend(f"actor {i}")
                 if not self.stop_requested:
                     self.runs[i] = self.actors[i].run.remote()
+        if ray.wait([self.learner_run], timeout=0)[0]:
+            try:
+                ray.get(self.learner_run)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, FloatingPointError):
+                    raise ComponentFailed("learner", f"{e.cause}; the last checkpoint is kept") from None
+                raise
+            except ray.exceptions.RayActorError as e:
+                self._restart_learner(type(e).__name__)
+        if self.replay_ping is None:
+            self.replay_ping = self.replay.sizes.remote()
+        elif ray.wait([self.replay_ping], timeout=0)[0]:
+            try:
+                self.replay_sizes = ray.get(self.replay_ping)
+            except ray.exceptions.RayActorError as e:
+                self._restart_replay(type(e).__name__)
+            self.replay_ping = None
+        if self.replicas is not None and self.replicas.replaced > self.restarts.get("inference", 0):
+            self.budget.spend("inference")
+            self._record("inference", "Serve replaced a dead inference replica; actors reconnected", "nothing")
+
+    def _record(self, component: str, what: str, lost: str, **details) -> None:
+        """Count a restart (coordinator and metric) and keep its event for the summary."""
+        self.restarts[component] = ray.get(self.coordinator.record_restart.remote(component))
+        self.faults.append({"component": component, "time": round(time.time(), 1), "what": what, "lost": lost,
+                            **details})
+        log.warning("%s restarted: %s; lost: %s", component, what, lost)
+
+    def _restart_learner(self, why: str) -> None:
+        """A new learner from the newest checkpoint; what it had learnt since is lost, the run goes on."""
+        self.budget.spend("learner")  # before starting anything: a crash loop ends here
+        before = self.learner_updates
+        ray.kill(self.learner, no_restart=True)
+        counters = ray.get(self._start_learner(pretrain=False))
+        self._record("learner", f"died ({why}); restored from its checkpoint at update {counters['updates']}",
+                     f"{max(before - counters['updates'], 0)} updates since that checkpoint")
+        self.learner_run = self.learner.run.remote()
+
+    def _restart_replay(self, why: str) -> None:
+        """A new replay server from its newest checkpoint, at a new address learner and actors reconnect to."""
+        self.budget.spend("replay")
+        before = self.replay_sizes  # as of the last poll, a second or so before it died
+        self._start_replay(restore=True)
+        online = self.replay_sizes.get(ONLINE_TABLE, 0)
+        self._record("replay", f"died ({why}); restored {online:,} online transitions from its last checkpoint",
+                     f"the transitions written after that checkpoint (the last poll counted "
+                     f"{before.get(ONLINE_TABLE, 0):,} online)", restored=self.replay_sizes)
 
     def evaluate(self, env_steps: int) -> None:
         """Evaluate the learner's current weights in the background."""
@@ -170,8 +263,18 @@ class System:
 
     # --- the run ------------------------------------------------------------------------------------
 
-    def checkpoint(self, env_steps: int) -> None:
-        ray.get([self.learner.checkpoint.remote(env_steps), self.replay.checkpoint.remote()])
+    def checkpoint(self, env_steps: int, skip: str | None = None) -> None:
+        """Learner and replay checkpoints (not ``skip``'s: a failed component keeps its last good one)."""
+        refs = [] if skip == "learner" else [self.learner.checkpoint.remote(env_steps)]
+        ray.get(refs + ([] if skip == "replay" else [self.replay.checkpoint.remote()]))
+
+    @staticmethod
+    def _alive(method, fallback):
+        """``method()`` of a service, or ``fallback`` if the service is dead."""
+        try:
+            return ray.get(method.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return fallback
 
     def run(self) -> dict:
         start = time.time()
@@ -185,15 +288,20 @@ class System:
             if not history or history[-1]["env_steps"] != self.env_steps_offset:
                 self.evaluate(self.env_steps_offset)
             acting_since = time.time()
-            env_steps = self._act(acting_since)
-            return self._finish(start, acting_since, env_steps)
+            try:
+                self._act(acting_since)
+                failure = None
+            except ComponentFailed as e:
+                log.error("%s", e)
+                failure = e
+            return self._finish(start, acting_since, failure)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self._teardown()
 
-    def _act(self, acting_since: float) -> int:
-        """Supervise until the env-step budget (or ``duration_s``, or a stop request); returns the env steps."""
+    def _act(self, acting_since: float) -> None:
+        """Supervise until the env-step budget (or ``duration_s``, or a stop request)."""
         cfg = self.cfg
         bar = tqdm(total=cfg.env_steps, initial=self.env_steps_offset, desc="csil-launch", unit="step",
                    disable=not self.progress, mininterval=1.0)
@@ -204,11 +312,10 @@ class System:
                 time.sleep(1.0)
                 stats = ray.get(self.coordinator.stats.remote())
                 env_steps = self.env_steps_offset + stats["env_steps"]
-                if ray.wait([self.learner_run], timeout=0)[0]:
-                    ray.get(self.learner_run)  # raises the learner's error (e.g. non-finite loss)
-                self._supervise_actors()
+                self._supervise()
                 self.evaluator.collect()
                 learner = ray.get(self.learner.stats.remote())
+                self.learner_updates = learner["updates"]
                 progress.write(json.dumps({"time": round(time.time(), 3), "env_steps": env_steps,
                                            "updates": learner["updates"], "updates_per_s": learner["updates_per_s"],
                                            "blocked_s": sum(a["blocked_s"] for a in stats["actors"].values()),
@@ -218,7 +325,7 @@ class System:
                 last = self.evaluator.last_success()
                 bar.set_postfix({"updates/s": f"{learner['updates_per_s']:.1f}",
                                  "eval": "-" if last is None else f"{last:.0%}",
-                                 "restarts": sum(stats["restarts"].values())})
+                                 "restarts": sum(stats["component_restarts"].values())})
                 if cfg.eval_episodes and crossed(env_steps, last_steps, cfg.eval_every) and env_steps < cfg.env_steps:
                     self.evaluate(env_steps)
                 last_steps = env_steps
@@ -228,25 +335,31 @@ class System:
                 if env_steps >= cfg.env_steps or (cfg.duration_s and time.time() - acting_since >= cfg.duration_s):
                     break
         bar.close()
-        return env_steps
 
-    def _finish(self, start: float, acting_since: float, env_steps: int) -> dict:
-        """Stop actors and learner, checkpoint, evaluate (unless interrupted), write the summary."""
+    def _finish(self, start: float, acting_since: float, failure: ComponentFailed | None) -> dict:
+        """Stop actors and learner, checkpoint, evaluate (unless interrupted or failed), write the summary. A
+        failed component is not checkpointed: its last good checkpoint stays the one to resume from."""
         cfg = self.cfg
         ray.get(self.coordinator.stop.remote())
-        ray.get(self.learner_run)
+        failed = failure.component if failure else None
+        if failed != "learner":
+            ray.get(self.learner_run)
         acting_s = time.time() - acting_since
         ray.wait(list(self.runs.values()), num_returns=len(self.runs), timeout=30)
         stats = ray.get(self.coordinator.stats.remote())
-        learner = ray.get(self.learner.stats.remote())
+        learner = self._alive(self.learner.stats, {"updates": self.learner_updates, "run_s": None, "wait_s": None})
         env_steps = self.env_steps_offset + stats["env_steps"]
-        self.checkpoint(env_steps)
+        self.checkpoint(env_steps, skip=failed)
         summary = {"env_steps": env_steps, "learner_updates": learner["updates"],
                    "interrupted": self.stop_requested, "actor_restarts": sum(stats["restarts"].values()),
+                   "restarts": stats["component_restarts"], "faults": self.faults,
                    "mean_staleness": stats["staleness"], "acting_s": round(acting_s, 1),
-                   "replay_sizes": ray.get(self.replay.sizes.remote()), "replay_restored": self.replay_restored,
+                   "replay_sizes": self._alive(self.replay.sizes, self.replay_sizes),
+                   "replay_restored": self.replay_restored,
                    "actors": stats["actors"], "learner": {k: learner[k] for k in ("updates", "run_s", "wait_s")}}
-        if not self.stop_requested and cfg.eval_episodes:
+        if failure is not None:
+            summary["failed"] = str(failure)
+        elif not self.stop_requested and cfg.eval_episodes:
             self.evaluate(env_steps)
             summary.update(self.evaluator.reevaluate_best(cfg.final_eval_rounds))
         self.evaluator.collect(wait=True)
@@ -264,6 +377,8 @@ class System:
     def _teardown(self) -> None:
         """Release everything this run started on the cluster (the next run in this Ray starts clean)."""
         self.evaluator.close()
+        if self.replicas is not None:
+            self.replicas.stop.set()
         for handle in [*self.actors, *(getattr(self, n, None) for n in ("learner", "replay", "coordinator"))]:
             if handle is not None:
                 ray.kill(handle, no_restart=True)

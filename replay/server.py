@@ -64,7 +64,7 @@ class ReplayServer:
                 raise FileExistsError(f"{checkpoint_dir!r} already holds the Reverb checkpoint {found!r}; pass "
                                       "restore=True to resume from it or use an empty checkpoint_dir")
             if restore:
-                expected = _checkpoint_item_counts(found)
+                expected = checkpoint_item_counts(found)
             checkpointer = reverb.checkpointers.DefaultCheckpointer(path=checkpoint_dir)
         elif restore:
             raise ValueError("restore=True needs a checkpoint_dir")
@@ -152,7 +152,7 @@ class ReplayServer:
         self.stop()
 
 
-def _checkpoint_item_counts(path: str) -> dict[str, int]:
+def checkpoint_item_counts(path: str) -> dict[str, int]:
     """Items per table in a checkpoint's items.tfrecord (Reverb 0.14 layout: ZLIB TFRecords of PrioritizedItem)."""
     counts: collections.Counter = collections.Counter()
     try:

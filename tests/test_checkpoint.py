@@ -76,3 +76,26 @@ def test_learner_core_saves_and_restores_its_whole_state(tmp_path):
     assert fresh.restore(tmp_path) == {"updates": 14, "env_steps": 56} and fresh.updates == 14
     same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), fresh.state, core.state)
     assert all(jax.tree_util.tree_leaves(same))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(small_disk):
+    save_checkpoint(small_disk / "learner", {"w": np.ones(8, np.float32)}, {"updates": 1})
+    with pytest.raises(OSError, match="previous checkpoint is kept"):
+        noise = np.random.default_rng(0).random(1_000_000, np.float32)  # incompressible: 4 MB on a 512 KiB disk
+        save_checkpoint(small_disk / "learner", {"w": noise}, {"updates": 2})
+    restored, record = restore_checkpoint(small_disk / "learner", {"w": np.zeros(8, np.float32)})
+    assert record == {"updates": 1} and restored["w"].sum() == 8
+    assert not (small_disk / "learner.partial").exists()  # the torn attempt is cleaned up

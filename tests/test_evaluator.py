@@ -90,3 +90,24 @@ def test_a_failed_background_evaluation_is_raised_by_collect():
     ev.submit(0, 0, params(0))
     with pytest.raises(RuntimeError, match="rollout worker died"):
         ev.collect(wait=True)
+
+
+def test_the_restart_budget_ends_a_crash_loop():
+    from orchestration.faults import ComponentFailed, RestartBudget
+
+    budget = RestartBudget(limit=3, window_s=600)
+    for t in (0, 100, 200):
+        budget.spend("learner", now=t)
+    budget.spend("replay", now=250)  # components are counted apart
+    with pytest.raises(ComponentFailed, match="learner died 4 times within 10 min") as failed:
+        budget.spend("learner", now=300)
+    assert failed.value.component == "learner"
+    budget.spend("learner", now=1000)  # the window has moved on
+
+
+def test_non_finite_metrics_are_named_with_their_update():
+    from learner.core import finite_metrics
+
+    assert finite_metrics({"critic_loss": np.float32(1.5)}, 7) == {"critic_loss": 1.5}
+    with pytest.raises(FloatingPointError, match=r"\['actor_loss'\] at update 300"):
+        finite_metrics({"critic_loss": np.float32(1.5), "actor_loss": np.float32(np.nan)}, 300)

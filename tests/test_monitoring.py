@@ -54,14 +54,14 @@ def test_dashboard_docs_and_scrape_config_match_the_registry():
     exported = {spec.exported: spec for spec in REGISTRY.values()}
     queries = dashboard_queries()
     rows = {key.split(" / ")[0] for key in queries}
-    assert rows == {"Actors", "Learner", "Replay", "Inference"}
+    assert rows == {"Actors", "Learner", "Replay", "Inference", "Run"}
     used = set()
     for key, expr in queries.items():
         names = referenced_metrics(expr)
         assert names, f"{key}: reads no csil metric"
         assert names <= set(exported), f"{key}: {names - set(exported)} are not exported (csil/metrics.py)"
         used |= names
-    assert {exported[n].component for n in used} == {"actor", "learner", "replay", "inference"}
+    assert {exported[n].component for n in used} == {"actor", "learner", "replay", "inference", "run"}
     docs = METRICS_MD.read_text()
     for spec in REGISTRY.values():  # every metric documented with its exported name, type and labels
         line = next((ln for ln in docs.splitlines() if ln.startswith(f"| `{spec.exported}` |")), None)

@@ -1,0 +1,31 @@
+"""A rollout worker killed during an evaluation (Ray's OOM monitor does this) is restarted by Ray and its scenes
+are run again: the evaluation completes with the same per-scene results as an undisturbed one."""
+
+import os
+import signal
+
+import psutil
+
+from actors.rollout import run_episodes
+
+SEEDS = range(1_000_000, 1_000_006)
+
+
+def _rollout_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "ray::RolloutWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_killed_rollout_worker_is_retried_on_the_same_scenes(ray_local):
+    clean = {r.seed: (r.success, r.length) for r in run_episodes("Lift", "state", "expert", SEEDS, prompt="lift",
+                                                                  workers=2, envs_per_worker=1)}
+    stats: dict = {}
+    results, killed = {}, None
+    earlier = {p.pid for p in _rollout_workers()}  # the clean run's workers may still be exiting
+    for result in run_episodes("Lift", "state", "expert", SEEDS, prompt="lift", workers=2, envs_per_worker=1,
+                               stats=stats):
+        results[result.seed] = (result.success, result.length)
+        if killed is None:
+            killed = next(p.pid for p in _rollout_workers() if p.pid not in earlier)
+            os.kill(killed, signal.SIGKILL)
+    assert killed is not None and results == clean
+    assert stats["worker_restarts"] == 1
