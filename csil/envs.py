@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from csil.specs import ACTION_DIM, CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsMode, ObsSpec, OBS_MODES
-from csil.tasks import TaskSpec, check_available, get_task
+from csil.tasks import TaskSpec, check_available, get_task, is_success
 
 # robosuite picks EGL on Linux unless told otherwise; EGL works on CPU through Mesa's llvmpipe.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -178,7 +178,7 @@ class CsilEnv:
         self._t += 1
         raw["object"] = raw["object-state"]
         self.raw_obs = raw  # robosuite's per-key dict, for recorders that store robomimic keys
-        success = reward > 0.0  # sparse reward is exactly 1.0 on success states (reward_scale 1)
+        success = bool(is_success(reward))  # 1.0 on success; NutAssembly pays 0.5 for one nut of two
         return self._flatten(raw), float(reward), success, self._t >= self.horizon, {"success": success}
 
     @property

@@ -52,6 +52,15 @@ MIMICGEN_TASKS: dict[str, TaskSpec] = {
 
 ALL_TASKS: dict[str, TaskSpec] = {**ROBOSUITE_TASKS, **MIMICGEN_TASKS}
 
+SUCCESS_REWARD = 1.0
+"""robosuite's sparse reward (reward_scale 1) on a success state. Not "reward > 0": NutAssembly pays 0.5 per
+nut on its peg, so one nut placed of two is a positive reward but not a success."""
+
+
+def is_success(reward):
+    """Success from a sparse robosuite reward (a float or an array of them, as in demo files)."""
+    return reward >= SUCCESS_REWARD - 1e-6
+
 
 class UnknownTaskError(ValueError):
     """A task name that is not in the registry."""

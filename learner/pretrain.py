@@ -20,6 +20,7 @@ from csil import hetstat
 from csil.acting import ChunkSource, first_base_actions
 from csil.demos import flatten_obs
 from csil.specs import ObsSpec, Transition
+from csil.tasks import is_success
 from learner.agent import AgentState, Batch, CSILAgent
 from learner.critic import make_atoms
 
@@ -42,8 +43,9 @@ class DemoTransitions:
 
     @classmethod
     def from_episodes(cls, episodes, spec: ObsSpec) -> "DemoTransitions":
-        """Success (reward > 0), not the end of the file's trajectory, is terminal: robomimic's done_mode 2 also
-        marks the last step of failed trajectories as done."""
+        """Success (sparse reward 1, ``csil.tasks.is_success``), not the end of the file's trajectory, is terminal:
+        robomimic's done_mode 2 also marks the last step of failed trajectories as done. NutAssembly's 0.5 for
+        the first nut on its peg is not terminal."""
         parts: dict[str, list] = {f.name: [] for f in dataclasses.fields(cls)}
         for ep in episodes:
             if ep.next_obs is None:
@@ -53,7 +55,7 @@ class DemoTransitions:
             parts["next_obs"].append(flatten_obs(ep.next_obs, spec))
             parts["action"].append(actions)
             parts["next_action"].append(np.concatenate([actions[1:], actions[-1:]]))
-            parts["discount"].append((np.asarray(ep.rewards) <= 0).astype(np.float32))
+            parts["discount"].append((~is_success(np.asarray(ep.rewards))).astype(np.float32))
             parts["last"].append(np.arange(len(actions)) == len(actions) - 1)
         concat = lambda *xs: np.concatenate(xs)  # noqa: E731
         return cls(**{k: jax.tree_util.tree_map(concat, *v) for k, v in parts.items()})

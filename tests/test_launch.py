@@ -17,31 +17,23 @@ from csil.config import LaunchConfig, ReplayConfig
 from orchestration.launcher import System
 
 
-def _faults(system: System, port: int, seen: dict) -> None:
-    """Kill actor 0 after 100 env steps; once its new incarnation has registered and acted (not just a late report
-    of the killed one), record the inference server's stats and SIGTERM."""
+def _sigterm_after(system: System, port: int, seen: dict, env_steps: int = 300) -> None:
+    """Once the run has taken ``env_steps`` env steps, record the inference server's stats and SIGTERM."""
     deadline = time.time() + 600
     while time.time() < deadline:
         time.sleep(0.5)
         coordinator = getattr(system, "coordinator", None)
-        if coordinator is None:
+        if coordinator is None or ray.get(coordinator.stats.remote())["env_steps"] < env_steps:
             continue
-        stats = ray.get(coordinator.stats.remote())
-        actor = stats["actors"].get(0, {})
-        if "killed" not in seen and stats["env_steps"] >= 100:
-            ray.kill(system.actors[0], no_restart=False)
-            seen["killed"] = True
-        elif "killed" in seen and "restarted_at" not in seen and actor.get("restarts", 0) >= 1:
-            seen["restarted_at"] = actor["env_steps"]  # later steps can only come from the new incarnation
-        elif "restarted_at" in seen and actor["env_steps"] > seen["restarted_at"] and stats["env_steps"] >= 300:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
-                seen["inference"] = json.loads(response.read())
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
+            seen["inference"] = json.loads(response.read())
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
 
 
 @pytest.mark.timeout(1200)
-def test_launch_survives_an_actor_kill_and_sigterm_then_resumes(lift_setup, tiny_agent, free_port, tmp_path):
+def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_agent, free_port, tmp_path):
+    """Killed components are tests/test_chaos.py's; this is the user's Ctrl-C and --resume."""
     _, demos, base = lift_setup
     port = free_port()
     cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=1000, warmup=40, eval_every=10**6,
@@ -49,11 +41,11 @@ def test_launch_survives_an_actor_kill_and_sigterm_then_resumes(lift_setup, tiny
                        base_checkpoint=str(base), serve_port=port, logdir=str(tmp_path / "run"), agent=tiny_agent)
     system = System(cfg, progress=False)
     seen: dict = {}
-    threading.Thread(target=_faults, args=(system, port, seen), daemon=True).start()
+    threading.Thread(target=_sigterm_after, args=(system, port, seen), daemon=True).start()
     first = system.run()
 
-    # the killed actor was restarted and acted again; SIGTERM stopped the run with checkpoints, no final eval
-    assert first["interrupted"] and first["actor_restarts"] >= 1 and "final_eval" not in first
+    # SIGTERM stopped the run with checkpoints, no final eval
+    assert first["interrupted"] and "final_eval" not in first, first
     assert 300 <= first["env_steps"] < 1000 and first["learner_updates"] > 0
     assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
     assert seen["inference"]["observations"] > 0  # actors got their chunks from the server csil-launch started

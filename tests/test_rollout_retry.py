@@ -1,5 +1,7 @@
 """A rollout worker killed during an evaluation (Ray's OOM monitor does this) is restarted by Ray and its scenes
-are run again: the evaluation completes with the same per-scene results as an undisturbed one."""
+are run again: the evaluation completes with the same per-scene results as an undisturbed one. The expert acts
+without its noise here (its noise stream belongs to a worker slot, not to a scene), so that a scene's result
+depends on the scene alone, as an evaluation's does."""
 
 import os
 import signal
@@ -17,12 +19,12 @@ def _rollout_workers() -> list[psutil.Process]:
 
 def test_a_killed_rollout_worker_is_retried_on_the_same_scenes(ray_local):
     clean = {r.seed: (r.success, r.length) for r in run_episodes("Lift", "state", "expert", SEEDS, prompt="lift",
-                                                                  workers=2, envs_per_worker=1)}
+                                                                  workers=2, envs_per_worker=1, noise=0.0)}
     stats: dict = {}
     results, killed = {}, None
     earlier = {p.pid for p in _rollout_workers()}  # the clean run's workers may still be exiting
     for result in run_episodes("Lift", "state", "expert", SEEDS, prompt="lift", workers=2, envs_per_worker=1,
-                               stats=stats):
+                               noise=0.0, stats=stats):
         results[result.seed] = (result.success, result.length)
         if killed is None:
             killed = next(p.pid for p in _rollout_workers() if p.pid not in earlier)

@@ -107,3 +107,20 @@ def test_env_benchmark_prints_one_json_line_with_ratio(capsys):
     record = json.loads(lines[-1])
     assert record["bench"] == "env" and record["raw_steps_per_s"] > 0 and record["wrapped_steps_per_s"] > 0
     assert record["ratio"] == pytest.approx(record["wrapped_steps_per_s"] / record["raw_steps_per_s"], rel=0.01)
+
+
+def test_success_needs_the_full_sparse_reward():
+    """NutAssembly pays 0.5 per nut on its peg: one nut of two is neither a success nor a terminal demo step."""
+    import numpy as np
+
+    from csil.specs import ObsSpec
+    from csil.tasks import is_success
+    from learner.pretrain import DemoTransitions
+    from test_demos import make_episode
+
+    assert is_success(1.0) and not is_success(0.5) and not is_success(0.0)
+    episode = make_episode(4, np.random.default_rng(0))
+    episode.rewards = np.asarray([0.0, 0.5, 0.5, 1.0], np.float32)
+    demos = DemoTransitions.from_episodes([episode], ObsSpec("state", (("robot0_eef_pos", 3), ("robot0_eef_quat", 4),
+                                                                        ("robot0_gripper_qpos", 2), ("object", 10))))
+    assert demos.discount.tolist() == [1.0, 1.0, 1.0, 0.0]
