@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from cli import emit_json
+from cli.flags import at_least
 from csil.demos import read_demos
 from csil.tasks import get_task
 from orchestration import pipeline
@@ -20,17 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train the chunking model (obs -> 10 actions) and save it to --out.")
     train.add_argument("--demos", required=True, help="robomimic-layout .hdf5 file (e.g. from csil-demos generate)")
     train.add_argument("--out", required=True, help="output directory (orbax checkpoint + base_policy.json)")
-    train.add_argument("--num-demos", type=int, default=None,
+    train.add_argument("--num-demos", type=at_least(1), default=None,
                        help="use only the first N demos: the knob that makes the base good but imperfect "
                             "(default: every demo in the file; `csil-base prepare` uses the task's documented "
                             "setting)")
-    train.add_argument("--steps", type=int, default=None,
+    train.add_argument("--steps", type=at_least(1), default=None,
                        help="gradient steps (default: the task's documented setting, else %d)" % d.steps)
-    train.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default %(default)s)")
+    train.add_argument("--batch-size", type=at_least(1), default=d.batch_size, help="batch size (default %(default)s)")
     train.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate, cosine decay")
     train.add_argument("--obs", choices=("state", "image"), default="state",
                        help="state: low-dim obs; image: agentview + wrist cameras + proprioception")
-    train.add_argument("--seed", type=int, default=d.seed, help="training seed (default %(default)s)")
+    train.add_argument("--seed", type=at_least(0), default=d.seed, help="training seed (default %(default)s)")
     prepare = sub.add_parser("prepare", help="build the cached default base policy of a task (demos + training)",
                              description="Generate demos and train with the task's documented settings, "
                                          "under $CSIL_CACHE; does nothing if they are cached already.")

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 
 from cli import emit_json
+from cli.flags import at_least
 from cli.serve import add_server_args, config_from_args
 from csil.config import ALGORITHMS, SIZES, LaunchConfig, agent_config
 from orchestration.bench.env import bench_env
@@ -18,15 +19,15 @@ from orchestration.bench.system import bench_system
 def add_system_args(p: argparse.ArgumentParser) -> None:
     """The flags of a fixed-duration system measurement (``csil-bench system``, ``csil-scale``), bar --actors."""
     p.add_argument("--task", default="Lift", help="task name (default %(default)s)")
-    p.add_argument("--envs-per-actor", type=int, default=4, help="envs per actor (default %(default)s)")
-    p.add_argument("--seconds", type=float, default=120.0,
+    p.add_argument("--envs-per-actor", type=at_least(1), default=4, help="envs per actor (default %(default)s)")
+    p.add_argument("--seconds", type=at_least(1, float), default=120.0,
                    help="seconds of acting, from the first env step (warmup fill included) (default %(default)s)")
     p.add_argument("--size", choices=SIZES, default="cpu", help="network sizes (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=1000, help="rate limiter min size (default %(default)s)")
-    p.add_argument("--pretrain-steps", type=int, default=200,
+    p.add_argument("--warmup", type=at_least(1), default=1000, help="rate limiter min size (default %(default)s)")
+    p.add_argument("--pretrain-steps", type=at_least(1), default=200,
                    help="BC and critic pretraining steps (quality does not change throughput)")
-    p.add_argument("--num-demos", type=int, default=20, help="demos for pretraining and the demo table")
-    p.add_argument("--raw-env-steps", type=int, default=500, help="steps of the raw env baseline loop")
+    p.add_argument("--num-demos", type=at_least(1), default=20, help="demos for pretraining and the demo table")
+    p.add_argument("--raw-env-steps", type=at_least(1), default=500, help="steps of the raw env baseline loop")
     p.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
 
 
@@ -35,15 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="wrapped env vs raw robosuite env.step loop (steps/s, ratio)")
     env.add_argument("--task", default="Square", help="task name (default %(default)s)")
-    env.add_argument("--steps", type=int, default=1000, help="env steps per round and variant (default %(default)s)")
-    env.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
+    env.add_argument("--steps", type=at_least(1), default=1000, help="env steps per round and variant (default %(default)s)")
+    env.add_argument("--rounds", type=at_least(1), default=5, help="interleaved rounds; medians are reported")
     env.add_argument("--obs", choices=("state", "image"), default="state", help="observation mode")
     env.add_argument("--seed", type=int, default=0, help="seed for the env and the random actions")
     inference = sub.add_parser("inference", help="batched inference server vs openpi's one-at-a-time server "
                                                  "(requests/s, p50/p99 latency, ratio), one line per client count")
     inference.add_argument("--clients", default="1,4,16", help="comma-separated client counts (default %(default)s)")
-    inference.add_argument("--duration", type=float, default=5.0, help="seconds measured per server and count")
-    inference.add_argument("--baseline-port", type=int, default=8001, help="port of the unbatched openpi server")
+    inference.add_argument("--duration", type=at_least(0.5, float), default=5.0, help="seconds measured per server and count")
+    inference.add_argument("--baseline-port", type=at_least(1), default=8001, help="port of the unbatched openpi server")
     add_server_args(inference)
     learner = sub.add_parser("learner", help="fused learner update on device-resident batches vs fed through the "
                                              "Reverb dataset path (env steps/s, critic updates/s, ratio)")
@@ -53,22 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="network sizes: paper (AgentConfig defaults), cpu (csil.config.cpu_sized) or tiny "
                               "(smoke tests only) (default %(default)s)")
     learner.add_argument("--algo", choices=ALGORITHMS, default="csil++", help="algorithm preset (default %(default)s)")
-    learner.add_argument("--batch-size", type=int, default=None,
+    learner.add_argument("--batch-size", type=at_least(1), default=None,
                          help="online (and as many demo) samples per critic update (default: the preset's)")
-    learner.add_argument("--utd", type=int, default=None,
+    learner.add_argument("--utd", type=at_least(1), default=None,
                          help="critic updates per fused update (default: the preset's)")
-    learner.add_argument("--updates", type=int, default=20,
+    learner.add_argument("--updates", type=at_least(1), default=20,
                          help="timed updates per path and round (default %(default)s)")
-    learner.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
-    learner.add_argument("--warmup", type=int, default=3, help="untimed updates per path first (compilation)")
-    learner.add_argument("--items", type=int, default=2048, help="random transitions per Reverb table")
+    learner.add_argument("--rounds", type=at_least(1), default=3, help="interleaved rounds; medians are reported")
+    learner.add_argument("--warmup", type=at_least(1), default=3, help="untimed updates per path first (compilation)")
+    learner.add_argument("--items", type=at_least(1), default=2048, help="random transitions per Reverb table")
     learner.add_argument("--seed", type=int, default=0, help="seed for the agent and the random transitions")
     learner.add_argument("--unroll-utd", choices=("auto", "on", "off"), default="auto",
                          help="unroll the fused UTD loop (auto: for image observations) (default %(default)s)")
     system = sub.add_parser("system", help="the distributed system for --seconds vs its parts alone: env steps/s per "
                                            "actor vs the raw env loop, learner updates/s vs the bare update, "
                                            "measured UTD, staleness, rate-limiter blocked time")
-    system.add_argument("--actors", type=int, default=2, help="env actors (default %(default)s)")
+    system.add_argument("--actors", type=at_least(1), default=2, help="env actors (default %(default)s)")
     add_system_args(system)
     return parser
 

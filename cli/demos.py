@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 
 from cli import emit_json
+from cli.flags import at_least
 from csil.config import DemoConfig, cache_dir
 from csil.demos import read_demos
 from orchestration.pipeline import generate_demos
@@ -19,14 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run the task's scripted expert on seeds S, S+1, ... and write the successful "
                                      "episodes (robomimic layout, train/valid masks) until --num are kept.")
     gen.add_argument("--task", required=True, help="task name: Lift, Can, Square (Stack if it has an expert)")
-    gen.add_argument("--num", type=int, default=DemoConfig.num, help="successful episodes to keep (default %(default)s)")
+    gen.add_argument("--num", type=at_least(1), default=DemoConfig.num, help="successful episodes to keep (default %(default)s)")
     gen.add_argument("--obs", choices=("state", "image"), default="state",
                      help="state: low-dim keys only; image: also render agentview + wrist 84x84 (slow on CPU)")
     gen.add_argument("--out", help="output .hdf5 file (default: under $CSIL_CACHE/demos)")
-    gen.add_argument("--seed", type=int, default=DemoConfig.seed, help="first episode seed (default %(default)s)")
-    gen.add_argument("--noise", type=float, default=None,
+    gen.add_argument("--seed", type=at_least(0), default=DemoConfig.seed, help="first episode seed (default %(default)s)")
+    gen.add_argument("--noise", type=at_least(0, float), default=None,
                      help="expert action noise std that widens state coverage (default: the expert's own)")
-    gen.add_argument("--workers", type=int, default=0, help="parallel Ray workers (default: one per core)")
+    gen.add_argument("--workers", type=at_least(0), default=0, help="parallel Ray workers (default: one per core)")
     info = sub.add_parser("info", help="summarise a robomimic HDF5 file (env, demos, lengths, keys, masks)")
     info.add_argument("file", help="path to a robomimic/MimicGen .hdf5 file")
     return parser

@@ -10,32 +10,44 @@ import shlex
 import sys
 
 from cli import emit_json
-from cli.flags import build, field
+from cli.flags import at_least, build, field
 from csil.config import METHODS, SIZES, ExperimentConfig
+from csil.tasks import UnknownTaskError, get_task
 from orchestration.experiment import run_experiment
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(text.split(","))
+def _tasks(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(get_task(name).name for name in text.split(","))
+    except UnknownTaskError as e:  # argparse would print only "invalid value"
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(text.split(","))
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
     E, d = ExperimentConfig, ExperimentConfig()
     p = argparse.ArgumentParser(prog="csil-experiment", description=__doc__)
     field(p, E, "name", help="experiment name: results/<name>/ and its runs dir")
-    field(p, E, "tasks", default=",".join(d.tasks), type=_names, help="comma-separated tasks")
-    field(p, E, "methods", default=",".join(d.methods), type=_names,
+    field(p, E, "tasks", default=",".join(d.tasks), type=_tasks, help="comma-separated tasks")
+    field(p, E, "methods", default=",".join(d.methods), type=_methods,
           help=f"comma-separated, from {', '.join(METHODS)}")
-    field(p, E, "seeds", help="seeds per task and method")
-    field(p, E, "env_steps", help="env steps per run")
-    field(p, E, "eval_every", help="env steps between evaluations")
-    field(p, E, "eval_episodes", help="episodes per evaluation")
-    field(p, E, "warmup", help="online transitions before updates start")
+    field(p, E, "seeds", type=at_least(1), help="seeds per task and method")
+    field(p, E, "env_steps", type=at_least(1), help="env steps per run")
+    field(p, E, "eval_every", type=at_least(1), help="env steps between evaluations")
+    field(p, E, "eval_episodes", type=at_least(1), help="episodes per evaluation")
+    field(p, E, "warmup", type=at_least(1), help="online transitions before updates start")
     field(p, E, "size", choices=SIZES, help="network sizes")
-    field(p, E, "num_demos", help="demos per task")
-    field(p, E, "bc_steps", help="BC pretraining steps")
-    field(p, E, "critic_steps", help="critic pretraining steps (XQC+OD never pretrains its critic)")
-    field(p, E, "actor_warmup", help="linear actor learning-rate warmup, in updates, for every trained method (100 "
+    field(p, E, "num_demos", type=at_least(1), help="demos per task")
+    field(p, E, "bc_steps", type=at_least(0), help="BC pretraining steps")
+    field(p, E, "critic_steps", type=at_least(0), help="critic pretraining steps (XQC+OD never pretrains its critic)")
+    field(p, E, "actor_warmup", type=at_least(0), help="linear actor learning-rate warmup, in updates, for every trained method (100 "
                                      "keeps the first actor updates near BC, see AgentConfig.actor_warmup_steps)")
     field(p, E, "runs_dir", help="where runs live (default <cache>/experiments/<name>)")
     field(p, E, "out_dir", "--out", help="results root")

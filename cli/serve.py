@@ -14,6 +14,7 @@ import socket
 import threading
 
 from cli import emit_json
+from cli.flags import at_least
 from csil.config import InferenceServerConfig
 from inference_server import app
 from orchestration.pipeline import ensure_base_policy
@@ -35,21 +36,21 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-prompt", default=None, help="openpi: prompt for requests that carry none")
     parser.add_argument("--host", default=d.host,
                         help="address to bind both ingresses (default loopback; 0.0.0.0 to serve other hosts)")
-    parser.add_argument("--port", type=int, default=d.port, help="websocket + HTTP port (default %(default)s)")
+    parser.add_argument("--port", type=at_least(1), default=d.port, help="websocket + HTTP port (default %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=d.grpc_port,
                         help="gRPC port (default %(default)s; 0 turns the gRPC ingress off)")
-    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+    parser.add_argument("--max-batch-size", type=at_least(1), default=d.max_batch_size,
                         help="most observations per model call (default %(default)s)")
-    parser.add_argument("--batch-wait-ms", type=float, default=1000 * d.batch_wait_timeout_s,
+    parser.add_argument("--batch-wait-ms", type=at_least(0, float), default=1000 * d.batch_wait_timeout_s,
                         help="how long a partial batch waits for more requests (default %(default)s ms)")
-    parser.add_argument("--num-replicas", type=int, default=d.num_replicas, help="model replicas")
-    parser.add_argument("--num-gpus", type=float, default=None,
+    parser.add_argument("--num-replicas", type=at_least(1), default=d.num_replicas, help="model replicas")
+    parser.add_argument("--num-gpus", type=at_least(0, float), default=None,
                         help="GPUs per replica (default: 1 if the Ray cluster has GPUs, else 0)")
-    parser.add_argument("--num-cpus", type=float, default=d.num_cpus, help="CPUs per replica (default %(default)s)")
+    parser.add_argument("--num-cpus", type=at_least(0, float), default=d.num_cpus, help="CPUs per replica (default %(default)s)")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"shared token clients must send as 'Authorization: Api-Key <token>' "
                              f"(default: ${TOKEN_ENV}; unset: no auth)")
-    parser.add_argument("--model-delay-ms", type=float, default=d.model_delay_ms,
+    parser.add_argument("--model-delay-ms", type=at_least(0, float), default=d.model_delay_ms,
                         help="benchmarks only: add a constant cost per batched model call (models a GPU)")
 
 

@@ -73,3 +73,18 @@ def test_base_train_on_an_explicit_file_uses_its_demos(lift_setup, tmp_path, cap
     _, demos, _ = lift_setup
     main(["train", "--demos", str(demos), "--out", str(tmp_path / "base"), "--steps", "5"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_demos"] == 3
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("experiment", ["--tasks", "Lfit"], "unknown task 'Lfit'"),
+    ("experiment", ["--methods", "csil++-ensemble,td3"], "unknown method(s) ['td3']"),
+    ("experiment", ["--seeds", "0"], "--seeds: must be at least 1"),
+    ("train", ["--num-envs", "0"], "--num-envs: must be at least 1"),
+    ("serve", ["--max-batch-size", "0"], "--max-batch-size: must be at least 1"),
+    ("demos", ["generate", "--task", "Lift", "--num", "0"], "--num: must be at least 1"),
+    ("bench", ["learner", "--utd", "0"], "--utd: must be at least 1"),
+])
+def test_every_cli_checks_ranges_and_names_up_front(module, argv, message, capsys):
+    import importlib
+
+    assert message in _refused(importlib.import_module(f"cli.{module}").main, argv, capsys)
