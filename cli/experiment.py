@@ -11,7 +11,8 @@ import sys
 
 from cli import emit_json
 from cli.flags import at_least, build, field
-from csil.config import METHODS, SIZES, ExperimentConfig
+from cli.train import BETA_UNITS_HELP
+from csil.config import BETA_UNITS, METHODS, SIZES, ExperimentConfig
 from csil.tasks import UnknownTaskError, get_task
 from orchestration.experiment import run_experiment
 
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, E, "critic_steps", type=at_least(0), help="critic pretraining steps (XQC+OD never pretrains its critic)")
     field(p, E, "actor_warmup", type=at_least(0), help="linear actor learning-rate warmup, in updates, for every trained method (100 "
                                      "keeps the first actor updates near BC, see AgentConfig.actor_warmup_steps)")
+    field(p, E, "beta", help="KL(pi||pi_BC) coefficient of the KL-regularised methods, in --beta-units")
+    field(p, E, "beta_units", choices=BETA_UNITS, help=BETA_UNITS_HELP)
     field(p, E, "runs_dir", help="where runs live (default <cache>/experiments/<name>)")
     field(p, E, "out_dir", "--out", help="results root")
     p.add_argument("--report", action="store_true",

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from cli import emit_json
 from cli.flags import at_least, base_policy_target, build, field, values
-from cli.train import ALGO_HELP, MODE_HELP, SIZE_HELP
+from cli.train import ALGO_HELP, BETA_UNITS_HELP, MODE_HELP, SIZE_HELP
 from csil.acting import ACTION_MODES
-from csil.config import ALGORITHMS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
+from csil.config import ALGORITHMS, BETA_UNITS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
 from orchestration.launcher import System
 
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="critic pretraining steps (default: the algorithm's)")
     field(p, AgentConfig, "actor_warmup_steps", "--actor-warmup", default=None,
           help="linear actor learning-rate warmup, updates (default: the algorithm's)")
+    field(p, AgentConfig, "beta", default=None, help="KL(pi||pi_BC) coefficient, in --beta-units (default: the "
+                                                     "algorithm's)")
+    field(p, AgentConfig, "beta_units", default=None, choices=BETA_UNITS, help=BETA_UNITS_HELP)
     field(p, L, "address", help="Ray cluster address, e.g. auto (default: start Ray locally)")
     field(p, L, "logdir", default=None, help="run directory (default runs/<task>-<time>)")
     field(p, L, "resume", action="store_true",

@@ -9,7 +9,7 @@ import time
 from cli import emit_json
 from cli.flags import at_least, build, field, values
 from csil.acting import ACTION_MODES
-from csil.config import ALGORITHMS, SIZES, AgentConfig, TrainConfig, agent_config
+from csil.config import ALGORITHMS, BETA_UNITS, SIZES, AgentConfig, TrainConfig, agent_config
 from orchestration.trainer import Trainer
 
 ALGO_HELP = ("csil++; csil: vanilla CSIL (LayerNorm MSE critic, one-sample KL, UTD 1); xqc-od: XQC with offline "
@@ -17,6 +17,8 @@ ALGO_HELP = ("csil++; csil: vanilla CSIL (LayerNorm MSE critic, one-sample KL, U
 SIZE_HELP = ("network sizes: paper (HETSTAT 512 features, critic 2x512) or cpu (128 features, critic 2x256: ~4x "
              "faster updates on a CPU)")
 MODE_HELP = "ensemble: a = (a_base + a_pi)/2; residual: a = a_base + a_pi"
+BETA_UNITS_HELP = ("nats: beta per nat of KL (results/table1); reward: beta times the coherent reward's (1-gamma)/d_a "
+                   "per nat, so 1 weighs KL and reward log-ratio equally (see AgentConfig.beta_units)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, AgentConfig, "critic_pretrain_steps", "--critic-steps",
           help="SARSA critic pretraining steps (xqc-od never pretrains its critic)")
     field(p, AgentConfig, "actor_warmup_steps", "--actor-warmup", help="linear actor learning-rate warmup, updates")
+    field(p, AgentConfig, "beta", help="KL(pi||pi_BC) coefficient (csil++, csil), in --beta-units")
+    field(p, AgentConfig, "beta_units", choices=BETA_UNITS, help=BETA_UNITS_HELP)
     field(p, TrainConfig, "logdir", default=None, help="run directory (default runs/<task>-<time>)")
     field(p, TrainConfig, "seed", help="seed")
     return p

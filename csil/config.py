@@ -137,7 +137,17 @@ class AgentConfig:
     # ran the convolutions ~10x slower inside the loop (cpu size, batch 32, UTD 4: 153 s vs 12.5 s per call).
     unroll_utd: bool | None = None
     batch_size: int = 128  # online samples per critic update (plus as many demo samples)
-    beta: float = 0.3  # KL(pi||pi_BC) coefficient, actor loss and soft value
+    # KL(pi||pi_BC) coefficient (actor loss and soft value in the TD target), in the units ``beta_units`` names.
+    beta: float = 0.3
+    # "nats": the penalty is beta * KL per nat (beta = 0.3 is CSIL++'s Table II value; results/table1 and every
+    # run before this option used it). "reward": beta is a multiple of the coherent reward's own coefficient per
+    # nat of log-ratio, (1 - gamma) / d_a, i.e. the penalty is beta * (1 - gamma) / d_a * KL. The reward was
+    # scaled by (1 - gamma) / d_a to fit the critic's [-8, 0] support; in "nats" the regulariser was not, so it
+    # weighed d_a / (1 - gamma) * 0.3 = 210x more per nat than the reward and the optimum stayed at BC. In
+    # "reward" units, beta = 1 is CSIL's coherence (reward and regulariser carry the same coefficient per nat, the
+    # one-step optimum is pi ~ pi_BC * pi_R); the paper's 0.3 next to CSIL's unscaled 1/d_a reward is beta = 2.1.
+    # See ``kl_coefficient`` and results/kl-scaling.
+    beta_units: str = "nats"
     target_entropy_per_dim: float = -0.5  # "entropy" regulariser: XQC's target entropy -d_a/2
     init_temperature: float = 0.01  # "entropy" regulariser: XQC's initial alpha
     actor_lr: float = 3e-4
@@ -168,6 +178,18 @@ class AgentConfig:
     policy: HetStatConfig = HetStatConfig()
     critic: CriticConfig = CriticConfig()
     encoder: EncoderConfig = EncoderConfig()
+
+
+BETA_UNITS = ("nats", "reward")
+
+
+def kl_coefficient(cfg: AgentConfig) -> float:
+    """The coefficient per nat of KL(pi||pi_BC) that the actor loss and the soft value use (see ``beta_units``)."""
+    if cfg.beta_units == "nats":
+        return cfg.beta
+    if cfg.beta_units == "reward":
+        return cfg.beta * (1.0 - cfg.discount) / cfg.policy.action_dim
+    raise ValueError(f"AgentConfig.beta_units={cfg.beta_units!r}; choose one of {BETA_UNITS}")
 
 
 ALGORITHMS = ("csil++", "csil", "xqc-od")
@@ -365,6 +387,8 @@ class ExperimentConfig:
     bc_steps: int = 5_000
     critic_steps: int = 5_000
     actor_warmup: int = 0  # AgentConfig.actor_warmup_steps of every trained method
+    beta: float = AgentConfig.beta  # AgentConfig.beta of every KL-regularised method
+    beta_units: str = AgentConfig.beta_units  # AgentConfig.beta_units (XQC+OD has no KL term and ignores both)
     runs_dir: str | None = None  # where runs live (None: <cache>/experiments/<name>); finished runs are reused
     out_dir: str = "results"  # results/<name>/table.md, curves.png, runs.csv
 

@@ -5,7 +5,10 @@ One class; the variants are fields of ``AgentConfig`` (presets in ``csil.config.
 - reward: ``coherent`` ``r = (1-γ)·[(1/d_a)(log π_R(a|s) − log p_U(a)) − B]`` clamped ≤ 0, or ``sparse``
   ``−(1−γ)`` per step and 0 on the success transition (XQC+OD);
 - regulariser: ``kl_bc`` ``β·KL(π‖π_BC)`` (exact closed form for CSIL++, one-sample estimate for CSIL) or
-  ``entropy`` ``α·log π`` with a learned temperature (XQC/SAC, target entropy −d_a/2);
+  ``entropy`` ``α·log π`` with a learned temperature (XQC/SAC, target entropy −d_a/2). β per nat is
+  ``csil.config.kl_coefficient``: ``beta`` itself (``beta_units="nats"``) or ``beta·(1−γ)/d_a``
+  (``"reward"``: the coherent reward's own coefficient per nat, so that reward and regulariser stay in the same
+  units, as CSIL's coherence needs; in "nats" the anchor weighs 210× the reward per nat and pins π to BC);
 - critic: ``categorical`` XQC BN+WN (cross-entropy on a C51 target) or ``mse`` (CSIL's LayerNorm MLP);
 - ``utd`` critic updates per call, then one actor update, fused in one jitted ``lax.scan`` (unrolled for
   image observations, see ``AgentConfig.unroll_utd``).
@@ -43,7 +46,7 @@ import numpy as np
 import optax
 
 from csil import hetstat
-from csil.config import AgentConfig
+from csil.config import AgentConfig, kl_coefficient
 from csil.encoders import random_shift
 from csil.hetstat import SmallPolicy
 from csil.specs import ObsSpec, Transition
@@ -119,6 +122,7 @@ class CSILAgent:
         self.critic_net = Critic(cfg.critic, spec.cameras, cfg.encoder)
         self.categorical = cfg.critic.kind == "categorical"
         self.shift = reward_shift(cfg)
+        self.beta = kl_coefficient(cfg)  # per nat of KL(π‖π_BC), in the units of cfg.beta_units
         warmup = cfg.actor_warmup_steps
         actor_lr = optax.linear_schedule(cfg.actor_lr / warmup, cfg.actor_lr, warmup) if warmup else cfg.actor_lr
         self.policy_opt = optax.adam(actor_lr)
@@ -209,8 +213,9 @@ class CSILAgent:
                             key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(a ~ π(·|s), the per-sample penalty subtracted from Q, log π(a|s)).
 
-        ``kl_bc``: β·KL(π‖π_BC), exact, or the one-sample ``log π(a|s) − log π_BC(a|s)`` (π_BC's density is
-        Acme's clipped one, as in CSIL). ``entropy``: α·log π(a|s), α not differentiated here.
+        ``kl_bc``: β·KL(π‖π_BC) with β = ``self.beta`` (``kl_coefficient``), exact, or the one-sample
+        ``log π(a|s) − log π_BC(a|s)`` (π_BC's density is Acme's clipped one, as in CSIL). ``entropy``:
+        α·log π(a|s), α not differentiated here.
         """
         mu, sigma = self.policy_net.apply(policy, obs)
         action, logp = hetstat.sample(key, mu, sigma)
@@ -221,7 +226,7 @@ class CSILAgent:
             kl = hetstat.gaussian_kl(mu, sigma, bc_mu, bc_sigma)
         else:
             kl = logp - hetstat.log_prob(bc_mu, bc_sigma, action)
-        return action, self.cfg.beta * kl, logp
+        return action, self.beta * kl, logp
 
     def _demo_q(self, critic: PyTree, batch: Batch, next_action: jax.Array, demo_action: jax.Array,
                 atoms: jax.Array) -> jax.Array:
@@ -346,7 +351,7 @@ class CSILAgent:
         policy_params = self._with_encoder(policy_params, jax.lax.stop_gradient(state.critic["params"]))
         action, penalty, logp = self._regularised_sample(policy_params, state, obs, key)
         q = self.q_values(state.critic, obs, action, state.atoms).min(0)
-        return jnp.mean(penalty - q), (penalty.mean(), logp, q.mean())
+        return jnp.mean(penalty - q), (penalty, logp, q)
 
     def _temperature_step(self, state: AgentState, logp: jax.Array) -> tuple[AgentState, jax.Array]:
         """SAC's temperature loss −log α·(log π + H_target): α grows while the entropy is below the target."""
@@ -370,13 +375,20 @@ class CSILAgent:
         obs = self.augment(keys[-2], last.obs)
         (actor_loss, (penalty, logp, q)), grads = jax.value_and_grad(self._actor_loss, has_aux=True)(
             state.policy, state, obs, keys[-1])
+        # Diagnostics (eval-mode BN, the actor's view): how much better the critic rates the policy's sample than
+        # the stored action, on the online half (replay's a_pi) and on the demo half (the demonstrator's action).
+        half = online.action.shape[1]
+        q_stored = self.q_values(state.critic, obs, last.action, state.atoms).min(0)
+        gap = q - q_stored
         updates, policy_opt = self.policy_opt.update(grads, state.policy_opt, state.policy)
         state = state._replace(policy=optax.apply_updates(state.policy, updates), policy_opt=policy_opt,
                                step=state.step + 1)
         metrics = jax.tree_util.tree_map(jnp.mean, metrics)
-        metrics.update(actor_loss=actor_loss, actor_penalty=penalty, entropy=-logp.mean(), q_actor=q)
+        metrics.update(actor_loss=actor_loss, actor_penalty=penalty.mean(), entropy=-logp.mean(), q_actor=q.mean(),
+                       q_gap_online=gap[:half].mean(), q_gap_demo=gap[half:].mean())
         if self.cfg.regularizer == "entropy":
             state, metrics["alpha"] = self._temperature_step(state, logp)
         else:
-            metrics["kl_to_bc"] = penalty / self.cfg.beta
+            kl = penalty / self.beta
+            metrics.update(kl_to_bc=kl.mean(), kl_to_bc_online=kl[:half].mean(), kl_to_bc_demo=kl[half:].mean())
         return state, metrics

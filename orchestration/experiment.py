@@ -29,6 +29,8 @@ from orchestration.pipeline import ensure_base_policy
 from orchestration.trainer import Trainer
 
 DROP_TOLERANCE = 0.05  # "no initial drop": every evaluation >= base - 5 pp
+# What a run finished before a budget field existed was run with (results/table1: β = 0.3 per nat, no warmup).
+PRE_OPTION_BUDGET = {"actor_warmup": 0, "beta": 0.3, "beta_units": "nats"}
 
 
 def runs_root(cfg: ExperimentConfig) -> Path:
@@ -38,7 +40,7 @@ def runs_root(cfg: ExperimentConfig) -> Path:
 def run_budget(cfg: ExperimentConfig) -> dict:
     """The settings a finished run must share with the experiment that reuses it."""
     fields = ("env_steps", "eval_every", "eval_episodes", "warmup", "size", "num_demos", "bc_steps", "critic_steps",
-              "actor_warmup")
+              "actor_warmup", "beta", "beta_units")
     return {f: getattr(cfg, f) for f in fields}
 
 
@@ -48,7 +50,8 @@ def finished(cfg: ExperimentConfig, task: str, method: str, seed: int) -> dict |
     if not done.exists():
         return None
     result = json.loads(done.read_text())
-    result["budget"] = {"actor_warmup": 0, **result.get("budget", {})}  # runs from before the option had none
+    # runs from before an option existed ran with its old value
+    result["budget"] = {**PRE_OPTION_BUDGET, **result.get("budget", {})}
     if result["budget"] != run_budget(cfg):
         raise ValueError(f"{done.parent} was run with {result.get('budget')}, not this experiment's "
                          f"{run_budget(cfg)}: pick another --name (or --runs-dir) for a different budget")
@@ -67,7 +70,7 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
         summary = {}
     else:
         agent = agent_config(algo, cfg.size, bc_steps=cfg.bc_steps, critic_pretrain_steps=cfg.critic_steps,
-                             actor_warmup_steps=cfg.actor_warmup)
+                             actor_warmup_steps=cfg.actor_warmup, beta=cfg.beta, beta_units=cfg.beta_units)
         trainer = Trainer(TrainConfig(task=task, algo=algo, size=cfg.size, action_mode=action_mode,
                                       env_steps=cfg.env_steps, warmup=cfg.warmup, eval_every=cfg.eval_every,
                                       eval_episodes=cfg.eval_episodes, num_demos=cfg.num_demos, seed=seed,
@@ -153,6 +156,10 @@ def _statistics(cfg: ExperimentConfig, results: list[dict]) -> dict:
     return stats
 
 
+def _beta_units_text(units: str) -> str:
+    return {"nats": "per nat", "reward": "× the reward's (1−γ)/d_a per nat"}.get(units, units)
+
+
 def _cell(q: list[float]) -> str:
     return f"{q[0]:.0%} [{q[1]:.0%}, {q[2]:.0%}]"
 
@@ -169,7 +176,8 @@ def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -
              f"Budget: {cfg.env_steps:,} env steps per run (the paper: 500,000), evaluations every "
              f"{cfg.eval_every:,} steps on {cfg.eval_episodes} episodes, {cfg.seeds} seed{'s' * (cfg.seeds != 1)}, "
              f"{cfg.size}-size networks, {cfg.num_demos} demos, BC {cfg.bc_steps:,} / critic pretraining "
-             f"{cfg.critic_steps:,} steps, actor-lr warmup {cfg.actor_warmup:,} updates, state "
+             f"{cfg.critic_steps:,} steps, actor-lr warmup {cfg.actor_warmup:,} updates, KL coefficient β = "
+             f"{cfg.beta:g} ({_beta_units_text(cfg.beta_units)}), state "
              "observations, the local base policy (not π0.5). Cells: median [25th, 75th] over seeds.", ""]
     if missing:
         lines += [f"**Partial**: {missing} run{'s' * (missing != 1)} of this grid not finished yet; the command "

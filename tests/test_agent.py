@@ -264,3 +264,45 @@ def test_actor_lr_warmup_removes_the_first_steps_jump_away_from_bc(pretrained):
             kls.append(float(metrics["kl_to_bc"]))
         worst[warmup] = max(kls)
     assert worst[100] < 0.05 < 0.5 < worst[0]
+
+
+def test_kl_in_reward_units_lets_the_critic_move_the_policy_off_bc():
+    """CSIL's coherence: the KL anchor must carry the reward's coefficient per nat. With a fixed reward network
+    (no refinement) whose mode is Δ away from BC's mean in action dimension 0, the coherent one-step optimum is
+    π ∝ π_BC·π_R (half-way for equal widths). β in the reward's units (``beta_units="reward"``, β_eff = (1−γ)/d_a)
+    moves the policy mean a good part of the way towards the reward's action; the old per-nat β = 0.3 (here
+    0.3·d_a/(1−γ) = 21× the reward's coefficient, optimum ≈ Δ/22) keeps it at BC.
+
+    γ = 0.9 rather than 0.99: the action-dependent part of Q is ~(1−γ) of its range, and at 0.99 this small critic
+    cannot resolve it in a test's budget (its Q was flat in Δ within noise after 1k SARSA steps)."""
+    demos, _ = synthetic_demos(num_episodes=20, seed=4)
+    rng = np.random.default_rng(0)
+    shift = 0.3  # Δ, ≈ 3 σ of both policies
+    noisy = dataclasses.replace(demos, action=np.clip(demos.action + rng.normal(0, 0.03, demos.action.shape),
+                                                      -0.95, 0.95).astype(np.float32))
+    preferred = noisy.action.copy()
+    preferred[:, 0] = np.clip(preferred[:, 0] + shift, -0.95, 0.95)
+    cfg = dataclasses.replace(SMALL, refine_reward=False, batch_size=64, discount=0.9)
+    agent = CSILAgent(cfg, SPEC)
+    bc, _ = pretrain_bc(agent, noisy, jax.random.PRNGKey(0), steps=1500, progress=False)
+    reward, _ = pretrain_bc(agent, dataclasses.replace(noisy, action=preferred), jax.random.PRNGKey(1), steps=1500,
+                            progress=False)
+    # Explored actions around the demonstrator's (SARSA targets use its next action), so that the critic sees
+    # how Q varies with the action.
+    explored = dataclasses.replace(noisy, action=np.clip(noisy.action + rng.normal(0, 0.2, noisy.action.shape),
+                                                         -0.95, 0.95).astype(np.float32))
+    state = agent.init_state(jax.random.PRNGKey(2), bc)._replace(reward=reward)
+    state, _ = pretrain_critic(agent, state, explored, steps=1500, progress=False)
+    obs = {"state": jnp.asarray(noisy.obs["state"][::4])}
+    mode = lambda params: np.asarray(hetstat.mode(agent.policy_net.apply(params, obs)[0]))  # noqa: E731
+    start = mode(state.policy)
+    moved = {}
+    for units, beta in (("nats", 0.3), ("reward", 1.0)):
+        agent_b = CSILAgent(dataclasses.replace(cfg, beta_units=units, beta=beta), SPEC)
+        s, rng = state, np.random.default_rng(5)
+        for i in range(100):
+            s, metrics = agent_b.update(s, explored.sample(rng, (cfg.utd, cfg.batch_size)),
+                                        noisy.sample(rng, (cfg.utd, cfg.batch_size)), jax.random.PRNGKey(i))
+        moved[units] = float(np.mean(mode(s.policy)[:, 0] - start[:, 0]))
+    assert abs(moved["nats"]) < 0.1 * shift  # pinned at BC
+    assert moved["reward"] > 0.3 * shift  # towards π_R's action

@@ -59,6 +59,20 @@ def test_a_run_with_another_budget_is_not_reused(tmp_path):
         run_experiment(cfg, "csil-experiment", progress=False)
 
 
+def test_runs_from_before_the_beta_option_count_as_beta_0_3_per_nat(tmp_path):
+    """results/table1's runs have no beta in their budget: they ran with β = 0.3 per nat and are reused only by an
+    experiment with that setting; one with the KL in the reward's units must not mix them in."""
+    old = ExperimentConfig(name="t", tasks=("Lift",), methods=("base",), seeds=1, runs_dir=str(tmp_path),
+                           out_dir=str(tmp_path / "out"), beta=0.3, beta_units="nats")
+    budget = {k: v for k, v in run_budget(old).items() if k not in ("beta", "beta_units", "actor_warmup")}
+    _done(tmp_path, "base", 0, [{"env_steps": 0, "success_rate": 0.5}], budget)
+    assert run_experiment(old, "csil-experiment", progress=False)["runs"] == 1
+    new = ExperimentConfig(name="t", tasks=("Lift",), methods=("base",), seeds=1, runs_dir=str(tmp_path),
+                           out_dir=str(tmp_path / "out"), beta=1.0, beta_units="reward")
+    with pytest.raises(ValueError, match="pick another --name"):
+        run_experiment(new, "csil-experiment", progress=False)
+
+
 def test_report_summarises_the_finished_runs_without_training(tmp_path):
     runs = tmp_path / "runs"
     cfg = ExperimentConfig(name="t", tasks=("Lift", "Square"), methods=("base", "csil++-ensemble"), seeds=2,
