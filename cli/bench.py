@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     learner.add_argument("--updates", type=at_least(1), default=20,
                          help="timed updates per path and round (default %(default)s)")
     learner.add_argument("--rounds", type=at_least(1), default=3, help="interleaved rounds; medians are reported")
+    learner.add_argument("--fuse", type=at_least(1), default=1,
+                         help="env steps' updates per jit call (CSILAgent.update_many); rates stay per env step")
     learner.add_argument("--warmup", type=at_least(1), default=3, help="untimed updates per path first (compilation)")
     learner.add_argument("--items", type=at_least(1), default=2048, help="random transitions per Reverb table")
     learner.add_argument("--seed", type=int, default=0, help="seed for the agent and the random transitions")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "learner":
         emit_json(bench_learner(args.obs, args.updates, args.size, args.algo, args.batch_size, args.utd, args.rounds,
                                 args.warmup, args.items, args.seed,
-                                unroll_utd={"auto": None, "on": True, "off": False}[args.unroll_utd]))
+                                unroll_utd={"auto": None, "on": True, "off": False}[args.unroll_utd], fuse=args.fuse))
     elif args.command == "system":
         emit_json(bench_system(system_config(args, args.actors), args.raw_env_steps))
 

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, L, "eval_episodes", type=at_least(0), help="episodes per evaluation; 0 turns evaluation off")
     field(p, L, "final_eval_rounds", type=at_least(0), help="re-evaluations of the best parameters at the end, on fresh scenes")
     field(p, L, "publish_every", type=at_least(1), help="learner updates between weight publications")
+    field(p, L, "fuse_updates", type=at_least(1),
+          help="learner updates per jit call: K env steps' worth of batches in one dispatch (same updates; GPU "
+               "learners want 8-16)")
     field(p, L, "checkpoint_every_s", "--checkpoint-every",
           help="seconds between learner + replay checkpoints (also on SIGTERM and at the end)")
     field(p, L, "base_policy", type=base_policy_target, help="local: start the batched inference server (Ray Serve) with the local base "

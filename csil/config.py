@@ -343,6 +343,9 @@ class LaunchConfig:
     eval_episodes: int = 50  # 0: no evaluation at all (benchmarks, scale-out)
     final_eval_rounds: int = 5  # the paper's protocol: the best parameters re-evaluated 5 x eval_episodes
     publish_every: int = 10  # learner updates between weight publications
+    # Learner updates per jit call (K): K env steps' worth of batches go through one ``CSILAgent.update_many``,
+    # the same updates as K calls with one dispatch instead of K (GPU learners are dispatch-bound; on a CPU 1).
+    fuse_updates: int = 1
     checkpoint_every_s: float = 600.0  # learner + replay checkpoints (and always on SIGTERM / at the end)
     base_policy: str = "local"  # "local" (csil-launch starts the inference server) | "ws://host:port" | "grpc://..."
     serve_port: int = 8000  # "local": the started server's websocket port (openpi protocol), for outside clients

@@ -132,6 +132,7 @@ class CSILAgent:
         self.alpha_opt = optax.adam(cfg.actor_lr)
         self.unroll_utd = bool(spec.cameras) if cfg.unroll_utd is None else cfg.unroll_utd
         self.update = jax.jit(self._update)
+        self.update_many = jax.jit(self._update_many)
 
     # --- construction -------------------------------------------------------------------------------
 
@@ -392,3 +393,14 @@ class CSILAgent:
             kl = penalty / self.beta
             metrics.update(kl_to_bc=kl.mean(), kl_to_bc_online=kl[:half].mean(), kl_to_bc_demo=kl[half:].mean())
         return state, metrics
+
+    def _update_many(self, state: AgentState, online: Batch, demos: Batch, keys: jax.Array) -> tuple[AgentState, dict]:
+        """K env steps' worth of updates in one call: ``_update`` scanned over the leading axis of ``online``,
+        ``demos`` (K, utd, B, ...) and ``keys`` (K, 2), the same sequence as K ``update`` calls (one dispatch
+        instead of K: what a GPU learner is bound by). Metrics are the last update's."""
+
+        def body(s, xs):
+            return self._update(s, *xs)
+
+        state, metrics = jax.lax.scan(body, state, (online, demos, keys), unroll=self.unroll_utd)
+        return state, jax.tree_util.tree_map(lambda x: x[-1], metrics)

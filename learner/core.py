@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from csil import seeds
@@ -60,6 +61,20 @@ class LearnerCore:
         self.key, key = jax.random.split(self.key)
         self.state, metrics = self.agent.update(self.state, online, demos, key)
         self.updates += 1
+        return metrics
+
+    def step_many(self, online: list[Batch], demos: list[Batch]) -> dict:
+        """``len(online)`` fused updates in one call (``CSILAgent.update_many``): the same updates, keys included,
+        as that many ``step`` calls; metrics are the last update's."""
+        if len(online) == 1:
+            return self.step(online[0], demos[0])
+        keys = []
+        for _ in online:
+            self.key, key = jax.random.split(self.key)
+            keys.append(key)
+        stack = lambda batches: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)  # noqa: E731
+        self.state, metrics = self.agent.update_many(self.state, stack(online), stack(demos), jnp.stack(keys))
+        self.updates += len(online)
         return metrics
 
     def policy_params(self):

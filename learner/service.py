@@ -44,6 +44,11 @@ SAMPLE_TIMEOUT_MS = 5_000
 EXPORT_EVERY_S = 1.0  # Prometheus counters of the update loop
 
 
+def _crossed(updates: int, done: int, every: int) -> bool:
+    """Whether the last ``done`` updates passed a multiple of ``every``."""
+    return updates // every != (updates - done) // every
+
+
 class LearnerService:
     """Made a Ray actor by the launcher (``ray.remote(max_restarts=0, max_concurrency=4)``)."""
 
@@ -134,11 +139,13 @@ class LearnerService:
         return streams
 
     def run(self) -> dict:
-        """Fused updates until the coordinator says stop; publishes every ``publish_every`` updates."""
+        """Fused updates until the coordinator says stop, ``fuse_updates`` per call; publishes every
+        ``publish_every`` updates."""
         cfg = self.cfg
         online, demos = self._batches()
         stop = self.coordinator.stats.remote()
         metrics_file = (self.logdir / "learner.jsonl").open("a")
+        pending: list[tuple[Batch, Batch]] = []  # batch pairs for the next fused call
         started = exported_at = time.perf_counter()
         self.exported = (self.updates, self.wait_s)
         window = (started, self.updates, self.wait_s)  # start of the current 100-update window
@@ -154,22 +161,26 @@ class LearnerService:
                 stop = self.coordinator.stats.remote()
             waiting = time.perf_counter()
             try:
-                batch_online, batch_demos = Batch.from_sample(next(online)), Batch.from_sample(next(demos))
+                pending.append((Batch.from_sample(next(online)), Batch.from_sample(next(demos))))
             except TimeoutError as e:  # actors are warming up, blocked or restarting: never give up, never hang
                 log.info("learner waiting for data: %s", e)
                 continue
             except ConnectionError as e:  # the replay server died: the launcher restarts it at a new address
                 log.warning("learner lost the replay server (%s); reconnecting", e)
                 online, demos = self._reconnect(online, demos)
+                pending.clear()
                 continue
             finally:
                 self.wait_s += time.perf_counter() - waiting
+            if len(pending) < cfg.fuse_updates:
+                continue
             start = time.perf_counter()
             with self.lock:
-                metrics = self.core.step(batch_online, batch_demos)
-            if self.updates % cfg.publish_every == 0:
+                metrics = self.core.step_many([p[0] for p in pending], [p[1] for p in pending])
+            done, pending = len(pending), []
+            if _crossed(self.updates, done, cfg.publish_every):
                 self.publish()
-            if self.updates % 100 == 0:
+            if _crossed(self.updates, done, 100):
                 record = finite_metrics(metrics, self.updates)  # raises before anything is checkpointed
                 self.update_time_s = time.perf_counter() - start
                 self.metrics = record

@@ -306,3 +306,44 @@ def test_kl_in_reward_units_lets_the_critic_move_the_policy_off_bc():
         moved[units] = float(np.mean(mode(s.policy)[:, 0] - start[:, 0]))
     assert abs(moved["nats"]) < 0.1 * shift  # pinned at BC
     assert moved["reward"] > 0.3 * shift  # towards π_R's action
+
+
+def _chained_vs_fused(cfg: AgentConfig, spec: ObsSpec, demos: DemoTransitions, bc, k: int = 3):
+    """The same k updates, keys included, through k ``step`` calls and one ``step_many`` call."""
+    from learner.core import LearnerCore
+
+    rng = np.random.default_rng(11)
+    pairs = [(demos.sample(rng, (cfg.utd, cfg.batch_size)), demos.sample(rng, (cfg.utd, cfg.batch_size)))
+             for _ in range(k)]
+    cores = [LearnerCore(cfg, spec, demos, seed=0) for _ in range(2)]
+    for core in cores:
+        core.state = core.agent.init_state(jax.random.PRNGKey(1), bc)
+    for online, demo in pairs:
+        chained = cores[0].step(online, demo)
+    fused = cores[1].step_many([p[0] for p in pairs], [p[1] for p in pairs])
+    assert cores[0].updates == cores[1].updates == k
+    close = jax.tree_util.tree_map(lambda a, b: bool(np.allclose(a, b, rtol=1e-4, atol=1e-5)), cores[0].state,
+                                   cores[1].state)
+    assert all(jax.tree_util.tree_leaves(close))
+    np.testing.assert_allclose(float(chained["critic_loss"]), float(fused["critic_loss"]), rtol=1e-4)
+
+
+def test_k_fused_updates_equal_k_chained_ones_state(pretrained):
+    agent, state, demos, _, _ = pretrained
+    _chained_vs_fused(dataclasses.replace(SMALL, batch_size=32), SPEC, demos, state.bc)
+
+
+def test_k_fused_updates_equal_k_chained_ones_image():
+    from csil.config import EncoderConfig
+
+    spec = ObsSpec(mode="image", state_keys=(("robot0_eef_pos", 3),), cameras=("agentview",), image_size=16)
+    cfg = dataclasses.replace(SMALL, batch_size=8, bc_batch_size=8,
+                              encoder=EncoderConfig(channels=(4,), out_dim=8, shift=2))
+    rng = np.random.default_rng(0)
+    n = 64
+    obs = {"state": rng.normal(size=(n, 3)).astype(np.float32),
+           "agentview_image": rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)}
+    actions = np.tanh(rng.normal(size=(n, 7))).astype(np.float32)
+    demos = DemoTransitions(obs, actions, np.ones(n, np.float32), obs, actions, np.zeros(n, bool))
+    bc = CSILAgent(cfg, spec).init_policy(jax.random.PRNGKey(0))
+    _chained_vs_fused(cfg, spec, demos, bc, k=2)

@@ -37,8 +37,9 @@ def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_
     _, demos, base = lift_setup
     port = free_port()
     cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=1000, warmup=40, eval_every=10**6,
-                       eval_episodes=1, final_eval_rounds=1, publish_every=2, num_demos=3, demos=str(demos),
-                       base_checkpoint=str(base), serve_port=port, logdir=str(tmp_path / "run"), agent=tiny_agent)
+                       eval_episodes=1, final_eval_rounds=1, publish_every=2, fuse_updates=2, num_demos=3,
+                       demos=str(demos), base_checkpoint=str(base), serve_port=port, logdir=str(tmp_path / "run"),
+                       agent=tiny_agent)
     system = System(cfg, progress=False)
     seen: dict = {}
     threading.Thread(target=_sigterm_after, args=(system, port, seen), daemon=True).start()

@@ -85,13 +85,14 @@ def _batch(transitions: Transition, utd: int, batch_size: int) -> Batch:
 
 def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", batch_size: int | None = None,
                   utd: int | None = None, rounds: int = 3, warmup: int = 3, items: int = 2048, seed: int = 0,
-                  unroll_utd: bool | None = None, progress: bool = True) -> dict:
+                  unroll_utd: bool | None = None, progress: bool = True, fuse: int = 1) -> dict:
     """Env steps/s and critic updates/s of the fused update, synthetic vs. Reverb-fed; see the module docstring.
 
     One fused update is one env step (``utd`` critic updates and one actor update), so env steps/s = updates/s
     and critic updates/s = ``utd`` x that. Each path first runs ``warmup`` untimed updates (compilation, first
     Reverb streams), then ``rounds`` rounds of ``updates`` timed updates each, alternating paths. ``items``
     random transitions fill each table (sampled uniformly with replacement, so the count barely matters).
+    ``fuse`` > 1 runs that many env steps' updates per call (``CSILAgent.update_many``); rates stay per env step.
     """
     spec, cfg = obs_spec(obs_mode), bench_agent_config(size, algo, batch_size, utd, unroll_utd)
     agent = CSILAgent(cfg, spec)
@@ -103,8 +104,20 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
     n = cfg.utd * cfg.batch_size
     if items < n:
         raise ValueError(f"items={items} is less than one update's utd x batch_size = {n} samples per table")
-    synthetic = jax.device_put((_batch(random_transitions(spec, n, rng), cfg.utd, cfg.batch_size),
-                                _batch(random_transitions(spec, n, rng), cfg.utd, cfg.batch_size)))
+    stack = lambda batches: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)  # noqa: E731
+    synthetic = jax.device_put(tuple(stack([_batch(random_transitions(spec, n, rng), cfg.utd, cfg.batch_size)
+                                            for _ in range(fuse)]) for _ in range(2)))
+    fused_keys = [jax.random.split(k, fuse) for k in keys]
+
+    def update(online_batch: Batch, demo_batch: Batch, i: int) -> dict:
+        """One call: ``fuse`` env steps' worth (stacked batches) or one update."""
+        nonlocal state
+        if fuse == 1:
+            state, metrics = agent.update(state, jax.tree_util.tree_map(lambda x: x[0], online_batch),
+                                          jax.tree_util.tree_map(lambda x: x[0], demo_batch), keys[i])
+        else:
+            state, metrics = agent.update_many(state, online_batch, demo_batch, fused_keys[i])
+        return metrics
 
     # spi 1 with an error buffer of 1e9 samples: inserts and samples never wait on each other.
     replay_cfg = ReplayConfig(online_size=items, samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e9)
@@ -130,18 +143,16 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
             return count / (time.perf_counter() - start)
 
         def synthetic_step(i: int) -> dict:
-            nonlocal state
-            state, metrics = agent.update(state, *synthetic, keys[i])
-            return metrics
+            return update(*synthetic, i)
+
+        def sampled() -> tuple[Batch, Batch]:
+            return tuple(stack([Batch.from_sample(next(it)) for _ in range(fuse)]) for it in (online, demos))
 
         def reverb_step(i: int) -> dict:
-            nonlocal state
-            online_batch, demo_batch = Batch.from_sample(next(online)), Batch.from_sample(next(demos))
-            state, metrics = agent.update(state, online_batch, demo_batch, keys[i])
-            return metrics
+            return update(*sampled(), i)
 
         def input_step(i: int) -> tuple:
-            return jax.device_put((Batch.from_sample(next(online)), Batch.from_sample(next(demos))))
+            return jax.device_put(sampled())
 
         bar.set_postfix_str("compiling")
         timed(warmup, synthetic_step)
@@ -156,14 +167,14 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
         demos.close()
     bar.close()
 
-    med = {name: statistics.median(values) for name, values in rates.items()}
+    med = {name: fuse * statistics.median(values) for name, values in rates.items()}  # per env step
 
     def throughput(rate: float) -> dict:
         return {"env_steps_per_s": round(rate, 3), "critic_updates_per_s": round(cfg.utd * rate, 3),
                 "ms_per_update": round(1000 / rate, 2)}
 
     return {"bench": "learner", "obs": obs_mode, "size": size, "algo": algo, "batch_size": cfg.batch_size,
-            "utd": cfg.utd, "updates": updates, "rounds": rounds, "items": items,
+            "utd": cfg.utd, "fuse": fuse, "updates": updates, "rounds": rounds, "items": items,
             "synthetic": throughput(med["synthetic"]), "reverb": throughput(med["reverb"]),
             "input_only": {"batches_per_s": round(med["input_only"], 3)},
             "ratio": round(med["reverb"] / med["synthetic"], 4), "device": jax.devices()[0].platform}
