@@ -197,6 +197,8 @@ class System:
             if ray.wait([ref], timeout=0)[0]:
                 try:
                     ray.get(ref)
+                except ray.exceptions.ActorUnavailableError:  # Ray is still restarting it: ask again next second
+                    pass
                 except ray.exceptions.RayActorError as e:
                     log.warning("actor %d died (%s); Ray restarts it, re-issuing its run", i, type(e).__name__)
                     self.budget.spend(f"actor {i}")

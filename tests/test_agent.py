@@ -192,21 +192,28 @@ def test_xqc_od_uses_sparse_reward_no_pretraining_and_learns_its_temperature(pre
         algo_config("td3")
 
 
+IMAGE_SPEC = ObsSpec(mode="image", state_keys=(("robot0_eef_pos", 3),), cameras=("agentview",), image_size=16)
+
+
+def image_demos(rng: np.random.Generator, n: int = 64) -> DemoTransitions:
+    """Random proprio + 16x16 agentview transitions (one step each) for the image agent's plumbing tests."""
+    obs = {"state": rng.normal(size=(n, 3)).astype(np.float32),
+           "agentview_image": rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)}
+    actions = np.tanh(rng.normal(size=(n, 7))).astype(np.float32)
+    return DemoTransitions(obs, actions, np.ones(n, np.float32), obs, actions, np.zeros(n, bool))
+
+
 def test_image_agent_shares_the_critic_encoder_with_the_policy():
     """DrQ-style sharing: the critic trains the encoder, the policy copies it and never sends gradients into it,
     the BC anchor keeps its own; weight normalisation leaves the encoder alone."""
     from csil.config import EncoderConfig
 
-    spec = ObsSpec(mode="image", state_keys=(("robot0_eef_pos", 3),), cameras=("agentview",), image_size=16)
     cfg = dataclasses.replace(SMALL, batch_size=8, bc_batch_size=8, encoder=EncoderConfig(channels=(4, 8), out_dim=8,
                                                                                              shift=2))
-    agent = CSILAgent(cfg, spec)
+    agent = CSILAgent(cfg, IMAGE_SPEC)
     rng = np.random.default_rng(0)
-    n = 64
-    obs = {"state": rng.normal(size=(n, 3)).astype(np.float32),
-           "agentview_image": rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)}
-    actions = np.tanh(rng.normal(size=(n, 7))).astype(np.float32)
-    demos = DemoTransitions(obs, actions, np.ones(n, np.float32), obs, actions, np.zeros(n, bool))
+    demos = image_demos(rng)
+    obs = demos.obs
     bc, _ = pretrain_bc(agent, demos, jax.random.PRNGKey(0), steps=20, progress=False)
     state = agent.init_state(jax.random.PRNGKey(1), bc)
     enc = lambda p: p["params"]["encoder"]  # noqa: E731
@@ -336,14 +343,7 @@ def test_k_fused_updates_equal_k_chained_ones_state(pretrained):
 def test_k_fused_updates_equal_k_chained_ones_image():
     from csil.config import EncoderConfig
 
-    spec = ObsSpec(mode="image", state_keys=(("robot0_eef_pos", 3),), cameras=("agentview",), image_size=16)
-    cfg = dataclasses.replace(SMALL, batch_size=8, bc_batch_size=8,
+    cfg = dataclasses.replace(SMALL, batch_size=8, bc_batch_size=8, utd=1,  # utd 1: image updates compile slowly
                               encoder=EncoderConfig(channels=(4,), out_dim=8, shift=2))
-    rng = np.random.default_rng(0)
-    n = 64
-    obs = {"state": rng.normal(size=(n, 3)).astype(np.float32),
-           "agentview_image": rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)}
-    actions = np.tanh(rng.normal(size=(n, 7))).astype(np.float32)
-    demos = DemoTransitions(obs, actions, np.ones(n, np.float32), obs, actions, np.zeros(n, bool))
-    bc = CSILAgent(cfg, spec).init_policy(jax.random.PRNGKey(0))
-    _chained_vs_fused(cfg, spec, demos, bc, k=2)
+    bc = CSILAgent(cfg, IMAGE_SPEC).init_policy(jax.random.PRNGKey(0))
+    _chained_vs_fused(cfg, IMAGE_SPEC, image_demos(np.random.default_rng(0)), bc, k=2)
