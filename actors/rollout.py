@@ -30,7 +30,8 @@ from inference_server.client import PatientChunkSource, connect_base_policy
 class RolloutPolicy(Protocol):
     """What the rollout loop needs from a policy."""
 
-    def start_episode(self, slot: int, env: CsilEnv) -> None: ...
+    def start_episode(self, slot: int, env: CsilEnv, seed: int) -> None:
+        """A new episode in ``slot`` on the scene ``env`` was just reset to with ``seed``."""
 
     def chunks(self, slots: Sequence[int], obs: Sequence[dict], envs: Sequence[CsilEnv]) -> np.ndarray:
         """(len(slots), L, 7) actions to execute open-loop, L >= 1."""
@@ -58,7 +59,7 @@ class CombinedRollout:
                                      prompt, num_slots)
         self.params = params
 
-    def start_episode(self, slot: int, env: CsilEnv) -> None:
+    def start_episode(self, slot: int, env: CsilEnv, seed: int) -> None:
         self.policy.reset(slot)
 
     def chunks(self, slots, obs, envs) -> np.ndarray:
@@ -66,21 +67,22 @@ class CombinedRollout:
 
 
 class ExpertRollout:
-    """A scripted expert per env slot; it reads privileged simulator state, one action at a time."""
+    """A scripted expert per env slot; it reads privileged simulator state, one action at a time. Its noise is
+    seeded by the episode's scene, so an episode is the same whichever worker and slot run it."""
 
-    def __init__(self, task: str, noise: float | None, seed: int):
-        noise = DEFAULT_NOISE if noise is None else noise
-        self.make = lambda slot: make_expert(task, noise=noise, seed=seed + slot)
+    def __init__(self, task: str, noise: float | None):
+        self.task, self.noise = task, DEFAULT_NOISE if noise is None else noise
         self.experts: dict[int, object] = {}
 
-    def start_episode(self, slot: int, env: CsilEnv) -> None:
-        self.experts.setdefault(slot, self.make(slot)).reset(env)
+    def start_episode(self, slot: int, env: CsilEnv, seed: int) -> None:
+        self.experts[slot] = make_expert(self.task, noise=self.noise, seed=seed)
+        self.experts[slot].reset(env)
 
     def chunks(self, slots, obs, envs) -> np.ndarray:
         return np.stack([self.experts[s].act(e)[None] for s, e in zip(slots, envs)])
 
 
-def make_rollout_policy(spec: str | dict, task: str, prompt: str, num_slots: int, seed: int = 0,
+def make_rollout_policy(spec: str | dict, task: str, prompt: str, num_slots: int,
                         noise: float | None = None) -> RolloutPolicy:
     """``base:TARGET`` -> the base policy alone (TARGET: a csil-base checkpoint dir, ``local``, ``ws://...`` or
     ``grpc://...``); ``expert`` -> the task's scripted expert; a dict ``{"base": TARGET, "params": ...,
@@ -91,7 +93,7 @@ def make_rollout_policy(spec: str | dict, task: str, prompt: str, num_slots: int
     if kind == "base" and arg:
         return CombinedRollout(arg, prompt, num_slots)
     if kind == "expert":
-        return ExpertRollout(task, noise, seed)
+        return ExpertRollout(task, noise)
     raise ValueError(f"unknown policy {spec!r}; use 'base:DIR' (a csil-base checkpoint), 'base:ws://HOST:PORT' "
                      "(a served base policy) or 'expert'")
 
@@ -148,9 +150,9 @@ class RolloutWorker:
     """Owns ``num_envs`` environments and a policy; runs batches of seeded episodes in lockstep."""
 
     def __init__(self, task: str, obs_mode: str, policy: str | dict, num_envs: int, prompt: str,
-                 seed: int = 0, noise: float | None = None):
+                 noise: float | None = None):
         self.envs = [CsilEnv(task, obs_mode) for _ in range(num_envs)]
-        self.policy = make_rollout_policy(policy, task, prompt, num_envs, seed=seed, noise=noise)
+        self.policy = make_rollout_policy(policy, task, prompt, num_envs, noise=noise)
 
     def reconstructed(self) -> bool:
         """Whether Ray restarted this worker (it died and its calls were retried)."""
@@ -164,7 +166,7 @@ class RolloutWorker:
             env = self.envs[slot]
             obs[slot] = env.reset(seed=seed)
             queues[slot], returns[slot] = deque(), 0.0
-            self.policy.start_episode(slot, env)
+            self.policy.start_episode(slot, env, seed)
             if record:
                 recorders[slot] = _Recorder(env, obs[slot])
         results: dict[int, EpisodeResult] = {}
@@ -199,7 +201,7 @@ def default_workers() -> int:
 
 def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[int] | Sequence[int], *, prompt: str,
                  workers: int = 0, envs_per_worker: int = 1, record: bool = False, noise: float | None = None,
-                 worker_seed: int = 0, stats: dict | None = None) -> Iterator[EpisodeResult]:
+                 stats: dict | None = None) -> Iterator[EpisodeResult]:
     """Yield episode results as Ray workers finish them; ``seeds`` may be endless (stop iterating to stop).
 
     Each worker gets up to ``envs_per_worker`` seeds per call; two calls per worker are kept in flight so
@@ -210,8 +212,7 @@ def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[i
     ensure_ray()
     workers = workers or default_workers()
     remote_cls = ray.remote(num_cpus=1, max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)(RolloutWorker)
-    actors = [remote_cls.remote(task, obs_mode, policy, envs_per_worker, prompt, worker_seed + 1000 * i, noise)
-              for i in range(workers)]
+    actors = [remote_cls.remote(task, obs_mode, policy, envs_per_worker, prompt, noise) for _ in range(workers)]
     seed_iter = iter(seeds)
     pending: dict = {}
 

@@ -42,7 +42,7 @@ def generate_demos(cfg: DemoConfig, out: str | Path, progress: bool = True) -> d
     next_seed, attempted, kept = cfg.seed, 0, 0
     bar = tqdm(total=cfg.num, desc=f"{task.name} demos", unit="demo", disable=not progress)
     results = run_episodes(task.name, cfg.obs_mode, "expert", count(cfg.seed), prompt=task.prompt,
-                           workers=cfg.workers, record=True, noise=cfg.noise, worker_seed=cfg.seed)
+                           workers=cfg.workers, record=True, noise=cfg.noise)
     with DemoWriter(tmp, env_args) as writer:
         for result in results:
             waiting[result.seed] = result

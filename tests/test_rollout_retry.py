@@ -1,7 +1,6 @@
 """A rollout worker killed during an evaluation (Ray's OOM monitor does this) is restarted by Ray and its scenes
-are run again: the evaluation completes with the same per-scene results as an undisturbed one. The expert acts
-without its noise here (its noise stream belongs to a worker slot, not to a scene), so that a scene's result
-depends on the scene alone, as an evaluation's does."""
+are run again: the evaluation completes with the same per-scene results as an undisturbed one. The noisy expert
+seeds its noise from the scene, so a scene's result does not depend on which worker ran it, or how many."""
 
 import os
 import signal
@@ -19,12 +18,12 @@ def _rollout_workers() -> list[psutil.Process]:
 
 def test_a_killed_rollout_worker_is_retried_on_the_same_scenes(ray_local):
     clean = {r.seed: (r.success, r.length) for r in run_episodes("Lift", "state", "expert", SEEDS, prompt="lift",
-                                                                  workers=2, envs_per_worker=1, noise=0.0)}
+                                                                  workers=1, envs_per_worker=3)}
     stats: dict = {}
     results, killed = {}, None
     earlier = {p.pid for p in _rollout_workers()}  # the clean run's workers may still be exiting
     for result in run_episodes("Lift", "state", "expert", SEEDS, prompt="lift", workers=2, envs_per_worker=1,
-                               noise=0.0, stats=stats):
+                               stats=stats):
         results[result.seed] = (result.success, result.length)
         if killed is None:
             killed = next(p.pid for p in _rollout_workers() if p.pid not in earlier)
