@@ -46,11 +46,6 @@ def build(cls, args: argparse.Namespace, **extra):
     return cls(**{**values(args, cls), **extra})
 
 
-def flag_fields(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """``{flag: "<Config>.<field>"}`` for every field flag of ``parser`` (tests check them against the configs)."""
-    return {action.option_strings[0]: action.dest for action in parser._actions if "." in action.dest}
-
-
 def at_least(minimum: int, kind=int):
     """An argparse type: a number ``>= minimum`` (a clear error before anything starts, not a hang later)."""
 
