@@ -43,9 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, E, "env_steps", type=at_least(1), help="env steps per run")
     field(p, E, "eval_every", type=at_least(1), help="env steps between evaluations")
     field(p, E, "eval_episodes", type=at_least(1), help="episodes per evaluation")
+    field(p, E, "final_eval_rounds", type=at_least(0),
+          help="each run's best parameters (and the base) re-evaluated this many times x --eval-episodes on fresh "
+               "scenes at the end: the paper's protocol, the table's main number")
     field(p, E, "warmup", type=at_least(1), help="online transitions before updates start")
     field(p, E, "size", choices=SIZES, help="network sizes")
-    field(p, E, "num_demos", type=at_least(1), help="demos per task")
+    field(p, E, "num_demos", type=at_least(1),
+          help="demos per task for BC, the reward and critic pretraining (default: the ones the task's base policy "
+               "was trained on, as in the paper)")
     field(p, E, "bc_steps", type=at_least(0), help="BC pretraining steps")
     field(p, E, "critic_steps", type=at_least(0), help="critic pretraining steps (XQC+OD never pretrains its critic)")
     field(p, E, "actor_warmup", type=at_least(0), help="linear actor learning-rate warmup, in updates, for every trained method (100 "

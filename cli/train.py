@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, TrainConfig, "num_envs", type=at_least(1), help="envs stepped in lockstep")
     field(p, TrainConfig, "eval_every", type=at_least(1), help="env steps between evaluations")
     field(p, TrainConfig, "eval_episodes", type=at_least(1), help="episodes per evaluation")
+    field(p, TrainConfig, "final_eval_rounds", type=at_least(0),
+          help="at the end, the best evaluated parameters re-evaluated this many times on fresh scenes (the paper's "
+               "protocol: 5)")
     field(p, TrainConfig, "num_demos", type=at_least(1), help="demos for BC, reward and the demo table")
     field(p, TrainConfig, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
     field(p, TrainConfig, "base_checkpoint", "--base-checkpoint", "--base-policy",

@@ -123,10 +123,10 @@ class Trainer:
         runner.close()
         writer.close()
         replay.stop()
+        summary = {"task": self.task.name, "env_steps": env_steps, "updates": learner.updates,
+                   "first_eval": self.evals[0]["success_rate"]}
+        summary.update(self.evaluator.reevaluate_best(cfg.final_eval_rounds))
+        self.log({"phase": "reevaluate", **summary})
         self.evaluator.close()
         write_eval_results(self.logdir, self.evals, f"{cfg.algo} ({cfg.action_mode})", self.task.name)
-        best = max(self.evals, key=lambda e: e["success_rate"])
-        return {"task": self.task.name, "env_steps": env_steps, "updates": learner.updates,
-                "first_eval": self.evals[0]["success_rate"], "final_eval": self.evals[-1]["success_rate"],
-                "best_eval": best["success_rate"], "wall_s": round(time.time() - start, 1),
-                "logdir": str(self.logdir)}
+        return {**summary, "wall_s": round(time.time() - start, 1), "logdir": str(self.logdir)}

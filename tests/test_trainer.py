@@ -11,7 +11,7 @@ from orchestration.trainer import Trainer
 def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent):
     root, demos, base = lift_setup
     cfg = TrainConfig(task="Lift", env_steps=60, warmup=30, num_envs=2, eval_every=30, eval_episodes=1,
-                      num_demos=3, demos=str(demos), base_checkpoint=str(base), logdir=str(root / "run"),
+                      final_eval_rounds=2, num_demos=3, demos=str(demos), base_checkpoint=str(base), logdir=str(root / "run"),
                       agent=tiny_agent)
     summary = Trainer(cfg, progress=False).train()
     assert summary["env_steps"] == 60
@@ -20,6 +20,10 @@ def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["phase"] == "eval"]
     assert [e["env_steps"] for e in evals] == [0, 30, 60]
+    # the paper's protocol: the best evaluation's parameters re-evaluated on fresh scenes
+    assert summary["best_env_steps"] in (0, 30, 60) and len(summary["best_reevaluated"]) == 2
+    assert summary["best_eval"] == max(e["success_rate"] for e in evals)
+    assert [r for r in records if r["phase"] == "reevaluate"][0]["best_reevaluated"] == summary["best_reevaluated"]
     train = [r for r in records if r["phase"] == "train"]
     assert train and all(np.isfinite(r["critic_loss"]) and r["reward_online"] <= 0 for r in train)
     assert (root / "run" / "learning_curve.png").stat().st_size > 1000
