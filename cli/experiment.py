@@ -1,5 +1,5 @@
 """csil-experiment: the paper's Table I / Fig. 5 at CPU scale. Runs every (task, method, seed) that is not done yet
-(single-process csil-train runs, state observations, the local base policy), then writes
+(single-process csil-train runs, the local base policy), then writes
 results/<name>/table.md (the command on top), curves.png and runs.csv. Finished runs are reused, so the same
 command can be run again after an interruption, or with more seeds, tasks or methods."""
 
@@ -11,8 +11,9 @@ import sys
 
 from cli import emit_json
 from cli.flags import at_least, build, field
-from cli.train import BETA_UNITS_HELP
+from cli.train import BETA_UNITS_HELP, OBS_HELP
 from csil.config import BETA_UNITS, METHODS, SIZES, ExperimentConfig
+from csil.specs import OBS_MODES
 from csil.tasks import UnknownTaskError, get_task
 from orchestration.experiment import run_experiment
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, E, "final_eval_rounds", type=at_least(0),
           help="each run's best parameters (and the base) re-evaluated this many times x --eval-episodes on fresh "
                "scenes at the end: the paper's protocol, the table's main number")
+    field(p, E, "obs_mode", "--obs", choices=OBS_MODES, help=OBS_HELP)
     field(p, E, "warmup", type=at_least(1), help="online transitions before updates start")
     field(p, E, "size", choices=SIZES, help="network sizes")
     field(p, E, "num_demos", type=at_least(1),

@@ -382,7 +382,7 @@ METHODS = {
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """``csil-experiment``: tasks x methods x seeds of single-process runs (state observations, local base policy),
+    """``csil-experiment``: tasks x methods x seeds of single-process runs (local base policy),
     the paper's Table I and Fig. 5 at a budget that fits a CPU."""
 
     name: str = "table1"
@@ -393,6 +393,7 @@ class ExperimentConfig:
     eval_every: int = 1_000
     eval_episodes: int = 20
     final_eval_rounds: int = 5  # the paper's protocol: each run's best parameters re-evaluated 5 x eval_episodes
+    obs_mode: str = "state"  # what the small policy sees (the base policy gets what it asks for)
     warmup: int = 1_000
     size: str = "cpu"
     # Demos per task for BC, the reward, the critic pretraining and the demo table. None: the ones the task's

@@ -31,7 +31,7 @@ from orchestration.trainer import Trainer
 
 DROP_TOLERANCE = 0.05  # "no initial drop": every evaluation >= base - 5 pp
 # What a run finished before a budget field existed was run with (results/table1: β = 0.3 per nat, no warmup).
-PRE_OPTION_BUDGET = {"actor_warmup": 0, "beta": 0.3, "beta_units": "nats", "final_eval_rounds": 0}
+PRE_OPTION_BUDGET = {"actor_warmup": 0, "beta": 0.3, "beta_units": "nats", "final_eval_rounds": 0, "obs_mode": "state"}
 IMPROVEMENT = 0.10  # "improves the base": best parameters re-evaluated >= paired base + 10 pp
 
 
@@ -42,7 +42,7 @@ def runs_root(cfg: ExperimentConfig) -> Path:
 def run_budget(cfg: ExperimentConfig) -> dict:
     """The settings a finished run must share with the experiment that reuses it."""
     fields = ("env_steps", "eval_every", "eval_episodes", "warmup", "size", "num_demos", "bc_steps", "critic_steps",
-              "actor_warmup", "beta", "beta_units", "final_eval_rounds")
+              "actor_warmup", "beta", "beta_units", "final_eval_rounds", "obs_mode")
     return {f: getattr(cfg, f) for f in fields}
 
 
@@ -82,6 +82,7 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
         agent = agent_config(algo, cfg.size, bc_steps=cfg.bc_steps, critic_pretrain_steps=cfg.critic_steps,
                              actor_warmup_steps=cfg.actor_warmup, beta=cfg.beta, beta_units=cfg.beta_units)
         trainer = Trainer(TrainConfig(task=task, algo=algo, size=cfg.size, action_mode=action_mode,
+                                      obs_mode=cfg.obs_mode,
                                       env_steps=cfg.env_steps, warmup=cfg.warmup, eval_every=cfg.eval_every,
                                       eval_episodes=cfg.eval_episodes, final_eval_rounds=cfg.final_eval_rounds,
                                       num_demos=cfg.demos_of(task), seed=seed,
@@ -213,7 +214,7 @@ def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -
              f"{cfg.eval_every:,} steps on {cfg.eval_episodes} episodes, {cfg.seeds} seed{'s' * (cfg.seeds != 1)}, "
              f"{cfg.size}-size networks, {_demos_text(cfg)}, BC {cfg.bc_steps:,} / critic pretraining "
              f"{cfg.critic_steps:,} steps, actor-lr warmup {cfg.actor_warmup:,} updates, KL coefficient β = "
-             f"{cfg.beta:g} ({_beta_units_text(cfg.beta_units)}), state "
+             f"{cfg.beta:g} ({_beta_units_text(cfg.beta_units)}), {cfg.obs_mode} "
              "observations, the local base policy (not π0.5). Cells: median [25th, 75th] over seeds.", ""]
     if missing:
         lines += [f"**Partial**: {missing} run{'s' * (missing != 1)} of this grid not finished yet; the command "
