@@ -80,10 +80,11 @@ def lift_image_setup(tmp_path_factory, ray_local):
 
 @pytest.fixture(scope="session")
 def tiny_image_agent(tiny_agent) -> AgentConfig:
-    """``tiny_agent`` with a small per-camera encoder."""
+    """``tiny_agent`` with a small per-camera encoder, at UTD 1 (XLA compiles the unrolled image update for
+    minutes on 2 cores otherwise)."""
     import dataclasses
 
     from csil.config import EncoderConfig
 
     return dataclasses.replace(tiny_agent, encoder=EncoderConfig(channels=(8, 16), out_dim=16),
-                               bc_steps=20, critic_pretrain_steps=10)
+                               bc_steps=20, critic_pretrain_steps=10, utd=1)
