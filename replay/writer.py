@@ -29,9 +29,12 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5
 PROBE_EVERY_MS = 5_000  # while blocked, check this often that the server is still there
 MAX_IN_FLIGHT = 5  # items sent but not confirmed by the server (Acme's default): bounds how far a writer runs ahead
-# Steps per Reverb chunk (each column is compressed per chunk). A sample ships and decompresses the whole chunks it
-# touches, so longer chunks compress a little better and sample slower: `csil-bench replay` measures both.
-CHUNK_LENGTH = 2
+# Steps per Reverb chunk, per column (each chunk is compressed on its own, snappy in Reverb 0.14). The server
+# pays ~0.75 kB per chunk besides the data, so the small columns (state, actions, scalars) take long chunks;
+# a sample ships and decompresses every chunk it touches, so camera columns take short ones (longer ones
+# compress frames barely better and sample slower). `csil-bench replay` measures both (results/replay.md).
+CHUNK_LENGTH = 16
+IMAGE_CHUNK_LENGTH = 1
 STEP_FIELDS = tuple(field for field in Transition._fields if field != "next_obs")
 
 
@@ -71,16 +74,20 @@ class TransitionWriter:
     """
 
     def __init__(self, address: str, table: str = "online", timeout_ms: int | None = None,
-                 chunk_length: int = CHUNK_LENGTH):
-        if chunk_length < 1:
-            raise ValueError(f"chunk_length must be >= 1, got {chunk_length}")
-        self.address, self.table, self.timeout_ms, self.chunk_length = address, table, timeout_ms, chunk_length
+                 chunk_length: int = CHUNK_LENGTH, image_chunk_length: int = IMAGE_CHUNK_LENGTH):
+        if min(chunk_length, image_chunk_length) < 1:
+            raise ValueError(f"chunk lengths must be >= 1, got {chunk_length} and {image_chunk_length}")
+        self.address, self.table, self.timeout_ms = address, table, timeout_ms
         self._client = reverb.Client(address)
         info = self._server_info()
         if table not in info:
             raise ValueError(f"the Reverb server at {address} has no table {table!r}; it has {sorted(info)}")
         self._expected = layout(info[table].signature)
         self._filler = {key: np.zeros(*self._expected[key]) for key in STEP_FIELDS if key != "obs"}
+        # Column path -> chunk length; camera frames are the (H, W, 3) observations.
+        self._chunk_lengths = {("obs", key): image_chunk_length if len(shape) == 3 else chunk_length
+                               for key, (shape, _) in self._expected["obs"].items()}
+        self._chunk_lengths.update({(key,): chunk_length for key in self._filler})
         self._streams: dict[Hashable, _Stream] = {}
         self.wait_s = 0.0
 
@@ -98,12 +105,10 @@ class TransitionWriter:
 
     def _stream(self, slot: Hashable) -> _Stream:
         if slot not in self._streams:
-            keep = max(2, self.chunk_length)  # items reference the previous step
+            keep = max(2, *self._chunk_lengths.values())  # items reference the previous step
             writer = self._client.trajectory_writer(num_keep_alive_refs=keep)
-            for path in tree.flatten_with_path(self._expected["obs"]):
-                writer.configure(("obs", *path[0]), num_keep_alive_refs=keep, max_chunk_length=self.chunk_length)
-            for key in self._filler:
-                writer.configure((key,), num_keep_alive_refs=keep, max_chunk_length=self.chunk_length)
+            for path, length in self._chunk_lengths.items():
+                writer.configure(path, num_keep_alive_refs=keep, max_chunk_length=length)
             self._streams[slot] = _Stream(writer)
         return self._streams[slot]
 
@@ -128,7 +133,7 @@ class TransitionWriter:
     def _backlog(self) -> int:
         """Unconfirmed items a write may leave per slot: a chunk still filling plus ``MAX_IN_FLIGHT`` sent (a
         smaller bound would cut chunks short)."""
-        return self.chunk_length + 1 + MAX_IN_FLIGHT
+        return max(self._chunk_lengths.values()) + 1 + MAX_IN_FLIGHT
 
     def settle(self) -> None:
         """Wait again for the backlog after ``write`` raised TimeoutError: that item is already in the writer, so
