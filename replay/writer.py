@@ -1,12 +1,14 @@
 """Actor-side writer: one Reverb item per transition, each observation stored once, with the rate limiter's
 backpressure made visible.
 
-Layout: every env slot has its own ``TrajectoryWriter`` (its own episode stream). Step t of a slot holds
+Layout: every env slot has its own ``TrajectoryWriter`` (its own stream of steps). Step t of a slot holds
 ``obs_t`` and transition t's other fields (action, reward, ...); item t references step t and the ``obs`` of
 step t+1 as ``next_obs``, so consecutive items share the frames' chunks and the sampled item has exactly the
 ``csil.specs.Transition`` fields and shapes of the table signature (the learner sees no difference). The last
 transition of an episode appends its ``next_obs`` (the terminal or truncated observation) as a step of its
-own, closed with zeros in the other fields, and no item starts there.
+own, closed with zeros in the other fields, and no item starts there. The stream goes on with the slot's next
+episode: a chunk may hold the end of one episode and the start of the next, an item never does (Reverb's
+``end_episode`` is not used because it blocks on the rate limiter like a full flush).
 """
 
 from __future__ import annotations
