@@ -107,7 +107,7 @@ class TransitionWriter:
 
     def _stream(self, slot: Hashable) -> _Stream:
         if slot not in self._streams:
-            keep = max(2, *self._chunk_lengths.values())  # items reference the previous step
+            keep = 2 * self._backlog  # see _backlog
             writer = self._client.trajectory_writer(num_keep_alive_refs=keep)
             for path, length in self._chunk_lengths.items():
                 writer.configure(path, num_keep_alive_refs=keep, max_chunk_length=length)
@@ -134,7 +134,9 @@ class TransitionWriter:
     @property
     def _backlog(self) -> int:
         """Unconfirmed items a write may leave per slot: a chunk still filling plus ``MAX_IN_FLIGHT`` sent (a
-        smaller bound would cut chunks short)."""
+        smaller bound would cut chunks short). Streams keep twice that many steps alive: an item sent after its
+        frame's chunk left the keep-alive window makes Reverb send that chunk again, a second copy on the server
+        (seen with 16 kept steps and 16-step chunks)."""
         return max(self._chunk_lengths.values()) + 1 + MAX_IN_FLIGHT
 
     def settle(self) -> None:
