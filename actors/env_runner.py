@@ -1,7 +1,8 @@
 """K environments stepped in lockstep with the combined policy: the acting loop of the actors and the trainer.
 
 Every step the combined policy (``csil.acting.CombinedPolicy``: batched base-policy chunks + the small policy's
-sample) acts for all K envs, and each env steps. Each step yields the transitions to write (with the small
+sample) acts for all K envs, and each env steps. The envs render what the base policy's server asked for
+(its metadata's ``observation_sources``) besides what the small policy sees (``obs_mode``). Each step yields the transitions to write (with the small
 policy's own action ``a_pi``, the base action, the policy version and the episode id) and the episodes that ended.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from csil.acting import ChunkSource, CombinedPolicy
 from csil.envs import CsilEnv
-from csil.specs import Transition
+from csil.specs import BaseObsSpec, Transition
 from csil.tasks import get_task
 
 
@@ -33,7 +34,8 @@ class EnvRunner:
     def __init__(self, task: str, obs_mode: str, num_envs: int, base: ChunkSource, network, action_mode: str,
                  episode_seed: Callable[[int], int], env_seed: int = 0):
         self.task = get_task(task)
-        self.envs = [CsilEnv(self.task, obs_mode, seed=env_seed) for _ in range(num_envs)]
+        base_spec = BaseObsSpec.from_metadata(base.metadata)  # what the base's server asks for
+        self.envs = [CsilEnv(self.task, obs_mode, seed=env_seed, base_spec=base_spec) for _ in range(num_envs)]
         self.policy = CombinedPolicy(base, network, action_mode, self.task.prompt, num_envs)
         self.episode_seed = episode_seed
         self.params, self.version = None, -1
@@ -51,7 +53,7 @@ class EnvRunner:
     def step(self, key: jax.Array) -> tuple[list[Transition], list[EpisodeStats]]:
         if self.params is None:
             raise RuntimeError("EnvRunner.step before set_params: the small policy has no weights yet")
-        act = self.policy.act(self.params, self.obs, key)
+        act = self.policy.act(self.params, self.obs, key, lambda i: self.envs[i].base_request())
         transitions, finished = [], []
         for i, env in enumerate(self.envs):
             next_obs, reward, success, truncated, _ = env.step(act.executed[i])

@@ -23,12 +23,15 @@ from csil.base_policy import LocalBasePolicy
 from csil.envs import CsilEnv
 from csil.experts import DEFAULT_NOISE, make_expert
 from csil.ray_utils import ensure_ray
-from csil.specs import STATE_KEYS
+from csil.specs import STATE_KEYS, BaseObsSpec
 from inference_server.client import PatientChunkSource, connect_base_policy
 
 
 class RolloutPolicy(Protocol):
-    """What the rollout loop needs from a policy."""
+    """What the rollout loop needs from a policy; ``base_spec``: what its base policy's requests carry (None:
+    no base policy)."""
+
+    base_spec: BaseObsSpec | None
 
     def start_episode(self, slot: int, env: CsilEnv, seed: int) -> None:
         """A new episode in ``slot`` on the scene ``env`` was just reset to with ``seed``."""
@@ -55,20 +58,23 @@ class CombinedRollout:
 
     def __init__(self, base: str, prompt: str, num_slots: int, params=None, network=None,
                  action_mode: str = "ensemble"):
-        self.policy = CombinedPolicy(chunk_source(base), network if params is not None else None, action_mode,
-                                     prompt, num_slots)
+        source = chunk_source(base)
+        self.base_spec = BaseObsSpec.from_metadata(source.metadata)
+        self.policy = CombinedPolicy(source, network if params is not None else None, action_mode, prompt, num_slots)
         self.params = params
 
     def start_episode(self, slot: int, env: CsilEnv, seed: int) -> None:
         self.policy.reset(slot)
 
     def chunks(self, slots, obs, envs) -> np.ndarray:
-        return self.policy.act(self.params, obs, None, slots).executed[:, None]
+        return self.policy.act(self.params, obs, None, lambda i: envs[i].base_request(), slots).executed[:, None]
 
 
 class ExpertRollout:
     """A scripted expert per env slot; it reads privileged simulator state, one action at a time. Its noise is
     seeded by the episode's scene, so an episode is the same whichever worker and slot run it."""
+
+    base_spec = None
 
     def __init__(self, task: str, noise: float | None):
         self.task, self.noise = task, DEFAULT_NOISE if noise is None else noise
@@ -147,12 +153,13 @@ class _Recorder:
 
 
 class RolloutWorker:
-    """Owns ``num_envs`` environments and a policy; runs batches of seeded episodes in lockstep."""
+    """Owns ``num_envs`` environments and a policy; runs batches of seeded episodes in lockstep. The envs render
+    what the policy's base asks for (``base_spec``), besides ``obs_mode``."""
 
     def __init__(self, task: str, obs_mode: str, policy: str | dict, num_envs: int, prompt: str,
                  noise: float | None = None):
-        self.envs = [CsilEnv(task, obs_mode) for _ in range(num_envs)]
         self.policy = make_rollout_policy(policy, task, prompt, num_envs, noise=noise)
+        self.envs = [CsilEnv(task, obs_mode, base_spec=self.policy.base_spec) for _ in range(num_envs)]
 
     def reconstructed(self) -> bool:
         """Whether Ray restarted this worker (it died and its calls were retried)."""

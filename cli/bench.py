@@ -10,6 +10,7 @@ from cli import emit_json
 from cli.flags import at_least
 from cli.serve import add_server_args, config_from_args
 from csil.config import ALGORITHMS, SIZES, LaunchConfig, agent_config
+from csil.specs import OBS_MODES
 from orchestration.bench.env import bench_env
 from orchestration.bench.inference import bench_inference
 from orchestration.bench.learner import bench_learner
@@ -21,6 +22,9 @@ from replay.writer import CHUNK_LENGTH, IMAGE_CHUNK_LENGTH
 def add_system_args(p: argparse.ArgumentParser) -> None:
     """The flags of a fixed-duration system measurement (``csil-bench system``, ``csil-scale``), bar --actors."""
     p.add_argument("--task", default="Lift", help="task name (default %(default)s)")
+    p.add_argument("--obs", choices=OBS_MODES, default="state",
+                   help="the small policy's observations (image: actors render both cameras at 84x84; the raw env "
+                        "baseline renders too) (default %(default)s)")
     p.add_argument("--envs-per-actor", type=at_least(1), default=4, help="envs per actor (default %(default)s)")
     p.add_argument("--seconds", type=at_least(1, float), default=120.0,
                    help="seconds of acting, from the first env step (warmup fill included) (default %(default)s)")
@@ -99,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def system_config(args: argparse.Namespace, actors: int) -> LaunchConfig:
     """A fixed-duration, evaluation-free launch config for ``system`` (and csil-scale)."""
     agent = agent_config("csil++", args.size, bc_steps=args.pretrain_steps, critic_pretrain_steps=args.pretrain_steps)
-    return LaunchConfig(task=args.task, size=args.size, actors=actors, envs_per_actor=args.envs_per_actor,
+    return LaunchConfig(task=args.task, obs_mode=args.obs, size=args.size, actors=actors, envs_per_actor=args.envs_per_actor,
                         env_steps=10**12, duration_s=args.seconds, warmup=args.warmup, eval_episodes=0,
                         num_demos=args.num_demos, seed=args.seed, agent=agent)
 

@@ -1,5 +1,5 @@
 """csil-experiment: the paper's Table I / Fig. 5 at CPU scale. Runs every (task, method, seed) that is not done yet
-(single-process csil-train runs, state observations, the local base policy), then writes
+(single-process csil-train runs, the local base policy), then writes
 results/<name>/table.md (the command on top), curves.png and runs.csv. Finished runs are reused, so the same
 command can be run again after an interruption, or with more seeds, tasks or methods."""
 
@@ -11,8 +11,9 @@ import sys
 
 from cli import emit_json
 from cli.flags import at_least, build, field
-from cli.train import BETA_UNITS_HELP
+from cli.train import BETA_UNITS_HELP, OBS_HELP
 from csil.config import BETA_UNITS, METHODS, SIZES, ExperimentConfig
+from csil.specs import OBS_MODES
 from csil.tasks import UnknownTaskError, get_task
 from orchestration.experiment import run_experiment
 
@@ -43,9 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, E, "env_steps", type=at_least(1), help="env steps per run")
     field(p, E, "eval_every", type=at_least(1), help="env steps between evaluations")
     field(p, E, "eval_episodes", type=at_least(1), help="episodes per evaluation")
+    field(p, E, "final_eval_rounds", type=at_least(0),
+          help="each run's best parameters (and the base) re-evaluated this many times x --eval-episodes on fresh "
+               "scenes at the end: the paper's protocol, the table's main number")
+    field(p, E, "obs_mode", "--obs", choices=OBS_MODES, help=OBS_HELP)
     field(p, E, "warmup", type=at_least(1), help="online transitions before updates start")
     field(p, E, "size", choices=SIZES, help="network sizes")
-    field(p, E, "num_demos", type=at_least(1), help="demos per task")
+    field(p, E, "num_demos", type=at_least(1),
+          help="demos per task for BC, the reward and critic pretraining (default: the ones the task's base policy "
+               "was trained on, as in the paper)")
     field(p, E, "bc_steps", type=at_least(0), help="BC pretraining steps")
     field(p, E, "critic_steps", type=at_least(0), help="critic pretraining steps (XQC+OD never pretrains its critic)")
     field(p, E, "actor_warmup", type=at_least(0), help="linear actor learning-rate warmup, in updates, for every trained method (100 "

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from cli import emit_json
 from cli.flags import at_least, base_policy_target, build, field, values
-from cli.train import ALGO_HELP, BETA_UNITS_HELP, MODE_HELP, SIZE_HELP
+from cli.train import ALGO_HELP, BETA_UNITS_HELP, MODE_HELP, OBS_HELP, SIZE_HELP
 from csil.acting import ACTION_MODES
 from csil.config import ALGORITHMS, BETA_UNITS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
+from csil.specs import OBS_MODES
 from orchestration.launcher import System
 
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, L, "algo", choices=ALGORITHMS, help=ALGO_HELP)
     field(p, L, "size", choices=SIZES, help=SIZE_HELP)
     field(p, L, "action_mode", choices=ACTION_MODES, help=MODE_HELP)
-    field(p, L, "obs_mode", "--obs", choices=("state",), help="observations (state only so far)")
+    field(p, L, "obs_mode", "--obs", choices=OBS_MODES, help=OBS_HELP)
     field(p, L, "env_steps", default=None, type=at_least(1),
           help=f"total env steps (default {L.env_steps}; with --resume: the resumed run's)")
     field(p, L, "warmup", type=at_least(1), help="online transitions before the learner samples (the rate limiter's min size)")

@@ -10,6 +10,7 @@ from cli import emit_json
 from cli.flags import at_least, build, field, values
 from csil.acting import ACTION_MODES
 from csil.config import ALGORITHMS, BETA_UNITS, SIZES, AgentConfig, TrainConfig, agent_config
+from csil.specs import OBS_MODES
 from orchestration.trainer import Trainer
 
 ALGO_HELP = ("csil++; csil: vanilla CSIL (LayerNorm MSE critic, one-sample KL, UTD 1); xqc-od: XQC with offline "
@@ -17,6 +18,9 @@ ALGO_HELP = ("csil++; csil: vanilla CSIL (LayerNorm MSE critic, one-sample KL, U
 SIZE_HELP = ("network sizes: paper (HETSTAT 512 features, critic 2x512) or cpu (128 features, critic 2x256: ~4x "
              "faster updates on a CPU)")
 MODE_HELP = "ensemble: a = (a_base + a_pi)/2; residual: a = a_base + a_pi"
+OBS_HELP = ("what the small policy and critic see: state (robomimic's low-dim vector) or image (agentview + wrist "
+            "cameras 84x84 + proprioception, the paper's setting; demos rendered on first use). The base policy gets "
+            "what its server's metadata asks for, whatever this is")
 BETA_UNITS_HELP = ("nats: beta per nat of KL (results/table1); reward: beta times the coherent reward's (1-gamma)/d_a "
                    "per nat, so 1 weighs KL and reward log-ratio equally (see AgentConfig.beta_units)")
 
@@ -27,13 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, TrainConfig, "algo", choices=ALGORITHMS, help=ALGO_HELP)
     field(p, TrainConfig, "size", choices=SIZES, help=SIZE_HELP)
     field(p, TrainConfig, "action_mode", choices=ACTION_MODES, help=MODE_HELP)
-    field(p, TrainConfig, "obs_mode", "--obs", choices=("state",),
-          help="observations (the single-process trainer runs state observations only)")
+    field(p, TrainConfig, "obs_mode", "--obs", choices=OBS_MODES, help=OBS_HELP)
     field(p, TrainConfig, "env_steps", type=at_least(1), help="online env steps")
     field(p, TrainConfig, "warmup", type=at_least(1), help="online transitions collected by the BC-initialised policy before updates")
     field(p, TrainConfig, "num_envs", type=at_least(1), help="envs stepped in lockstep")
     field(p, TrainConfig, "eval_every", type=at_least(1), help="env steps between evaluations")
-    field(p, TrainConfig, "eval_episodes", type=at_least(1), help="episodes per evaluation")
+    field(p, TrainConfig, "eval_episodes", type=at_least(0), help="episodes per evaluation (0: no evaluation)")
+    field(p, TrainConfig, "final_eval_rounds", type=at_least(0),
+          help="at the end, the best evaluated parameters re-evaluated this many times on fresh scenes (the paper's "
+               "protocol: 5)")
     field(p, TrainConfig, "num_demos", type=at_least(1), help="demos for BC, reward and the demo table")
     field(p, TrainConfig, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
     field(p, TrainConfig, "base_checkpoint", "--base-checkpoint", "--base-policy",

@@ -2,7 +2,8 @@
 
 Every place that turns an observation into an action goes through ``CombinedPolicy``: the env actors and the
 single-process trainer (``act(..., key)``: a sample from the small policy), the evaluator (``act(..., None)``:
-its mode), and residual-mode pretraining (``first_base_actions``). The base policy is anything with openpi's
+its mode), and residual-mode pretraining (``first_base_actions``). The base policy's observations are built by
+the caller (``CsilEnv.base_request``, from what the base's server asked for), only for slots that need a chunk. The base policy is anything with openpi's
 ``infer_batch`` (``ChunkSource``): the inference server's client, or the local model in-process. Each env slot
 keeps a queue of base actions; a slot whose queue ran dry gets a fresh chunk, asked for all such slots at once,
 and plays it open loop, as π0.5 does in the paper.
@@ -12,22 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import jax
 import numpy as np
 
 from csil import hetstat
+from csil.specs import OPENPI_KEYS
 
 ACTION_MODES = ("ensemble", "residual")
 
-# Our flat observation keys -> the LIBERO-style keys an openpi π0.5 server expects.
-OPENPI_KEYS = {"state": "observation/state", "agentview_image": "observation/image",
-               "robot0_eye_in_hand_image": "observation/wrist_image"}
-
 
 class ChunkSource(Protocol):
-    """A base policy as the acting step needs it: openpi-style observations in, (B, H, 7) action chunks out."""
+    """A base policy as the acting step needs it: openpi-style observations in, (B, H, 7) action chunks out;
+    ``metadata`` says what an observation must carry (``csil.specs.BaseObsSpec.from_metadata``)."""
+
+    metadata: dict
 
     def infer_batch(self, observations: Sequence[dict]) -> np.ndarray: ...
 
@@ -92,20 +93,23 @@ class CombinedPolicy:
         """A new episode in ``slot``: its unplayed base actions are dropped."""
         self.queues[slot].clear()
 
-    def base_actions(self, obs: Sequence[dict], slots: Sequence[int]) -> np.ndarray:
-        """(len(slots), 7): each slot's next base action; one batched request for the slots that ran dry."""
+    def base_actions(self, requests: Callable[[int], dict], slots: Sequence[int]) -> np.ndarray:
+        """(len(slots), 7): each slot's next base action; one batched request for the slots that ran dry.
+        ``requests(i)`` builds the base policy's observation for the i-th slot (called for dry slots only)."""
         dry = [i for i, s in enumerate(slots) if not self.queues[s]]
         if dry:
-            chunks = self.base.infer_batch([base_observation(obs[i], self.prompt) for i in dry])
+            chunks = self.base.infer_batch([{**requests(i), "prompt": self.prompt} for i in dry])
             for i, chunk in zip(dry, chunks):
                 self.queues[slots[i]].extend(np.asarray(chunk, np.float32))
         return np.stack([self.queues[s].popleft() for s in slots])
 
-    def act(self, params, obs: Sequence[dict], key: jax.Array | None, slots: Sequence[int] | None = None) -> Step:
+    def act(self, params, obs: Sequence[dict], key: jax.Array | None, requests: Callable[[int], dict],
+            slots: Sequence[int] | None = None) -> Step:
         """Actions for ``obs`` (one per slot, all slots by default): the small policy samples with ``key``,
-        or acts with its mode when ``key`` is None (evaluation)."""
+        or acts with its mode when ``key`` is None (evaluation). ``requests(i)``: the base policy's observation
+        at ``obs[i]`` (``CsilEnv.base_request``: what the base's server asked for, not what the small policy sees)."""
         slots = range(len(self.queues)) if slots is None else slots
-        a_base = self.base_actions(obs, slots)
+        a_base = self.base_actions(requests, slots)
         if self.network is None:
             return Step(a_base, np.zeros_like(a_base), a_base)
         if params is None:

@@ -24,11 +24,10 @@ import numpy as np
 import optax
 from openpi_client.base_policy import BasePolicy
 
-from csil.acting import OPENPI_KEYS
 from csil.config import BaseTrainConfig
 from csil.demos import flatten_obs
 from csil.encoders import random_shift
-from csil.specs import ACTION_DIM, ObsSpec
+from csil.specs import ACTION_DIM, OPENPI_KEYS, BaseObsSpec, ObsSpec
 
 
 class ImageEncoder(nn.Module):
@@ -188,6 +187,15 @@ class LocalBasePolicy(BasePolicy):
     @property
     def task(self) -> str:
         return self.meta["task"]
+
+    @property
+    def metadata(self) -> dict:
+        """What a server of this model announces: the chunk shape, the wire spec of a request
+        (``observation_spec``: key -> shape, dtype) and where each part comes from (``observation_sources``)."""
+        wire = {OPENPI_KEYS[k]: {"shape": list(a.shape), "dtype": a.dtype} for k, a in self.spec.arrays().items()}
+        wire["prompt"] = {"shape": [], "dtype": "str"}
+        return {"action_horizon": self.chunk_length, "action_dim": ACTION_DIM, "observation_spec": wire,
+                "observation_sources": BaseObsSpec.of_local(self.spec).to_metadata(), "task": self.task}
 
     def _stack(self, observations: Sequence[dict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Validate and batch openpi-style observations; wrong keys or shapes name the problem."""

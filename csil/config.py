@@ -160,8 +160,9 @@ class AgentConfig:
     # Linear actor-lr warmup over this many updates (0: none). Adam's first steps move every weight by ~lr
     # whatever its gradient: on Lift (cpu size, after pretraining) one actor step puts the policy 6.3 nats from
     # BC and the KL term needs ~60 updates to pull it back; with 100 warmup steps the first 16 updates stay
-    # within 0.003 nats (results/first-actor-updates). 0 by default: results/table1 was run without it.
-    actor_warmup_steps: int = 0
+    # within 0.003 nats (results/first-actor-updates); at reward-unit beta 10 it keeps the worst demo-batch KL of
+    # a 3k-step Lift run at 0.72 nats instead of 4.15 (results/kl-scaling). results/table1 ran without it (0).
+    actor_warmup_steps: int = 100
     critic_lr: float = 3e-4
     reward_lr: float = 1e-3
     tau: float = 0.005
@@ -303,6 +304,7 @@ class TrainConfig:
     num_envs: int = 4
     eval_every: int = 10_000
     eval_episodes: int = 20
+    final_eval_rounds: int = 5  # the paper's protocol: the best parameters re-evaluated 5 x eval_episodes at the end
     num_demos: int = 200
     demos: str | None = None  # None: the cached scripted demos of the task
     base_checkpoint: str | None = None  # the local base policy's csil-base dir (None: the cached default of the task)
@@ -380,7 +382,7 @@ METHODS = {
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """``csil-experiment``: tasks x methods x seeds of single-process runs (state observations, local base policy),
+    """``csil-experiment``: tasks x methods x seeds of single-process runs (local base policy),
     the paper's Table I and Fig. 5 at a budget that fits a CPU."""
 
     name: str = "table1"
@@ -390,16 +392,26 @@ class ExperimentConfig:
     env_steps: int = 3_000
     eval_every: int = 1_000
     eval_episodes: int = 20
+    final_eval_rounds: int = 5  # the paper's protocol: each run's best parameters re-evaluated 5 x eval_episodes
+    obs_mode: str = "state"  # what the small policy sees (the base policy gets what it asks for)
     warmup: int = 1_000
     size: str = "cpu"
-    num_demos: int = 10  # per task: BC, the reward, the critic pretraining and the demo table
+    # Demos per task for BC, the reward, the critic pretraining and the demo table. None: the ones the task's
+    # base policy was trained on (BASE_POLICY_DEFAULTS: the paper gives both policies the same demos).
+    num_demos: int | None = None
     bc_steps: int = 5_000
     critic_steps: int = 5_000
-    actor_warmup: int = 0  # AgentConfig.actor_warmup_steps of every trained method
+    actor_warmup: int = AgentConfig.actor_warmup_steps  # AgentConfig.actor_warmup_steps of every trained method
     beta: float = AgentConfig.beta  # AgentConfig.beta of every KL-regularised method
     beta_units: str = AgentConfig.beta_units  # AgentConfig.beta_units (XQC+OD has no KL term and ignores both)
     runs_dir: str | None = None  # where runs live (None: <cache>/experiments/<name>); finished runs are reused
     out_dir: str = "results"  # results/<name>/table.md, curves.png, runs.csv
+
+    def demos_of(self, task: str) -> int:
+        """How many demos a run on ``task`` uses (``num_demos``, or the base policy's own)."""
+        if self.num_demos is not None:
+            return self.num_demos
+        return BASE_POLICY_DEFAULTS.get(task, BaseTrainConfig()).num_demos or DemoConfig.num
 
 
 def from_dict(cls, data: dict):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from csil.specs import ACTION_DIM, CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsMode, ObsSpec, OBS_MODES
+from csil.specs import ACTION_DIM, CAMERAS, PROPRIO_KEYS, STATE_KEYS, BaseObsSpec, ObsMode, ObsSpec, OBS_MODES
 from csil.tasks import TaskSpec, check_available, get_task, is_success
 
 # robosuite picks EGL on Linux unless told otherwise; EGL works on CPU through Mesa's llvmpipe.
@@ -42,8 +42,10 @@ def controller_config() -> dict:
     return load_composite_controller_config(robot="Panda")
 
 
-def robosuite_kwargs(task: TaskSpec, obs_mode: ObsMode, image_size: int = 84, seed: int | None = None) -> dict:
-    """The exact ``robosuite.make`` kwargs for a task; also written into demo files as ``env_args``."""
+def robosuite_kwargs(task: TaskSpec, obs_mode: ObsMode, image_size: int = 84, seed: int | None = None,
+                     offscreen: bool = False) -> dict:
+    """The exact ``robosuite.make`` kwargs for a task; also written into demo files as ``env_args``.
+    ``offscreen``: a renderer without camera observations (images rendered on demand for the base policy)."""
     image = obs_mode == "image"
     kwargs: dict[str, Any] = dict(
         robots=["Panda"],
@@ -55,7 +57,7 @@ def robosuite_kwargs(task: TaskSpec, obs_mode: ObsMode, image_size: int = 84, se
         use_object_obs=True,
         use_camera_obs=image,
         has_renderer=False,
-        has_offscreen_renderer=image,
+        has_offscreen_renderer=image or offscreen,
         camera_names=list(CAMERAS),
         camera_heights=image_size,
         camera_widths=image_size,
@@ -86,6 +88,10 @@ class CsilEnv:
     that follow; ``reset(seed)`` reseeds the environment's own generator, so with the same construction seed
     episode ``i`` of an evaluation is the same scene whichever worker runs it. ``step`` returns ``(obs, reward, terminated, truncated, info)`` where
     ``terminated`` means success and ``truncated`` means the robomimic horizon was reached.
+
+    ``base_spec`` is what the base policy's requests carry (``base_request``), independent of ``obs_mode`` (what
+    the small policy sees): a camera the small policy does not see, or sees at another size, is rendered on
+    demand, only when a request is built (once per chunk, not every step).
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class CsilEnv:
         state_keys: tuple[str, ...] | None = None,
         image_size: int = 84,
         render_quality: str = "default",
+        base_spec: BaseObsSpec | None = None,
     ):
         self.task = task if isinstance(task, TaskSpec) else get_task(task)
         check_available(self.task)
@@ -106,7 +113,9 @@ class CsilEnv:
             raise ValueError(f"unknown render quality {render_quality!r}; choose one of {RENDER_QUALITIES}")
         import robosuite
 
-        self.make_kwargs = robosuite_kwargs(self.task, obs_mode, image_size, seed)
+        self.base_spec = base_spec
+        offscreen = base_spec is not None and bool(base_spec.images)
+        self.make_kwargs = robosuite_kwargs(self.task, obs_mode, image_size, seed, offscreen=offscreen)
         self.env = robosuite.make(self.task.env_name, **self.make_kwargs)
         self.horizon = self.task.horizon
         self.render_quality = render_quality
@@ -128,20 +137,63 @@ class CsilEnv:
             image_size=image_size,
         )
         self._t = 0
+        self._obs: dict[str, np.ndarray] = {}
+        if base_spec is not None:
+            self._check_base_spec(raw)
+
+    def _check_base_spec(self, raw: dict) -> None:
+        """The base policy's request must be producible here: name what it asks for and what this env has."""
+        spec = self.base_spec
+        low_dim = sorted(k for k, v in raw.items() if np.asarray(v).ndim == 1)
+        missing = [k for k in spec.state_keys if k not in low_dim]
+        if missing:
+            raise ValueError(f"the base policy's state needs {list(spec.state_keys)}; task {self.task.name} has no "
+                             f"{missing} (its low-dim keys: {low_dim})")
+        cameras = list(self.env.sim.model.camera_names)
+        for image in spec.images:
+            if image.camera not in cameras:
+                raise ValueError(f"the base policy asks for camera {image.camera!r} as {image.key!r}; task "
+                                 f"{self.task.name} has cameras {cameras}")
+            if image.flip not in ("rows", "both"):
+                raise ValueError(f"unknown image orientation {image.flip!r} for {image.key!r}; 'rows' or 'both'")
 
     # --- robosuite access -------------------------------------------------------------------------------
 
     def _observe_raw(self, force: bool = True) -> dict[str, np.ndarray]:
         """robosuite's observation dict with robomimic's name for the object state."""
         raw = self.env._get_observations(force_update=force)
+        return self._complete(raw)
+
+    def _complete(self, raw: dict) -> dict[str, np.ndarray]:
+        """robomimic's name for the object state, and LIBERO's axis-angle form of the end-effector rotation."""
+        from robosuite.utils.transform_utils import quat2axisangle
+
         raw["object"] = raw["object-state"]
+        raw["robot0_eef_axisangle"] = quat2axisangle(np.asarray(raw["robot0_eef_quat"], np.float64)).astype(np.float32)
         self.raw_obs = raw
         return raw
+
+    def base_request(self) -> dict[str, np.ndarray]:
+        """The base policy's observation for the current state, by ``base_spec`` (without the prompt)."""
+        spec = self.base_spec
+        if spec is None:
+            raise RuntimeError("CsilEnv.base_request without a base_spec")
+        request = {"observation/state": np.concatenate([np.asarray(self.raw_obs[k], np.float32).ravel()
+                                                        for k in spec.state_keys])}
+        for image in spec.images:
+            ours = f"{image.camera}_image"
+            if ours in self._obs and image.size == self.spec.image_size and image.flip == "rows":
+                request[image.key] = self._obs[ours]  # the small policy's own frame: the same pixels
+                continue
+            frame = self.env.sim.render(width=image.size, height=image.size, camera_name=image.camera)
+            request[image.key] = np.ascontiguousarray(frame[::-1] if image.flip == "rows" else frame[::-1, ::-1])
+        return request
 
     def _flatten(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         obs = {"state": np.concatenate([raw[k] for k, _ in self.spec.state_keys]).astype(np.float32)}
         for key in self.spec.image_keys:
             obs[key] = raw[key][::-1].copy()  # OpenGL rows bottom-up -> robomimic's top-down convention
+        self._obs = obs
         return obs
 
     def _apply_fast_render(self) -> None:
@@ -176,8 +228,7 @@ class CsilEnv:
             raise ValueError(f"action contains NaN or inf: {action}")
         raw, reward, _, _ = self.env.step(action)
         self._t += 1
-        raw["object"] = raw["object-state"]
-        self.raw_obs = raw  # robosuite's per-key dict, for recorders that store robomimic keys
+        raw = self._complete(raw)  # robosuite's per-key dict, for recorders that store robomimic keys
         success = bool(is_success(reward))  # 1.0 on success; NutAssembly pays 0.5 for one nut of two
         return self._flatten(raw), float(reward), success, self._t >= self.horizon, {"success": success}
 

@@ -22,6 +22,10 @@ STATE_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "objec
 PROPRIO_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 
+# Our flat observation keys -> the LIBERO-style keys an openpi π0.5 server expects.
+OPENPI_KEYS = {"state": "observation/state", "agentview_image": "observation/image",
+               "robot0_eye_in_hand_image": "observation/wrist_image"}
+
 ACTION_DIM = 7  # OSC_POSE delta (dx, dy, dz, axis-angle) + gripper, all in [-1, 1]
 CHUNK_LENGTH = 10  # actions per base-policy query (pi0.5 LIBERO action_horizon)
 
@@ -90,6 +94,61 @@ class ObsSpec:
             cameras=tuple(raw["cameras"]),
             image_size=int(raw["image_size"]),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class CameraRequest:
+    """One image a base policy's request carries: which camera, rendered at what size, in which orientation."""
+
+    key: str  # the request's key, e.g. "observation/image"
+    camera: str  # robosuite camera name
+    size: int  # rendered height = width, sent as is
+    # "rows": robomimic's top-down convention (our demos, our local base policy); "both": LIBERO's, robosuite's
+    # raw frame rotated 180 degrees (openpi's LIBERO example does ``img[::-1, ::-1]``).
+    flip: str = "rows"
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseObsSpec:
+    """What a base policy's requests must carry, read from its server's metadata (``observation_sources``).
+
+    It is independent of what the small policy sees (``ObsSpec``): a state small policy on an image base policy
+    is π0.5's case. ``state_keys`` are robosuite low-dim keys concatenated into ``"observation/state"``
+    (``robot0_eef_axisangle`` is the end-effector quaternion as an axis-angle, LIBERO's state layout)."""
+
+    state_keys: tuple[str, ...]
+    images: tuple[CameraRequest, ...] = ()
+
+    @classmethod
+    def of_local(cls, spec: ObsSpec) -> "BaseObsSpec":
+        """What our local base policy, trained on ``spec`` observations, needs (robomimic orientation)."""
+        return cls(tuple(k for k, _ in spec.state_keys),
+                   tuple(CameraRequest(OPENPI_KEYS[f"{cam}_image"], cam, spec.image_size) for cam in spec.cameras))
+
+    def to_metadata(self) -> dict:
+        return {"state_keys": list(self.state_keys), "images": [dataclasses.asdict(i) for i in self.images]}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "BaseObsSpec":
+        """From a server's metadata frame. openpi's own servers send none (``{}`` for pi05_libero): they get
+        LIBERO's layout, which is what openpi's LIBERO checkpoints were trained on."""
+        sources = metadata.get("observation_sources")
+        if sources is None:
+            if "server" not in metadata:  # not one of ours: a plain openpi server
+                return PI05_LIBERO
+            raise ValueError(f"the base-policy server's metadata has no 'observation_sources' (keys: "
+                             f"{sorted(metadata)}): cannot tell which cameras and state to send")
+        return cls(tuple(sources["state_keys"]), tuple(CameraRequest(**i) for i in sources["images"]))
+
+
+
+# openpi's pi05_libero (and pi0_libero): 8-d state (eef position, axis-angle, gripper joints), both cameras.
+# We render them at 224x224, the size openpi resizes to, so its resize is the identity.
+PI05_LIBERO = BaseObsSpec(
+    state_keys=("robot0_eef_pos", "robot0_eef_axisangle", "robot0_gripper_qpos"),
+    images=(CameraRequest("observation/image", "agentview", 224, "both"),
+            CameraRequest("observation/wrist_image", "robot0_eye_in_hand", 224, "both")),
+)
 
 
 # The replay tables: online transitions (FIFO, rate-limited: the UTD control) and all demo transitions.

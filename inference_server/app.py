@@ -59,6 +59,7 @@ class _Stats:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.observations = 0
         self.errors = 0
+        self.shapes: dict[str, list[int]] = {}  # of the last accepted request: what clients actually send
         for spec in metrics.SPECS:  # created now, in the replica's constructor, not on the event loop later
             if spec.component == "inference":
                 metrics.get(spec.name)
@@ -68,6 +69,9 @@ class _Stats:
         self.observations += size
         metrics.observe("csil_inference_batch_size", size)
         metrics.observe("csil_inference_model_ms", model_ms)
+
+    def accepted(self, obs: dict) -> None:
+        self.shapes = {k: list(np.shape(v)) for k, v in obs.items() if not isinstance(v, str)}
 
     def request(self, ingress: str, ms: float) -> None:
         metrics.inc("csil_inference_requests_total", ingress=ingress)
@@ -82,7 +86,8 @@ class _Stats:
         return {"observations": self.observations, "batches": batches, "errors": self.errors,
                 "mean_batch_size": self.observations / batches if batches else 0.0,
                 "max_batch_size": max(self.batch_sizes, default=0),
-                "batch_size_counts": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+                "batch_size_counts": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "observation_shapes": self.shapes}
 
 
 async def _start_grpc(server: InferenceServer) -> Callable[[], Awaitable[None]]:
@@ -228,6 +233,7 @@ class InferenceServer:
             if not isinstance(observations, list) or not observations:
                 raise ValueError("expected a non-empty list of observations")
             items = await asyncio.get_running_loop().run_in_executor(None, self._prepare_all, observations)
+            self.stats.accepted(observations[-1])
             results = await asyncio.gather(*(self._submit(item) for item in items))
         except Exception as exc:
             self.stats.error(ingress)

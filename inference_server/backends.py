@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from csil.specs import ACTION_DIM
+from csil.specs import ACTION_DIM, PI05_LIBERO
 
 # Observation spec on the wire: key -> {"shape": list[int] | None (any), "dtype": numpy dtype name or "str"}.
 WireSpec = dict[str, dict[str, Any]]
@@ -89,21 +89,15 @@ class LocalBackend(_BackendBase):
 
     def __init__(self, checkpoint: str, model_delay_ms: float = 0.0):
         # Lazy: in openpi's environment (the openpi backend) our model's pinned jax/flax stack is not installed.
-        from csil.base_policy import OPENPI_KEYS, LocalBasePolicy
+        from csil.base_policy import LocalBasePolicy
 
         self.policy = LocalBasePolicy(checkpoint)
         self.model_delay_s = model_delay_ms / 1000
-        arrays = self.policy.spec.arrays()
-        self.spec: WireSpec = {
-            OPENPI_KEYS[k]: {"shape": list(a.shape), "dtype": a.dtype}
-            for k, a in arrays.items()
-        }
-        self.spec["prompt"] = {"shape": [], "dtype": "str"}
+        self.spec: WireSpec = self.policy.metadata["observation_spec"]
 
     @property
     def metadata(self) -> dict:
-        return {"action_horizon": self.policy.chunk_length, "action_dim": ACTION_DIM, "observation_spec": self.spec,
-                "task": self.policy.task}
+        return self.policy.metadata
 
     def prepare(self, obs: dict) -> dict:
         return check_observation(obs, self.spec)
@@ -165,8 +159,11 @@ class OpenPIBackend(_BackendBase):
 
     @property
     def metadata(self) -> dict:
-        return {**dict(self.policy.metadata), "action_horizon": int(self.policy._model.action_horizon),
-                "action_dim": ACTION_DIM, "observation_spec": self.spec, "openpi_config": self.config_name}
+        metadata = {**dict(self.policy.metadata), "action_horizon": int(self.policy._model.action_horizon),
+                    "action_dim": ACTION_DIM, "observation_spec": self.spec, "openpi_config": self.config_name}
+        if self.config_name is None or "libero" in self.config_name:  # the keys above are LIBERO's
+            metadata["observation_sources"] = PI05_LIBERO.to_metadata()
+        return metadata
 
     def prepare(self, obs: dict) -> dict:
         check_observation(obs, self.spec)

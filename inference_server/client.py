@@ -271,15 +271,26 @@ class PatientChunkSource:
         self.client = None
         self.outages = 0
 
+    @property
+    def metadata(self) -> dict:
+        """The server's metadata frame (what a request must carry), connecting first if needed."""
+        return self._patiently(lambda client: client.metadata)
+
     def infer_batch(self, observations: Sequence[dict]) -> np.ndarray:
+        def infer(client: BaseClient) -> np.ndarray:
+            start = time.perf_counter()
+            chunks = client.infer_batch(observations)
+            metrics.observe("csil_actor_chunk_request_seconds", time.perf_counter() - start, actor=self.actor_id)
+            return chunks
+
+        return self._patiently(infer)
+
+    def _patiently(self, call: Callable[[BaseClient], Any]) -> Any:
         while True:
             try:
                 if self.client is None:
                     self.client = connect_base_policy(self.target, timeout_s=self.timeout_s)
-                start = time.perf_counter()
-                chunks = self.client.infer_batch(observations)
-                metrics.observe("csil_actor_chunk_request_seconds", time.perf_counter() - start, actor=self.actor_id)
-                return chunks
+                return call(self.client)
             except ConnectionError as exc:
                 self.outages += 1
                 metrics.inc("csil_actor_base_policy_outages_total", actor=self.actor_id)

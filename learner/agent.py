@@ -29,10 +29,12 @@ Choices where the paper is silent (reference/algorithm.md §9):
 - Online reward refinement (CSIL's demo-likelihood term + KL estimator on online samples), plain SGD.
 - Constant Adam learning rates (CSIL's); ``actor_warmup_steps`` optionally ramps the actor's up linearly, which
   removes the jump away from BC that Adam's first full-size steps cause (measured in ``AgentConfig``).
-- Image observations: one encoder per camera. The critic trains its encoder (initialised from the BC policy's,
-  as CSIL's ``update_encoder``); the policy uses the critic's encoder under stop-gradient and copies it after
-  every critic step (DrQ). π_BC keeps its own frozen encoder; π_R refines its copy. Training batches get
-  DrQ random shifts.
+- Image observations: one encoder per camera, initialised from the BC policy's. Critic pretraining keeps it
+  frozen and leaves the policy alone, so online training starts from exactly π_BC (the KL anchor's own encoder):
+  a SARSA-trained encoder copied into the policy would change its features under its BC-trained heads. Online,
+  the critic trains the encoder (CSIL's ``update_encoder``); the policy uses it under stop-gradient and copies
+  it after every critic step (DrQ). π_BC keeps its own frozen encoder; π_R refines its copy. Training batches
+  get DrQ random shifts.
 """
 
 from __future__ import annotations
@@ -287,16 +289,19 @@ class CSILAgent:
         return td + penalty_weight * penalty, (batch_stats, td, penalty, q)
 
     def _apply_critic_grads(self, state: AgentState, grads: PyTree, batch_stats: PyTree, tau: float,
-                            opt: optax.GradientTransformation) -> AgentState:
+                            opt: optax.GradientTransformation, online: bool = True) -> AgentState:
+        """The critic step; online the policy then acts on the critic's encoder (DrQ), in pretraining the encoder
+        stays the BC policy's and the policy stays π_BC."""
         updates, critic_opt = opt.update(grads, state.critic_opt, state.critic["params"])
         params = optax.apply_updates(state.critic["params"], updates)
         if self.categorical:
             params = C.weight_normalize(params)
+        if not online:
+            params = self._with_encoder(params, state.critic["params"])
         critic = {"params": params, "batch_stats": batch_stats}
         target = {"params": optax.incremental_update(params, state.target_critic["params"], tau),
                   "batch_stats": batch_stats}
-        # DrQ: the policy acts on the critic's encoder
-        policy = self._with_encoder(state.policy, params)
+        policy = self._with_encoder(state.policy, params) if online else state.policy
         return state._replace(critic=critic, critic_opt=critic_opt, target_critic=target, policy=policy)
 
     # --- critic pretraining (SARSA on demos) ---------------------------------------------------------
@@ -311,7 +316,8 @@ class CSILAgent:
         (loss, (stats, td, penalty, q)), grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
             state.critic["params"], state, demos, demos.next_action, target, demos.action.shape[0],
             self.cfg.grad_penalty_pretrain)
-        state = self._apply_critic_grads(state, grads, stats, self.cfg.critic_pretrain_tau, self.critic_pretrain_opt)
+        state = self._apply_critic_grads(state, grads, stats, self.cfg.critic_pretrain_tau, self.critic_pretrain_opt,
+                                         online=False)
         state = state._replace(step=state.step + 1)
         return state, {"critic_loss": td, "grad_penalty": penalty, "q_mean": q.mean(), "reward_mean": rewards.mean(),
                        "target_clipped": clipped}

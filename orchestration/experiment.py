@@ -8,7 +8,8 @@ and so is the base policy for seed ``k``: the comparison with the base is paired
 A run is done when its ``summary.json`` exists; done runs are never redone, so the experiment can be spread
 over several sessions (an interrupted run starts again from its beginning: the trainer has no checkpoints).
 Outputs in ``<out_dir>/<name>/``: ``table.md`` (the exact command on top, the budget vs the paper's 500k steps,
-median [25th, 75th] of the final success over seeds, and the no-initial-drop check), ``curves.png`` (median
+median [25th, 75th] over seeds of the best parameters re-evaluated on fresh scenes (the paper's protocol) and
+of the final success, the gain over the paired base, and the no-initial-drop check), ``curves.png`` (median
 success vs env steps per method, base level dashed) and ``runs.csv`` (every evaluation of every run).
 """
 
@@ -30,7 +31,8 @@ from orchestration.trainer import Trainer
 
 DROP_TOLERANCE = 0.05  # "no initial drop": every evaluation >= base - 5 pp
 # What a run finished before a budget field existed was run with (results/table1: β = 0.3 per nat, no warmup).
-PRE_OPTION_BUDGET = {"actor_warmup": 0, "beta": 0.3, "beta_units": "nats"}
+PRE_OPTION_BUDGET = {"actor_warmup": 0, "beta": 0.3, "beta_units": "nats", "final_eval_rounds": 0, "obs_mode": "state"}
+IMPROVEMENT = 0.10  # "improves the base": best parameters re-evaluated >= paired base + 10 pp
 
 
 def runs_root(cfg: ExperimentConfig) -> Path:
@@ -40,7 +42,7 @@ def runs_root(cfg: ExperimentConfig) -> Path:
 def run_budget(cfg: ExperimentConfig) -> dict:
     """The settings a finished run must share with the experiment that reuses it."""
     fields = ("env_steps", "eval_every", "eval_episodes", "warmup", "size", "num_demos", "bc_steps", "critic_steps",
-              "actor_warmup", "beta", "beta_units")
+              "actor_warmup", "beta", "beta_units", "final_eval_rounds", "obs_mode")
     return {f: getattr(cfg, f) for f in fields}
 
 
@@ -63,36 +65,43 @@ def finished(cfg: ExperimentConfig, task: str, method: str, seed: int) -> dict |
 
 
 def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: bool = True) -> dict:
-    """One run (or the cached result of it): {"task", "method", "seed", "evals": [{"env_steps", "success_rate"}]}."""
+    """One run (or the cached result of it): {"task", "method", "seed", "evals": [{"env_steps", "success_rate"}],
+    "best_reevaluated": [success rate per re-evaluation round]}. For ``base`` the evaluations are of the base
+    alone on the same scenes: round 0 (paired with the periodic evaluations) and rounds 1.. (paired with the
+    re-evaluations of the best parameters)."""
     result = finished(cfg, task, method, seed)
     if result is not None:
         return result
     run_dir = runs_root(cfg) / task / method / f"seed{seed}"
     algo, action_mode = METHODS[method]
     if algo is None:
-        evals = [{"env_steps": 0, **_evaluate_base(task, cfg.eval_episodes, seed)}]
-        summary = {}
+        rounds = [_evaluate_base(task, cfg.eval_episodes, seed, r) for r in range(cfg.final_eval_rounds + 1)]
+        evals = [{"env_steps": 0, **rounds[0]}]
+        summary = {"best_reevaluated": [r["success_rate"] for r in rounds[1:]]}
     else:
         agent = agent_config(algo, cfg.size, bc_steps=cfg.bc_steps, critic_pretrain_steps=cfg.critic_steps,
                              actor_warmup_steps=cfg.actor_warmup, beta=cfg.beta, beta_units=cfg.beta_units)
         trainer = Trainer(TrainConfig(task=task, algo=algo, size=cfg.size, action_mode=action_mode,
+                                      obs_mode=cfg.obs_mode,
                                       env_steps=cfg.env_steps, warmup=cfg.warmup, eval_every=cfg.eval_every,
-                                      eval_episodes=cfg.eval_episodes, num_demos=cfg.num_demos, seed=seed,
+                                      eval_episodes=cfg.eval_episodes, final_eval_rounds=cfg.final_eval_rounds,
+                                      num_demos=cfg.demos_of(task), seed=seed,
                                       logdir=str(run_dir), agent=agent), progress=progress)
         summary = trainer.train()
         evals = trainer.evals
     result = {"task": task, "method": method, "seed": seed, "budget": run_budget(cfg), "summary": summary,
-              "evals": [{"env_steps": e["env_steps"], "success_rate": e["success_rate"]} for e in evals]}
+              "evals": [{"env_steps": e["env_steps"], "success_rate": e["success_rate"]} for e in evals],
+              "best_reevaluated": summary["best_reevaluated"]}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def _evaluate_base(task_name: str, episodes: int, seed: int) -> dict:
-    """The base policy alone on the scenes a trained run of ``seed`` is evaluated on (round 0)."""
+def _evaluate_base(task_name: str, episodes: int, seed: int, round: int) -> dict:
+    """The base policy alone on the scenes a trained run of ``seed`` is evaluated on in ``round``."""
     task = get_task(task_name)
     return evaluate_policy(task, "state", str(ensure_base_policy(task.name)), None, None, "ensemble", episodes,
-                           seeds.eval_scene(seed))
+                           seeds.eval_scene(seed, round))
 
 
 def run_experiment(cfg: ExperimentConfig, command: str, progress: bool = True, report_only: bool = False) -> dict:
@@ -156,8 +165,22 @@ def _statistics(cfg: ExperimentConfig, results: list[dict]) -> dict:
                 entry.update(min_eval=_quartiles(worst), base=_quartiles(base), paired_seeds=len(paired),
                              no_drop_seeds=sum(w >= b - DROP_TOLERANCE for w, b in zip(worst, base)),
                              beats_base_seeds=sum(f > b for f, b in zip(paired_final, base)))
+            _add_reevaluations(entry, runs, paired)
             stats.setdefault(task, {})[method] = entry
     return stats
+
+
+def _add_reevaluations(entry: dict, runs: list[dict], paired: list[tuple[dict, dict]]) -> None:
+    """The paper's number: each seed's best parameters, mean success over the re-evaluation rounds (quartiles
+    over seeds), and its gain over the paired base on the same scenes (runs from before re-evaluation have none)."""
+    reevaluated = [np.mean(r["best_reevaluated"]) for r in runs if r.get("best_reevaluated")]
+    if reevaluated:
+        entry.update(reevaluated=_quartiles(reevaluated), reevaluated_seeds=len(reevaluated))
+    pairs = [(np.mean(r["best_reevaluated"]), np.mean(b["best_reevaluated"])) for r, b in paired
+             if r.get("best_reevaluated") and b.get("best_reevaluated")]
+    if pairs:
+        entry.update(base_reevaluated=_quartiles([b for _, b in pairs]), gain=_quartiles([m - b for m, b in pairs]),
+                     improved_seeds=sum(m >= b + IMPROVEMENT - 1e-9 for m, b in pairs), reevaluated_pairs=len(pairs))
 
 
 def _beta_units_text(units: str) -> str:
@@ -168,27 +191,56 @@ def _cell(q: list[float]) -> str:
     return f"{q[0]:.0%} [{q[1]:.0%}, {q[2]:.0%}]"
 
 
-def _final_cell(cfg: ExperimentConfig, entry: dict | None) -> str:
-    if entry is None:
+def _demos_text(cfg: ExperimentConfig) -> str:
+    if cfg.num_demos is not None:
+        return f"{cfg.num_demos} demos"
+    return "the base policy's demos (" + ", ".join(f"{t} {cfg.demos_of(t)}" for t in cfg.tasks) + ")"
+
+
+def _gain_cell(q: list[float]) -> str:
+    return f"{q[0] * 100:+.0f} pp [{q[1] * 100:+.0f}, {q[2] * 100:+.0f}]"
+
+
+def _seeds_cell(cfg: ExperimentConfig, entry: dict | None, key: str, count: str = "seeds") -> str:
+    if entry is None or key not in entry:
         return "—"
-    seeds = f" ({entry['seeds']} of {cfg.seeds} seeds)" if entry["seeds"] < cfg.seeds else ""
-    return _cell(entry["final"]) + seeds
+    seeds = f" ({entry[count]} of {cfg.seeds} seeds)" if entry[count] < cfg.seeds else ""
+    return _cell(entry[key]) + seeds
 
 
 def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -> str:
     lines = [f"# {cfg.name}", "", f"`{command}`", "",
              f"Budget: {cfg.env_steps:,} env steps per run (the paper: 500,000), evaluations every "
              f"{cfg.eval_every:,} steps on {cfg.eval_episodes} episodes, {cfg.seeds} seed{'s' * (cfg.seeds != 1)}, "
-             f"{cfg.size}-size networks, {cfg.num_demos} demos, BC {cfg.bc_steps:,} / critic pretraining "
+             f"{cfg.size}-size networks, {_demos_text(cfg)}, BC {cfg.bc_steps:,} / critic pretraining "
              f"{cfg.critic_steps:,} steps, actor-lr warmup {cfg.actor_warmup:,} updates, KL coefficient β = "
-             f"{cfg.beta:g} ({_beta_units_text(cfg.beta_units)}), state "
+             f"{cfg.beta:g} ({_beta_units_text(cfg.beta_units)}), {cfg.obs_mode} "
              "observations, the local base policy (not π0.5). Cells: median [25th, 75th] over seeds.", ""]
     if missing:
         lines += [f"**Partial**: {missing} run{'s' * (missing != 1)} of this grid not finished yet; the command "
                   "above continues it (finished runs are reused).", ""]
-    lines += ["## Final success", "", "| method | " + " | ".join(cfg.tasks) + " |", "|---|" + "---|" * len(cfg.tasks)]
+    header = ["| method | " + " | ".join(cfg.tasks) + " |", "|---|" + "---|" * len(cfg.tasks)]
+    if any("reevaluated" in e for t in stats.values() for e in t.values()):
+        lines += [f"## Best parameters re-evaluated (the paper's protocol)", "",
+                  f"Each run's best-evaluated parameters, re-evaluated {cfg.final_eval_rounds} × {cfg.eval_episodes} "
+                  "episodes on fresh scenes (mean over the rounds); base: the base alone on the same scenes.", "",
+                  *header]
+        for method in cfg.methods:
+            cells = (_seeds_cell(cfg, stats.get(t, {}).get(method), "reevaluated", "reevaluated_seeds")
+                     for t in cfg.tasks)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", f"Gain over the paired base (same scenes; improved: ≥ +{IMPROVEMENT:.0%}):", "",
+                  "| task | method | base | best re-evaluated | gain | seeds improved |", "|---|---|---|---|---|---|"]
+        for task in cfg.tasks:
+            for method in cfg.methods:
+                e = stats.get(task, {}).get(method)
+                if e and "gain" in e:
+                    lines.append(f"| {task} | {method} | {_cell(e['base_reevaluated'])} | {_cell(e['reevaluated'])} | "
+                                 f"{_gain_cell(e['gain'])} | {e['improved_seeds']}/{e['reevaluated_pairs']} |")
+        lines.append("")
+    lines += ["## Final success (unselected: the last evaluation)", "", *header]
     for method in cfg.methods:
-        cells = (_final_cell(cfg, stats.get(t, {}).get(method)) for t in cfg.tasks)
+        cells = (_seeds_cell(cfg, stats.get(t, {}).get(method), "final") for t in cfg.tasks)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if "base" in cfg.methods:
         lines += ["", f"## No initial drop (worst evaluation ≥ paired base − {DROP_TOLERANCE:.0%})", "",

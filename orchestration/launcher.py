@@ -53,11 +53,13 @@ from tqdm import tqdm
 from actors.actor import EnvActor
 from csil.config import InferenceServerConfig, LaunchConfig, ReplayConfig
 from csil.demos import read_demos, spec_from_demos
+from csil.envs import CsilEnv
 from csil.hetstat import SmallPolicy
-from csil.specs import ONLINE_TABLE
+from csil.specs import ONLINE_TABLE, BaseObsSpec
 from csil.ray_utils import ensure_ray, role_resources
 from csil.tasks import get_task
 from inference_server import app
+from inference_server.client import connect_base_policy
 from learner.pretrain import PretrainingStopped
 from learner.service import LearnerService
 from orchestration.coordinator import Coordinator
@@ -84,8 +86,6 @@ class Interrupted(Exception):
 
 class System:
     def __init__(self, cfg: LaunchConfig, progress: bool = True):
-        if cfg.obs_mode != "state":
-            raise ValueError("csil-launch runs state observations (the cached base policy and demos are state-based)")
         self.cfg, self.progress = cfg, progress
         self.task = get_task(cfg.task)
         self.logdir = Path(cfg.logdir)
@@ -93,10 +93,10 @@ class System:
             raise FileExistsError(f"{self.logdir} already holds a run; pass --resume to continue it or pick --logdir")
         self.logdir.mkdir(parents=True, exist_ok=True)
         (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-        self.demos_path = str(cfg.demos or ensure_demos(self.task.name))
+        self.demos_path = str(cfg.demos or ensure_demos(self.task.name, cfg.obs_mode))
         self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name))
         data = read_demos(self.demos_path, num_demos=cfg.num_demos)
-        self.spec = spec_from_demos(self.demos_path, data.episodes[0].obs, "state")
+        self.spec = spec_from_demos(self.demos_path, data.episodes[0].obs, cfg.obs_mode)
         self.num_demo_transitions = sum(len(ep.actions) for ep in data.episodes)
         self.network = SmallPolicy(cfg.agent.policy, self.spec.cameras, cfg.agent.encoder)  # actors, evaluator
         ensure_ray(cfg.address)
@@ -113,8 +113,8 @@ class System:
         self.learner_updates = 0
 
     def _evaluate(self, base: str, params, first_scene: int, episodes: int) -> dict:
-        result = evaluate_policy(self.task, "state", base, params, self.network, self.cfg.action_mode, episodes,
-                                 first_scene)
+        result = evaluate_policy(self.task, self.cfg.obs_mode, base, params, self.network, self.cfg.action_mode,
+                                 episodes, first_scene)
         for _ in range(result["worker_restarts"]):  # on the evaluator's thread; the coordinator serialises
             self._record("evaluation", "a rollout worker died; Ray restarted it and re-ran its scenes", "nothing")
         return result
@@ -138,6 +138,7 @@ class System:
             self.inference = app.start(InferenceServerConfig(checkpoint=self.base_dir, port=cfg.serve_port,
                                                              grpc_port=None, num_cpus=0.0))
             self.replicas = ReplicaWatch(self.inference.handle, num_replicas=1)
+        self._check_base_policy()
         counters = self._wait_for_pretraining(counters, show=not resume_learner)
         self.env_steps_offset = counters.get("env_steps", 0) if resume_learner else 0
         if not resume_learner:
@@ -150,6 +151,20 @@ class System:
                        for i in range(cfg.actors)]
         self.runs = {i: a.run.remote() for i, a in enumerate(self.actors)}
         self.learner_run = self.learner.run.remote()
+
+    def _check_base_policy(self) -> None:
+        """Up front, not in every actor: the base policy's server must ask for what this task's env can render
+        (``csil.specs.BaseObsSpec``). A server given by URL that does not answer yet is left to the actors, which
+        wait for it."""
+        try:
+            with connect_base_policy(self.cfg.base_policy, timeout_s=self.cfg.base_policy_timeout_s) as client:
+                spec = BaseObsSpec.from_metadata(client.metadata)
+        except ConnectionError as e:
+            log.warning("could not check the base policy's observation spec up front (%s); actors will wait", e)
+            return
+        CsilEnv(self.task, self.cfg.obs_mode, base_spec=spec).close()  # raises, naming both, on a mismatch
+        log.info("base policy %s asks for state %s and images %s", self.cfg.base_policy, list(spec.state_keys),
+                 [f"{i.key}: {i.camera} {i.size}x{i.size}" for i in spec.images])
 
     def _start_replay(self, restore: bool) -> None:
         """The replay service (restored from its checkpoint with ``restore``), its address told to the coordinator."""

@@ -37,18 +37,16 @@ from replay.writer import TransitionWriter
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
-        if cfg.obs_mode != "state":
-            raise ValueError("csil-train runs state observations only: the agent handles images (csil-bench learner "
-                             "--obs image) but the cached base policy and demos here are state-based")
         self.cfg, self.progress = cfg, progress
         self.task = get_task(cfg.task)
         self.logdir = Path(cfg.logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-        demos_path = cfg.demos or ensure_demos(self.task.name)
+        demos_path = cfg.demos or ensure_demos(self.task.name, cfg.obs_mode)
+        # the base policy's observations are its own (its metadata): a state base under an image small policy works
         self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name))
         data = read_demos(demos_path, num_demos=cfg.num_demos)
-        self.spec = spec_from_demos(demos_path, data.episodes[0].obs, "state")
+        self.spec = spec_from_demos(demos_path, data.episodes[0].obs, cfg.obs_mode)
         demos = DemoTransitions.from_episodes(data.episodes, self.spec)
         self.base_policy = LocalBasePolicy(self.base_dir)
         if cfg.action_mode == "residual":
@@ -64,15 +62,18 @@ class Trainer:
         return self.evaluator.history
 
     def _evaluate(self, network, params, first_scene: int, episodes: int) -> dict:
-        return evaluate_policy(self.task, "state", self.base_dir, params, network, self.cfg.action_mode, episodes,
-                               first_scene)
+        return evaluate_policy(self.task, self.cfg.obs_mode, self.base_dir, params, network, self.cfg.action_mode,
+                               episodes, first_scene)
 
     def log(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
 
-    def evaluate(self, env_steps: int) -> dict:
-        """Deterministic evaluation of base + small policy on this seed's fixed evaluation scenes."""
+    def evaluate(self, env_steps: int) -> dict | None:
+        """Deterministic evaluation of base + small policy on this seed's fixed evaluation scenes (None with
+        ``eval_episodes=0``: no evaluation at all)."""
+        if not self.cfg.eval_episodes:
+            return None
         record = self.evaluator.evaluate(env_steps, self.learner.updates, self.learner.policy_params())
         self.log({"phase": "eval", **record})
         return record
@@ -87,7 +88,7 @@ class Trainer:
             demo_writer.write_batch(learner.demos.replay_items())
         writer = TransitionWriter(replay.address, table=ONLINE_TABLE)
         online = demos = None
-        runner = EnvRunner(self.task.name, "state", cfg.num_envs, self.base_policy, learner.agent.policy_net,
+        runner = EnvRunner(self.task.name, cfg.obs_mode, cfg.num_envs, self.base_policy, learner.agent.policy_net,
                            cfg.action_mode, functools.partial(seeds.trainer_episode_seed, cfg.seed),
                            env_seed=cfg.seed)
         num_envs = len(runner.envs)
@@ -115,18 +116,18 @@ class Trainer:
                 if learner.updates == num_envs or crossed(learner.updates, learner.updates - num_envs, 100):
                     record = finite_metrics(metrics, learner.updates)
                     self.log({"phase": "train", "env_steps": env_steps, "updates": learner.updates, **record})
-            if crossed(env_steps, env_steps - num_envs, cfg.eval_every):
-                last = self.evaluate(env_steps)
+            if crossed(env_steps, env_steps - num_envs, cfg.eval_every) and (last := self.evaluate(env_steps)):
                 recent = f"{np.mean(successes):.0%}" if successes else "n/a"
                 bar.set_postfix(eval=f"{last['success_rate']:.0%}", train_success=recent, updates=learner.updates)
         bar.close()
         runner.close()
         writer.close()
         replay.stop()
+        summary = {"task": self.task.name, "env_steps": env_steps, "updates": learner.updates}
+        if self.evals:
+            summary["first_eval"] = self.evals[0]["success_rate"]
+            summary.update(self.evaluator.reevaluate_best(cfg.final_eval_rounds))
+            self.log({"phase": "reevaluate", **summary})
+            write_eval_results(self.logdir, self.evals, f"{cfg.algo} ({cfg.action_mode})", self.task.name)
         self.evaluator.close()
-        write_eval_results(self.logdir, self.evals, f"{cfg.algo} ({cfg.action_mode})", self.task.name)
-        best = max(self.evals, key=lambda e: e["success_rate"])
-        return {"task": self.task.name, "env_steps": env_steps, "updates": learner.updates,
-                "first_eval": self.evals[0]["success_rate"], "final_eval": self.evals[-1]["success_rate"],
-                "best_eval": best["success_rate"], "wall_s": round(time.time() - start, 1),
-                "logdir": str(self.logdir)}
+        return {**summary, "wall_s": round(time.time() - start, 1), "logdir": str(self.logdir)}

@@ -61,3 +61,29 @@ def lift_setup(tmp_path_factory, ray_local):
     base = root / "base"
     train_base_from_file(demos, base, BaseTrainConfig(steps=100, batch_size=32, hidden=(32,)), progress=False)
     return root, demos, base
+
+
+@pytest.fixture(scope="session")
+def lift_image_setup(tmp_path_factory, ray_local):
+    """Lift demos rendered with both cameras (2, scripted expert) and a tiny image base policy trained on them."""
+    from csil.config import BaseTrainConfig, DemoConfig
+    from orchestration.pipeline import generate_demos, train_base_from_file
+
+    root = tmp_path_factory.mktemp("image")
+    demos = root / "lift_image.hdf5"
+    generate_demos(DemoConfig(task="Lift", num=2, obs_mode="image", workers=2), demos, progress=False)
+    base = root / "image_base"
+    train_base_from_file(demos, base, BaseTrainConfig(steps=20, batch_size=16, hidden=(32,), image_channels=(8,)),
+                         obs_mode="image", progress=False)
+    return root, demos, base
+
+
+@pytest.fixture(scope="session")
+def tiny_image_agent(tiny_agent) -> AgentConfig:
+    """``tiny_agent`` with a small per-camera encoder."""
+    import dataclasses
+
+    from csil.config import EncoderConfig
+
+    return dataclasses.replace(tiny_agent, encoder=EncoderConfig(channels=(8, 16), out_dim=16),
+                               bc_steps=20, critic_pretrain_steps=10)

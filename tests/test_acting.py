@@ -9,6 +9,7 @@ from csil.base_policy import LocalBasePolicy
 from csil.config import HetStatConfig
 from csil.envs import CsilEnv
 from csil.hetstat import SmallPolicy, mode
+from csil.specs import BaseObsSpec
 
 
 class CountingSource:
@@ -23,21 +24,23 @@ class CountingSource:
 
 
 def _setup(base_dir):
-    env = CsilEnv("Lift", "state")
-    obs = [env.reset(seed=s) for s in (0, 1)]
+    """Two Lift envs on scenes 0 and 1 and the base requests they build (what the local base asks for)."""
+    spec = BaseObsSpec.from_metadata(LocalBasePolicy(base_dir).metadata)
+    envs = [CsilEnv("Lift", "state", base_spec=spec) for _ in range(2)]
+    obs = [env.reset(seed=s) for env, s in zip(envs, (0, 1))]
     network = SmallPolicy(HetStatConfig(hidden=(16,), bottleneck=8, features=16))
     params = network.init(jax.random.PRNGKey(0), {"state": obs[0]["state"][None]})
-    return obs, network, params
+    return obs, network, params, lambda i: envs[i].base_request()
 
 
 def test_chunks_are_played_open_loop_and_requested_in_one_batch(lift_setup):
     _, _, base_dir = lift_setup
-    obs, network, params = _setup(base_dir)
+    obs, network, params, requests = _setup(base_dir)
     base = LocalBasePolicy(base_dir)
     source = CountingSource(base)
     policy = CombinedPolicy(source, network, "ensemble", "lift", num_slots=2)
-    chunks = base.infer_batch([base_observation(o, "lift") for o in obs])
-    steps = [policy.act(params, obs, None) for _ in range(12)]
+    chunks = base.infer_batch([base_observation(o, "lift") for o in obs])  # a state base sees the full state
+    steps = [policy.act(params, obs, None, requests) for _ in range(12)]
     assert source.requests == [2, 2]  # both slots at step 0 and step 10, one request each time
     np.testing.assert_allclose(np.stack([s.base for s in steps[:10]], 1), chunks, atol=1e-6)
     mu, _ = network.apply(params, {"state": np.stack([o["state"] for o in obs])})
@@ -45,26 +48,64 @@ def test_chunks_are_played_open_loop_and_requested_in_one_batch(lift_setup):
     np.testing.assert_allclose(steps[3].executed, combine_actions(steps[3].base, steps[3].small, "ensemble"))
 
     policy.reset(1)  # a new episode in slot 1: its rest of the chunk is dropped, slot 0 plays on
-    policy.act(params, obs, None)
+    policy.act(params, obs, None, requests)
     assert source.requests == [2, 2, 1]
 
 
 def test_sampling_acts_stochastically_and_base_alone_executes_the_base(lift_setup):
     _, _, base_dir = lift_setup
-    obs, network, params = _setup(base_dir)
+    obs, network, params, requests = _setup(base_dir)
     base = LocalBasePolicy(base_dir)
-    a = CombinedPolicy(base, network, "residual", "lift", 2).act(params, obs, jax.random.PRNGKey(1))
-    b = CombinedPolicy(base, network, "residual", "lift", 2).act(params, obs, jax.random.PRNGKey(2))
+    a = CombinedPolicy(base, network, "residual", "lift", 2).act(params, obs, jax.random.PRNGKey(1), requests)
+    b = CombinedPolicy(base, network, "residual", "lift", 2).act(params, obs, jax.random.PRNGKey(2), requests)
     assert not np.allclose(a.small, b.small) and np.allclose(a.base, b.base)
     np.testing.assert_allclose(a.executed, np.clip(a.base + a.small, -1, 1), atol=1e-6)
-    alone = CombinedPolicy(base, None, "ensemble", "lift", 2).act(None, obs, None)
+    alone = CombinedPolicy(base, None, "ensemble", "lift", 2).act(None, obs, None, requests)
     np.testing.assert_array_equal(alone.executed, alone.base)
 
 
 def test_first_base_actions_are_the_first_of_each_chunk(lift_setup):
     _, _, base_dir = lift_setup
-    obs, _, _ = _setup(base_dir)
+    obs, _, _, _ = _setup(base_dir)
     base = LocalBasePolicy(base_dir)
     stacked = {"state": np.stack([o["state"] for o in obs])}
     expected = base.infer_batch([base_observation(o, "lift") for o in obs])[:, 0]
     np.testing.assert_allclose(first_base_actions(base, stacked, "lift", batch=1), expected, atol=1e-6)
+
+
+def test_base_requests_carry_what_the_base_asked_for_not_what_the_small_policy_sees():
+    """π0.5's case: a state small policy, an image base policy (LIBERO's layout: 8-d state, two 224x224 cameras
+    rotated 180°); an 84x84 image base reuses the small policy's own frames."""
+    from csil.specs import PI05_LIBERO, CameraRequest
+
+    env = CsilEnv("Lift", "state", base_spec=PI05_LIBERO)
+    obs = env.reset(seed=0)
+    request = env.base_request()
+    assert set(obs) == {"state"} and obs["state"].shape == (19,)  # the small policy's view is unchanged
+    assert request["observation/state"].shape == (8,) and request["observation/state"].dtype == np.float32
+    np.testing.assert_allclose(request["observation/state"][:3], env.raw_obs["robot0_eef_pos"], atol=1e-6)
+    for key in ("observation/image", "observation/wrist_image"):
+        assert request[key].shape == (224, 224, 3) and request[key].dtype == np.uint8 and request[key].std() > 5
+    rows = BaseObsSpec(PI05_LIBERO.state_keys, (CameraRequest("observation/image", "agentview", 224, "rows"),))
+    upright = CsilEnv("Lift", "state", base_spec=rows)
+    upright.reset(seed=0)
+    np.testing.assert_array_equal(upright.base_request()["observation/image"][:, ::-1], request["observation/image"])
+
+    small = BaseObsSpec(("robot0_eef_pos",), (CameraRequest("observation/image", "agentview", 84),))
+    image_env = CsilEnv("Lift", "image", base_spec=small)
+    image_obs = image_env.reset(seed=0)
+    np.testing.assert_array_equal(image_env.base_request()["observation/image"], image_obs["agentview_image"])
+
+
+def test_a_base_spec_the_env_cannot_produce_is_refused_naming_both():
+    import pytest
+
+    from csil.specs import CameraRequest
+
+    with pytest.raises(ValueError, match="camera 'sideview_cam'.*has cameras"):
+        CsilEnv("Lift", "state", base_spec=BaseObsSpec(("robot0_eef_pos",),
+                                                       (CameraRequest("observation/image", "sideview_cam", 64),)))
+    with pytest.raises(ValueError, match="needs .*robot0_joint_torque.*low-dim keys"):
+        CsilEnv("Lift", "state", base_spec=BaseObsSpec(("robot0_eef_pos", "robot0_joint_torque")))
+    with pytest.raises(ValueError, match="no 'observation_sources'"):
+        BaseObsSpec.from_metadata({"server": "csil", "action_horizon": 10})

@@ -237,6 +237,27 @@ def test_image_agent_shares_the_critic_encoder_with_the_policy():
     assert hetstat.sample(jax.random.PRNGKey(0), mu, sigma)[0].shape == (2, 7)
 
 
+def test_image_critic_pretraining_leaves_the_policy_at_bc():
+    """Coherence at the switch to online training: critic pretraining (SARSA on demos) must not move the policy's
+    encoder, or online training would start from a policy that is not π_BC while the KL anchor keeps BC's."""
+    from csil.config import EncoderConfig
+
+    cfg = dataclasses.replace(SMALL, batch_size=8, bc_batch_size=8, encoder=EncoderConfig(channels=(4, 8), out_dim=8,
+                                                                                             shift=2))
+    agent = CSILAgent(cfg, IMAGE_SPEC)
+    demos = image_demos(np.random.default_rng(0))
+    bc, _ = pretrain_bc(agent, demos, jax.random.PRNGKey(0), steps=20, progress=False)
+    start = agent.init_state(jax.random.PRNGKey(1), bc)
+    state, log = pretrain_critic(agent, start, demos, steps=5, progress=False)
+    assert log[-1]["critic_loss"] > 0
+    policy, anchor = (agent.policy_net.apply(p, demos.obs) for p in (state.policy, state.bc))
+    kl = hetstat.gaussian_kl(*policy, *anchor)  # on the demo states
+    assert float(jnp.max(kl)) < 1e-6, kl
+    head_moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), state.critic["params"]["critics"],
+                                        start.critic["params"]["critics"])
+    assert max(jax.tree_util.tree_leaves(head_moved)) > 0  # the critic did learn, on the BC encoder's features
+
+
 def test_unrolled_utd_loop_computes_the_same_update(pretrained):
     """``unroll_utd`` only changes how XLA compiles the fused loop (images run it unrolled), not the result."""
     agent, state, demos, _, _ = pretrained

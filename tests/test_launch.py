@@ -17,7 +17,7 @@ from csil.config import LaunchConfig, ReplayConfig
 from orchestration.launcher import System
 
 
-def _sigterm_after(system: System, port: int, seen: dict, env_steps: int = 300) -> None:
+def _sigterm_after(system: System, port: int, seen: dict, env_steps: int = 300, sigterm: bool = True) -> None:
     """Once the run has taken ``env_steps`` env steps, record the inference server's stats and SIGTERM."""
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -27,29 +27,35 @@ def _sigterm_after(system: System, port: int, seen: dict, env_steps: int = 300) 
             continue
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
             seen["inference"] = json.loads(response.read())
-        os.kill(os.getpid(), signal.SIGTERM)
+        if sigterm:
+            os.kill(os.getpid(), signal.SIGTERM)
         return
 
 
 @pytest.mark.timeout(1200)
-def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_agent, free_port, tmp_path):
-    """Killed components are tests/test_chaos.py's; this is the user's Ctrl-C and --resume."""
-    _, demos, base = lift_setup
+def test_image_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_image_setup, tiny_image_agent, free_port,
+                                                                     tmp_path):
+    """The paper's setting (image small policy, image base policy served by the inference server), stopped by the
+    user's Ctrl-C and continued with --resume. Killed components are tests/test_chaos.py's."""
+    _, demos, base = lift_image_setup
     port = free_port()
-    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=1000, warmup=40, eval_every=10**6,
-                       eval_episodes=1, final_eval_rounds=1, publish_every=2, fuse_updates=2, num_demos=3,
-                       demos=str(demos), base_checkpoint=str(base), serve_port=port, logdir=str(tmp_path / "run"),
-                       agent=tiny_agent)
+    cfg = LaunchConfig(task="Lift", obs_mode="image", actors=2, envs_per_actor=2, env_steps=400, warmup=40,
+                       eval_every=10**6, eval_episodes=0, publish_every=2, fuse_updates=2,
+                       num_demos=2, demos=str(demos), base_checkpoint=str(base), serve_port=port,
+                       logdir=str(tmp_path / "run"), agent=tiny_image_agent)
     system = System(cfg, progress=False)
     seen: dict = {}
-    threading.Thread(target=_sigterm_after, args=(system, port, seen), daemon=True).start()
+    threading.Thread(target=_sigterm_after, args=(system, port, seen, 150), daemon=True).start()
     first = system.run()
 
     # SIGTERM stopped the run with checkpoints, no final eval
     assert first["interrupted"] and "final_eval" not in first, first
-    assert 300 <= first["env_steps"] < 1000 and first["learner_updates"] > 0
+    assert 150 <= first["env_steps"] < 400 and first["learner_updates"] > 0
     assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
     assert seen["inference"]["observations"] > 0  # actors got their chunks from the server csil-launch started
+    # what the server's spec asked for (the image base policy's training view), checked at the server
+    assert seen["inference"]["observation_shapes"] == {
+        "observation/state": [9], "observation/image": [84, 84, 3], "observation/wrist_image": [84, 84, 3]}
     run = tmp_path / "run"
     assert list((run / "checkpoints" / "learner").glob("*/record.json"))
     assert any((run / "checkpoints" / "replay").glob("*/DONE"))
@@ -59,14 +65,39 @@ def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_
     resumed = System(dataclasses.replace(cfg, resume=True), progress=False).run()
     assert resumed["replay_restored"] == first["replay_sizes"]  # the tables as checkpointed
     assert resumed["replay_restored"]["online"] > 0
-    assert resumed["env_steps"] >= 1000 and resumed["learner_updates"] > first["learner_updates"]
-    assert not resumed["interrupted"] and len(resumed["best_reevaluated"]) == 1
+    assert resumed["env_steps"] >= 400 and resumed["learner_updates"] > first["learner_updates"]
+    assert not resumed["interrupted"]
+    updates = [json.loads(line)["updates"] for line in (run / "learner.jsonl").read_text().splitlines()]
+    assert updates == sorted(updates)  # counters go on
+
+
+@pytest.mark.timeout(900)
+def test_state_small_policy_on_a_served_image_base_policy_resumes_with_its_evaluations(
+        lift_setup, lift_image_setup, tiny_agent, free_port, tmp_path):
+    """π0.5's case: the base policy's server asks for both cameras; the small policy and replay see the state.
+    Stopped by SIGTERM after the step-0 evaluation, resumed with its evaluation history and best parameters."""
+    _, state_demos, _ = lift_setup
+    _, _, image_base = lift_image_setup
+    port = free_port()
+    cfg = LaunchConfig(task="Lift", actors=1, envs_per_actor=2, env_steps=160, warmup=40, eval_every=10**6,
+                       eval_episodes=1, final_eval_rounds=1, num_demos=3, demos=str(state_demos),
+                       base_checkpoint=str(image_base), serve_port=port, logdir=str(tmp_path / "run"),
+                       agent=tiny_agent)
+    system = System(cfg, progress=False)
+    seen: dict = {}
+    threading.Thread(target=_sigterm_after, args=(system, port, seen, 80), daemon=True).start()
+    first = system.run()
+    assert first["interrupted"] and 80 <= first["env_steps"] < 160 and first["learner_updates"] > 0, first
+    assert seen["inference"]["observation_shapes"] == {
+        "observation/state": [9], "observation/image": [84, 84, 3], "observation/wrist_image": [84, 84, 3]}
+    assert system.spec.mode == "state" and not system.spec.cameras  # what replay and the learner hold
+
+    resumed = System(dataclasses.replace(cfg, resume=True), progress=False).run()
+    assert not resumed["interrupted"] and resumed["env_steps"] >= 160 and len(resumed["best_reevaluated"]) == 1
+    run = tmp_path / "run"
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
     steps = [e["env_steps"] for e in evals]
-    assert steps[0] == 0 and first["env_steps"] in steps and steps == sorted(steps)  # history kept, counters go on
-    assert steps[-1] == resumed["env_steps"]
-    updates = [json.loads(line)["updates"] for line in (run / "learner.jsonl").read_text().splitlines()]
-    assert updates == sorted(updates)
+    assert steps[0] == 0 and steps == sorted(steps) and steps[-1] == resumed["env_steps"]  # history kept
     assert (run / "learning_curve.png").exists() and (run / "checkpoints" / "best" / "record.json").exists()
 
 

@@ -11,7 +11,7 @@ from orchestration.trainer import Trainer
 def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent):
     root, demos, base = lift_setup
     cfg = TrainConfig(task="Lift", env_steps=60, warmup=30, num_envs=2, eval_every=30, eval_episodes=1,
-                      num_demos=3, demos=str(demos), base_checkpoint=str(base), logdir=str(root / "run"),
+                      final_eval_rounds=2, num_demos=3, demos=str(demos), base_checkpoint=str(base), logdir=str(root / "run"),
                       agent=tiny_agent)
     summary = Trainer(cfg, progress=False).train()
     assert summary["env_steps"] == 60
@@ -20,6 +20,10 @@ def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["phase"] == "eval"]
     assert [e["env_steps"] for e in evals] == [0, 30, 60]
+    # the paper's protocol: the best evaluation's parameters re-evaluated on fresh scenes
+    assert summary["best_env_steps"] in (0, 30, 60) and len(summary["best_reevaluated"]) == 2
+    assert summary["best_eval"] == max(e["success_rate"] for e in evals)
+    assert [r for r in records if r["phase"] == "reevaluate"][0]["best_reevaluated"] == summary["best_reevaluated"]
     train = [r for r in records if r["phase"] == "train"]
     assert train and all(np.isfinite(r["critic_loss"]) and r["reward_online"] <= 0 for r in train)
     assert (root / "run" / "learning_curve.png").stat().st_size > 1000
@@ -49,3 +53,20 @@ def test_residual_mode_bc_targets_are_what_the_small_policy_must_add_to_the_base
     np.testing.assert_allclose(executed[unclipped], raw.action[rows][unclipped], atol=1e-5)
     assert not np.allclose(residual.action, raw.action)
     assert residual.next_action.shape == raw.next_action.shape and np.all(np.abs(residual.next_action) <= 1)
+
+
+def test_image_observations_on_either_kind_of_base_policy(lift_setup, lift_image_setup, tiny_image_agent):
+    """The small policy's view and the base policy's are independent: an image small policy on a state base, and
+    a state small policy on an image base (π0.5's case), both pretrain, act and train (evaluation with images is
+    test_launch's: an untrained policy's episode runs the whole horizon, rendering)."""
+    root, image_demos, image_base = lift_image_setup
+    _, state_demos, state_base = lift_setup
+    for name, obs_mode, demos, base in (("image-on-state", "image", image_demos, state_base),
+                                        ("state-on-image", "state", state_demos, image_base)):
+        cfg = TrainConfig(task="Lift", obs_mode=obs_mode, env_steps=8, warmup=4, num_envs=2, eval_every=8,
+                          eval_episodes=0, num_demos=2, demos=str(demos),
+                          base_checkpoint=str(base), logdir=str(root / name), agent=tiny_image_agent)
+        summary = Trainer(cfg, progress=False).train()
+        assert summary["env_steps"] == 8 and summary["updates"] == 8 - 4 + 2, name
+        records = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+        assert any(r["phase"] == "train" and np.isfinite(r["critic_loss"]) for r in records), name

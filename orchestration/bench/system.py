@@ -61,14 +61,14 @@ def measure_system(cfg: LaunchConfig) -> dict:
 
 def bench_system(cfg: LaunchConfig, env_steps: int = 500) -> dict:
     """Baselines first (raw env loop, bare update), then the system; one JSON-ready record."""
-    demos = cfg.demos or str(ensure_demos(cfg.task))
-    spec = spec_from_demos(demos, read_demos(demos, num_demos=1).episodes[0].obs, "state")
-    raw = bench_env(cfg.task, env_steps, 1, "state", cfg.seed)["raw_steps_per_s"]
+    demos = cfg.demos or str(ensure_demos(cfg.task, cfg.obs_mode))
+    spec = spec_from_demos(demos, read_demos(demos, num_demos=1).episodes[0].obs, cfg.obs_mode)
+    raw = bench_env(cfg.task, env_steps, 1, cfg.obs_mode, cfg.seed)["raw_steps_per_s"]  # renders as the actors do
     bare = bare_update_rate(cfg.agent, spec)
     with tempfile.TemporaryDirectory(prefix="csil-bench-system-") as logdir:
         system = measure_system(dataclasses.replace(cfg, logdir=logdir, demos=demos))
     per_actor, learner = system["env_steps_per_s_per_actor"], system["learner_updates_per_s"]
-    return {"bench": "system", "task": cfg.task, "size": cfg.size, **system,
+    return {"bench": "system", "task": cfg.task, "obs": cfg.obs_mode, "size": cfg.size, **system,
             "raw_env_steps_per_s": raw, "bare_updates_per_s": round(bare, 2),
             "ratio": {"actor_vs_raw_env": round(per_actor / raw, 4) if per_actor else None,
                       "learner_vs_bare_update": round(learner / bare, 4) if learner else None}}
@@ -92,7 +92,8 @@ def write_scale(records: list[dict], cfg: LaunchConfig, out_dir: str, command: s
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
-    lines = [f"`{command}`", "", f"{cfg.task}, {cfg.size}-size networks, {cfg.envs_per_actor} envs per actor, "
+    lines = [f"`{command}`", "", f"{cfg.task}, {cfg.obs_mode} observations, {cfg.size}-size networks, "
+             f"{cfg.envs_per_actor} envs per actor, "
              f"{cfg.duration_s:g} s of acting per point.", "", "| " + " | ".join(columns) + " |",
              "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in records]
