@@ -66,18 +66,19 @@ class EnvActor:
                 return True
             time.sleep(0.2)
 
-    def _write(self, transition: dict) -> float | None:
-        """Insert one transition; the seconds the rate limiter held it back, or None if the run stopped meanwhile."""
+    def _write(self, transition: dict, slot: int) -> float | None:
+        """Insert one transition of env ``slot``; the seconds the rate limiter held it back, or None if the run
+        stopped meanwhile."""
         start = time.perf_counter()
         insert = self.writer.write
         while True:
             try:
-                insert(transition)
+                insert(transition, slot)
                 return time.perf_counter() - start
             except TimeoutError:  # the learner is behind (or gone): keep waiting unless the run is over
                 if self._stopped():
                     return None
-                insert = lambda _: self.writer.settle()  # noqa: E731
+                insert = lambda *_: self.writer.settle()  # noqa: E731
             except ConnectionError as e:  # the replay server died; the launcher restarts it at a new address
                 log.warning("actor %d lost the replay server (%s); reconnecting", self.actor_id, e)
                 if not self._connect_replay():
@@ -119,7 +120,7 @@ class EnvActor:
                 transitions, finished = self.runner.step(key)
             except RunStopped:
                 break
-            waits = [self._write(t) for t in transitions]
+            waits = [self._write(t, slot) for slot, t in enumerate(transitions)]
             if None in waits:
                 break
             blocked += sum(waits)

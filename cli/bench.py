@@ -14,7 +14,9 @@ from csil.specs import OBS_MODES
 from orchestration.bench.env import bench_env
 from orchestration.bench.inference import bench_inference
 from orchestration.bench.learner import bench_learner
+from orchestration.bench.replay import bench_replay
 from orchestration.bench.system import bench_system
+from replay.writer import CHUNK_LENGTH, IMAGE_CHUNK_LENGTH
 
 
 def add_system_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     learner.add_argument("--seed", type=int, default=0, help="seed for the agent and the random transitions")
     learner.add_argument("--unroll-utd", choices=("auto", "on", "off"), default="auto",
                          help="unroll the fused UTD loop (auto: for image observations) (default %(default)s)")
+    replay = sub.add_parser("replay", help="Reverb bytes per transition (server RSS growth and checkpoint chunk "
+                                           "bytes), insert and sample rates: frames stored once vs the naive "
+                                           "obs+next_obs layout, one line per chunk length")
+    replay.add_argument("--task", default="Lift", help="task whose scripted expert makes the frames (default %(default)s)")
+    replay.add_argument("--obs", choices=("state", "image"), default="image", help="observation mode")
+    replay.add_argument("--transitions", type=at_least(1), default=2000, help="transitions per layout (default %(default)s)")
+    replay.add_argument("--chunk-lengths", default=str(CHUNK_LENGTH),
+                        help="comma-separated chunk lengths of the small columns (default %(default)s)")
+    replay.add_argument("--image-chunk-lengths", default=str(IMAGE_CHUNK_LENGTH),
+                        help="comma-separated chunk lengths of the camera columns, image mode (default %(default)s)")
+    replay.add_argument("--episodes", type=at_least(1), default=4,
+                        help="expert episodes rendered, cycled to --transitions (default %(default)s)")
+    replay.add_argument("--slots", type=at_least(1), default=4, help="env slots writing round-robin (default %(default)s)")
+    replay.add_argument("--batch-size", type=at_least(1), default=256, help="items per sampled batch (default %(default)s)")
+    replay.add_argument("--batches", type=at_least(1), default=10, help="batches per sampling round (default %(default)s)")
+    replay.add_argument("--rounds", type=at_least(1), default=5,
+                        help="sampling rounds, interleaved across the layouts' servers; medians are reported")
+    replay.add_argument("--seed", type=int, default=0, help="seed of the expert episodes")
     system = sub.add_parser("system", help="the distributed system for --seconds vs its parts alone: env steps/s per "
                                            "actor vs the raw env loop, learner updates/s vs the bare update, "
                                            "measured UTD, staleness, rate-limiter blocked time")
@@ -101,6 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         emit_json(bench_learner(args.obs, args.updates, args.size, args.algo, args.batch_size, args.utd, args.rounds,
                                 args.warmup, args.items, args.seed,
                                 unroll_utd={"auto": None, "on": True, "off": False}[args.unroll_utd], fuse=args.fuse))
+    elif args.command == "replay":
+        lengths = [[int(n) for n in arg.split(",")] for arg in (args.chunk_lengths, args.image_chunk_lengths)]
+        for record in bench_replay(args.task, args.obs, args.transitions, *lengths, args.episodes, args.slots,
+                                   args.batch_size, args.batches, args.rounds, args.seed):
+            emit_json(record)
     elif args.command == "system":
         emit_json(bench_system(system_config(args, args.actors), args.raw_env_steps))
 

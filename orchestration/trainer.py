@@ -99,8 +99,8 @@ class Trainer:
             runner.set_params(learner.state.policy, learner.updates)
             self.key, act_key = jax.random.split(self.key)
             transitions, finished = runner.step(act_key)
-            for transition in transitions:
-                writer.write(transition)
+            for slot, transition in enumerate(transitions):
+                writer.write(transition, slot)
             successes.extend(float(e.success) for e in finished)
             env_steps += num_envs
             bar.update(num_envs)

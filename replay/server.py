@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+from collections.abc import Iterator
 
 import reverb
 import tensorflow as tf
@@ -162,6 +163,14 @@ def checkpoint_item_counts(path: str) -> dict[str, int]:
     except (tf.errors.OpError, ValueError) as e:
         raise RuntimeError(f"the Reverb checkpoint {path!r} is corrupt: cannot read items.tfrecord ({e})") from e
     return dict(counts)
+
+
+def checkpoint_chunks(path: str) -> Iterator[bytes]:
+    """The serialized ``ChunkData`` records of a checkpoint's chunks.tfrecord: the compressed chunks exactly as the
+    server holds them, for measuring what the tables store."""
+    records = tf.data.TFRecordDataset(os.path.join(path, "chunks.tfrecord"), compression_type="ZLIB")
+    for batch in records.batch(1024).as_numpy_iterator():
+        yield from batch
 
 
 def _flatten_proto(message, prefix: str, out: dict[str, float]) -> None:

@@ -13,15 +13,20 @@ import numpy as np
 import portpicker
 import pytest
 import tensorflow as tf
+import tree
 
-from csil.specs import ObsSpec
-from replay.server import BatchIterator, ReplayConfig, ReplayServer, TransitionWriter
+from reverb.cc import schema_pb2
+
+from csil.specs import CAMERAS, ObsSpec
+from replay.server import BatchIterator, ReplayConfig, ReplayServer, TransitionWriter, checkpoint_chunks
 from replay.signature import transition_signature
 
 STATE = ObsSpec("state", (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_gripper_qpos", 2), ("object", 14)))
 IMAGES = ObsSpec("image", STATE.state_keys, cameras=("agentview", "robot0_eye_in_hand"))
+SMALL_IMAGES = ObsSpec("image", STATE.state_keys, cameras=CAMERAS, image_size=16)
 # Generous slack: these tables take many inserts without a sampler (10 x min_size x spi samples of slack).
 LOOSE = ReplayConfig(online_size=1000, samples_per_insert=1.0, min_size=10, error_buffer_fraction=10.0)
+UNLIMITED = ReplayConfig(online_size=1000, samples_per_insert=1.0, min_size=10, error_buffer_fraction=1e4)
 
 
 def transitions(spec: ObsSpec, ids: np.ndarray) -> dict:
@@ -239,3 +244,82 @@ def test_unreachable_address_fails_fast():
     with pytest.raises(ConnectionError, match=address):
         BatchIterator(address, "online", batch_size=8, utd=1, signature_obs_spec=STATE)
     assert time.monotonic() - start < 15
+
+
+def episodes(spec: ObsSpec, lengths: dict, demos: bool = False) -> dict:
+    """Transitions of whole episodes, ``{(slot, episode): [transition, ...]}`` for ``lengths`` keyed alike.
+
+    Every observation (the terminal one included) is distinct and ``next_obs`` of step t is ``obs`` of step
+    t+1; online transitions carry their episode's id, demos all -1 as ``DemoTransitions.replay_items`` writes."""
+    out, code = {}, 0
+    for (slot, episode), length in lengths.items():
+        frames = []
+        for _ in range(length + 1):
+            code += 1
+            obs = {"state": np.full(spec.state_dim, code, np.float32)}
+            for i, key in enumerate(spec.image_keys):
+                pattern = (np.arange(spec.image_size ** 2 * 3) % 7).reshape(spec.image_size, spec.image_size, 3)
+                obs[key] = (pattern + 2 * code + i).astype(np.uint8)
+            frames.append(obs)
+        eid = np.int64(-1 if demos else 10 * slot + episode)
+        out[(slot, episode)] = [
+            {"obs": frames[t], "action": np.full(7, frames[t]["state"][0], np.float32),
+             "base_action": np.zeros(7, np.float32), "reward": np.float32(t), "discount": np.float32(t < length - 1),
+             "next_obs": frames[t + 1], "next_action": np.zeros(7, np.float32), "policy_version": np.int64(t),
+             "episode_id": eid} for t in range(length)]
+    return out
+
+
+def check_items(address: str, table: str, written: list[dict], spec: ObsSpec) -> None:
+    """Sampling many times yields every written transition and only those, field by field."""
+    by_action = {float(t["action"][0]): t for t in written}
+    batches = BatchIterator(address, table, batch_size=len(written), utd=8, signature_obs_spec=spec)
+    batch = next(batches)
+    batches.close()
+    seen = set()
+    for i in range(8 * len(written)):
+        got = tree.map_structure(lambda x: x.reshape(-1, *x.shape[2:])[i], batch)
+        want = by_action[float(got["action"][0])]
+        tree.map_structure(np.testing.assert_array_equal, got, want)
+        seen.add(float(got["action"][0]))
+    assert seen == set(by_action), "some transitions were never sampled"
+
+
+def stored_frames(checkpoint: str, spec: ObsSpec) -> int:
+    """Camera frames in a checkpoint's chunks (per camera): what the server stores."""
+    frames = 0
+    for record in checkpoint_chunks(checkpoint):
+        shape = schema_pb2.ChunkData.FromString(record).data.tensors[0].tensor_shape
+        if [d.size for d in shape.dim[1:]] == [spec.image_size, spec.image_size, 3]:
+            frames += shape.dim[0].size
+    return frames // len(spec.image_keys)
+
+
+@pytest.mark.parametrize("table", ["online", "demos"])
+def test_frames_stored_once_across_slots_episodes_and_restore(tmp_path, table):
+    """Two env slots interleaved step by step (online), or demo episodes back to back in one batch: one item per
+    transition, each frame stored once (T + 1 frames for an episode of T transitions, not 2T), next_obs of a
+    step is the obs of the next, the last transition's next_obs is the terminal obs, no item spans episodes;
+    a checkpoint restores the same items."""
+    demos = table == "demos"
+    lengths = {(0, 0): 5, (1, 0): 3, (1, 1): 4, (0, 1): 2} if not demos else {(0, 0): 5, (0, 1): 3, (0, 2): 4}
+    eps = episodes(SMALL_IMAGES, lengths, demos=demos)
+    written = [t for ep in eps.values() for t in ep]
+    ckpt = str(tmp_path / "replay")
+    with ReplayServer(UNLIMITED, SMALL_IMAGES, num_demo_transitions=len(written), checkpoint_dir=ckpt) as server:
+        with TransitionWriter(server.address, table) as writer:
+            if demos:
+                writer.write_batch(tree.map_structure(lambda *xs: np.stack(xs), *written))
+            else:  # slot 0 and slot 1 alternate; each slot runs its two episodes in turn
+                streams = [[t for (slot, _), ep in eps.items() if slot == s for t in ep] for s in (0, 1)]
+                for i in range(max(map(len, streams))):
+                    for slot, stream in enumerate(streams):
+                        if i < len(stream):
+                            writer.write(stream[i], slot=slot)
+        assert server.sizes()[table] == len(written)
+        check_items(server.address, table, written, SMALL_IMAGES)
+        path = server.checkpoint()
+    assert stored_frames(path, SMALL_IMAGES) == len(written) + len(eps)  # naive: 2 * len(written)
+    with ReplayServer(UNLIMITED, SMALL_IMAGES, num_demo_transitions=len(written), checkpoint_dir=ckpt,
+                      restore=True) as server:
+        check_items(server.address, table, written, SMALL_IMAGES)
