@@ -11,7 +11,7 @@ import sys
 
 from cli import emit_json
 from cli.flags import at_least, build, field
-from cli.train import BETA_UNITS_HELP
+from cli.train import BETA_UNITS_HELP, EVAL_VIDEOS_HELP, WANDB_HELP
 from csil.config import BETA_UNITS, METHODS, SIZES, ExperimentConfig
 from csil.tasks import UnknownTaskError, get_task
 from orchestration.experiment import run_experiment
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, E, "final_eval_rounds", type=at_least(0),
           help="each run's best parameters (and the base) re-evaluated this many times x --eval-episodes on fresh "
                "scenes at the end: the paper's protocol, the table's main number")
+    field(p, E, "eval_videos", type=at_least(0), help=EVAL_VIDEOS_HELP)
+    field(p, E, "wandb", metavar="PROJECT",
+          help=WANDB_HELP + " (one W&B run per task, method and seed, grouped by --name)")
     field(p, E, "warmup", type=at_least(1), help="online transitions before updates start")
     field(p, E, "size", choices=SIZES, help="network sizes")
     field(p, E, "num_demos", type=at_least(1),

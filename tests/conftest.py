@@ -61,3 +61,19 @@ def lift_setup(tmp_path_factory, ray_local):
     base = root / "base"
     train_base_from_file(demos, base, BaseTrainConfig(steps=100, batch_size=32, hidden=(32,)), progress=False)
     return root, demos, base
+
+
+@pytest.fixture(scope="session")
+def tensorboard_scalars():
+    """A function: the scalars of the TensorBoard event files in a directory, read back with TensorBoard's own
+    event reader, as {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorflow import make_ndarray
+
+    def read(logdir) -> dict[str, list[tuple[int, float]]]:
+        events = EventAccumulator(str(logdir), size_guidance={"tensors": 0})  # 0: keep every event
+        events.Reload()
+        return {tag: [(e.step, float(make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+                for tag in events.Tags()["tensors"] if not tag.startswith("eval/video/")}
+
+    return read

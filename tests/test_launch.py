@@ -10,10 +10,12 @@ import time
 import urllib.request
 
 import jax
+import numpy as np
 import pytest
 import ray
 
 from csil.config import LaunchConfig, ReplayConfig
+from csil.video import expected_frames, read_frames
 from orchestration.launcher import System
 
 
@@ -32,12 +34,15 @@ def _sigterm_after(system: System, port: int, seen: dict, env_steps: int = 300) 
 
 
 @pytest.mark.timeout(1200)
-def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_agent, free_port, tmp_path):
-    """Killed components are tests/test_chaos.py's; this is the user's Ctrl-C and --resume."""
+def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_agent, free_port, tmp_path,
+                                                               tensorboard_scalars):
+    """Killed components are tests/test_chaos.py's; this is the user's Ctrl-C and --resume. Both runs log to
+    TensorBoard in the run directory and film each evaluation's episode (every 25th step: rendering is slow)."""
     _, demos, base = lift_setup
     port = free_port()
     cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=1000, warmup=40, eval_every=10**6,
-                       eval_episodes=1, final_eval_rounds=1, publish_every=2, fuse_updates=2, num_demos=3,
+                       eval_episodes=1, eval_videos=1, video_stride=25, final_eval_rounds=1, publish_every=2,
+                       fuse_updates=2, num_demos=3,
                        demos=str(demos), base_checkpoint=str(base), serve_port=port, logdir=str(tmp_path / "run"),
                        agent=tiny_agent)
     system = System(cfg, progress=False)
@@ -68,6 +73,18 @@ def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_
     updates = [json.loads(line)["updates"] for line in (run / "learner.jsonl").read_text().splitlines()]
     assert updates == sorted(updates)
     assert (run / "learning_curve.png").exists() and (run / "checkpoints" / "best" / "record.json").exists()
+
+    # TensorBoard (both runs' event files, one TensorBoard run): evaluations, rates and learner losses
+    scalars = tensorboard_scalars(run)
+    assert [step for step, _ in scalars["eval/success_rate"]] == steps
+    assert any(v > 0 for _, v in scalars["system/env_steps_per_s"])
+    assert scalars["learner/critic_loss"] and all(np.isfinite(v) for _, v in scalars["learner/critic_loss"])
+    assert {"system/updates_per_s", "system/rate_limited_fraction", "actors/episodes"} <= set(scalars)
+    # an MP4 of each evaluation's episode, with every 25th step (and the last)
+    videos = sorted(run.glob("videos/eval-*.mp4"))
+    assert [int(v.name.split("-")[1]) for v in videos] == steps
+    frames = read_frames(videos[0])
+    assert len(frames) == expected_frames(int(evals[0]["mean_length"]), 25) and frames.std() > 10
 
 
 @pytest.mark.timeout(600)
