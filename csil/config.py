@@ -307,7 +307,7 @@ class TrainConfig:
     final_eval_rounds: int = 5  # the paper's protocol: the best parameters re-evaluated 5 x eval_episodes at the end
     eval_videos: int = 1  # MP4s of each evaluation's first episodes (<logdir>/videos, TensorBoard, W&B); 0: none
     video_stride: int = 1  # film every k-th env step (k = 1: real time at 20 fps); rendering costs ~40 ms a step
-    wandb: str | None = None  # W&B project to log to as well as TensorBoard (needs csil[wandb]); None: TensorBoard only
+    wandb: str | None = None  # W&B project to log to besides TensorBoard (needs csil[wandb]); None: TensorBoard only
     num_demos: int = 200
     demos: str | None = None  # None: the cached scripted demos of the task
     base_checkpoint: str | None = None  # the local base policy's csil-base dir (None: the cached default of the task)
@@ -355,7 +355,7 @@ class LaunchConfig:
     final_eval_rounds: int = 5  # the paper's protocol: the best parameters re-evaluated 5 x eval_episodes
     eval_videos: int = 1  # MP4s of each evaluation's first episodes (<logdir>/videos, TensorBoard, W&B); 0: none
     video_stride: int = 1  # film every k-th env step (k = 1: real time at 20 fps); rendering costs ~40 ms a step
-    wandb: str | None = None  # W&B project to log to as well as TensorBoard (needs csil[wandb]); None: TensorBoard only
+    wandb: str | None = None  # W&B project to log to besides TensorBoard (needs csil[wandb]); None: TensorBoard only
     publish_every: int = 10  # learner updates between weight publications
     # Learner updates per jit call (K): K env steps' worth of batches go through one ``CSILAgent.update_many``,
     # the same updates as K calls with one dispatch instead of K (GPU learners are dispatch-bound; on a CPU 1).

@@ -4,6 +4,7 @@ tests/test_launch.py."""
 
 import glob
 import json
+import time
 
 import numpy as np
 import pytest
@@ -48,15 +49,22 @@ def test_wandb_offline_gets_the_same_scalars_and_the_mp4(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run is written for a later `wandb sync`
     _evaluate(RunTracker(tmp_path, {"task": "Lift"}, wandb_project="csil-test"))
     (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    store = datastore.DataStore()
-    store.open_for_scan(run_file)
-    history = []
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
+
+    def records() -> list:
+        store = datastore.DataStore()
+        store.open_for_scan(run_file)
+        found = []
+        while (data := store.scan_data()) is not None:
+            found.append(wandb_internal_pb2.Record())
+            found[-1].ParseFromString(data)
+        return found
+
+    deadline = time.time() + 30  # W&B's service writes the file after finish() returns
+    while not any(r.WhichOneof("record_type") == "exit" for r in records()):
+        assert time.time() < deadline, "W&B wrote no complete run file in 30 s"
+        time.sleep(0.2)
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in records() if r.WhichOneof("record_type") == "history"]
     assert history[0]["env_steps"] == 10 and history[0]["system/env_steps_per_s"] == 50.0
     assert history[1]["env_steps"] == 20 and history[1]["eval/success_rate"] == 0.5
     assert history[2]["env_steps"] == 20 and history[2]["eval/video/scene7/_type"] == "video-file"
