@@ -20,6 +20,7 @@ import imageio.v3 as iio
 import tensorflow as tf
 from tensorboard.plugins.image import metadata as image_metadata
 
+FLUSH_S = 10  # a live run shows up in TensorBoard within this many seconds
 
 
 class RunTracker:
@@ -32,7 +33,7 @@ class RunTracker:
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._writer = tf.summary.create_file_writer(str(self.logdir))
+        self._writer = tf.summary.create_file_writer(str(self.logdir), flush_millis=FLUSH_S * 1000)
         self._wandb = _wandb_run(self.logdir, config, wandb_project, wandb_group,
                                  wandb_name or self.logdir.name) if wandb_project else None
 
