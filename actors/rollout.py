@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 from collections import deque
-from typing import Iterator, Protocol, Sequence
+from typing import Collection, Iterator, Protocol, Sequence
 
 import numpy as np
 import ray
@@ -24,6 +24,7 @@ from csil.envs import CsilEnv
 from csil.experts import DEFAULT_NOISE, make_expert
 from csil.ray_utils import ensure_ray
 from csil.specs import STATE_KEYS, BaseObsSpec
+from csil.video import FRAME_SIZE, encode
 from inference_server.client import PatientChunkSource, connect_base_policy
 
 
@@ -111,6 +112,7 @@ class EpisodeResult:
     length: int
     env_return: float
     trajectory: dict | None = None  # recorded steps (robomimic keys), only when recording
+    video: dict | None = None  # the cameras side by side (csil.video.encode), only for filmed episodes
 
 
 class _Recorder:
@@ -159,16 +161,23 @@ class RolloutWorker:
     def __init__(self, task: str, obs_mode: str, policy: str | dict, num_envs: int, prompt: str,
                  noise: float | None = None):
         self.policy = make_rollout_policy(policy, task, prompt, num_envs, noise=noise)
-        self.envs = [CsilEnv(task, obs_mode, base_spec=self.policy.base_spec) for _ in range(num_envs)]
+        # Fast rendering affects state-mode envs only where they are filmed (a renderer the base policy's images
+        # need keeps robosuite's looks); image observations keep their looks.
+        quality = "fast" if obs_mode == "state" else "default"
+        self.envs = [CsilEnv(task, obs_mode, render_quality=quality, base_spec=self.policy.base_spec)
+                     for _ in range(num_envs)]
 
     def reconstructed(self) -> bool:
         """Whether Ray restarted this worker (it died and its calls were retried)."""
         return ray.get_runtime_context().was_current_actor_reconstructed
 
-    def run(self, seeds: Sequence[int], record: bool = False) -> list[EpisodeResult]:
+    def run(self, seeds: Sequence[int], record: bool = False, film: Collection[int] = (),
+            video_stride: int = 1) -> list[EpisodeResult]:
+        """One episode per seed; ``record``: keep successful trajectories; ``film``: the seeds whose episodes are
+        rendered into an MP4 (every ``video_stride``-th step, see ``csil.video``)."""
         if len(seeds) > len(self.envs):
             raise ValueError(f"{len(seeds)} seeds for {len(self.envs)} envs")
-        obs, queues, returns, recorders = {}, {}, {}, {}
+        obs, queues, returns, recorders, frames = {}, {}, {}, {}, {}
         for slot, seed in enumerate(seeds):
             env = self.envs[slot]
             obs[slot] = env.reset(seed=seed)
@@ -176,6 +185,8 @@ class RolloutWorker:
             self.policy.start_episode(slot, env, seed)
             if record:
                 recorders[slot] = _Recorder(env, obs[slot])
+            if seed in film:
+                frames[slot] = [env.render_cameras(FRAME_SIZE)]
         results: dict[int, EpisodeResult] = {}
         while len(results) < len(seeds):
             active = [s for s in range(len(seeds)) if s not in results]
@@ -191,9 +202,12 @@ class RolloutWorker:
                 returns[s] += reward
                 if record:
                     recorders[s].record(state, action, reward, success or truncated, obs[s])
+                if s in frames and (env.t % video_stride == 0 or success or truncated):
+                    frames[s].append(env.render_cameras(FRAME_SIZE))
                 if success or truncated:
                     traj = recorders[s].trajectory() if record and success else None
-                    results[s] = EpisodeResult(seeds[s], bool(success), env.t, returns[s], traj)
+                    video = encode(frames.pop(s), video_stride) if s in frames else None
+                    results[s] = EpisodeResult(seeds[s], bool(success), env.t, returns[s], traj, video)
         return [results[s] for s in range(len(seeds))]
 
 
@@ -208,10 +222,12 @@ def default_workers() -> int:
 
 def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[int] | Sequence[int], *, prompt: str,
                  workers: int = 0, envs_per_worker: int = 1, record: bool = False, noise: float | None = None,
-                 stats: dict | None = None) -> Iterator[EpisodeResult]:
+                 stats: dict | None = None, film: Collection[int] = (), video_stride: int = 1
+                 ) -> Iterator[EpisodeResult]:
     """Yield episode results as Ray workers finish them; ``seeds`` may be endless (stop iterating to stop).
 
-    Each worker gets up to ``envs_per_worker`` seeds per call; two calls per worker are kept in flight so
+    The episodes of the seeds in ``film`` come with an MP4 (``EpisodeResult.video``). Each worker gets up to
+    ``envs_per_worker`` seeds per call; two calls per worker are kept in flight so
     a worker never idles while the driver collects results. A worker that dies (e.g. Ray's OOM monitor) is
     restarted by Ray and its calls re-run on the same seeds (episodes are deterministic given their seed), up to
     ``WORKER_RETRIES`` times; ``stats["worker_restarts"]`` then counts the workers that were restarted.
@@ -226,7 +242,7 @@ def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[i
     def submit(actor) -> None:
         batch = [s for _, s in zip(range(envs_per_worker), seed_iter)]
         if batch:
-            pending[actor.run.remote(batch, record)] = actor
+            pending[actor.run.remote(batch, record, [s for s in batch if s in film], video_stride)] = actor
 
     try:
         for actor in actors:

@@ -11,7 +11,7 @@ import sys
 
 from cli import emit_json
 from cli.flags import at_least, build, field
-from cli.train import BETA_UNITS_HELP, OBS_HELP
+from cli.train import BETA_UNITS_HELP, EVAL_VIDEOS_HELP, OBS_HELP, WANDB_HELP
 from csil.config import BETA_UNITS, METHODS, SIZES, ExperimentConfig
 from csil.specs import OBS_MODES
 from csil.tasks import UnknownTaskError, get_task
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
           help="each run's best parameters (and the base) re-evaluated this many times x --eval-episodes on fresh "
                "scenes at the end: the paper's protocol, the table's main number")
     field(p, E, "obs_mode", "--obs", choices=OBS_MODES, help=OBS_HELP)
+    field(p, E, "eval_videos", type=at_least(0), help=EVAL_VIDEOS_HELP)
+    field(p, E, "wandb", metavar="PROJECT",
+          help=WANDB_HELP + " (one W&B run per task, method and seed, grouped by --name)")
     field(p, E, "warmup", type=at_least(1), help="online transitions before updates start")
     field(p, E, "size", choices=SIZES, help="network sizes")
     field(p, E, "num_demos", type=at_least(1),

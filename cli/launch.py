@@ -2,9 +2,11 @@
 
 With no flags it needs nothing but the install: it generates the task's demos and trains the local base policy
 if they are not cached, starts Ray locally, the inference server (Ray Serve), the Reverb replay, the learner and
-the env actors, and runs everything on this machine. ``--address auto`` runs the same
-on an existing Ray cluster. Ends with one JSON summary line; the run directory holds config, metrics, evals,
-checkpoints and the learning curve.
+the env actors, and runs everything on this machine. ``--address auto`` runs the same on an existing Ray cluster,
+e.g. as a Ray job (``ray job submit --working-dir . -- csil-launch --address auto ...``, see deploy/README.md):
+``ray job stop`` sends SIGTERM, which stops the run with checkpoints like Ctrl-C. Ends with one JSON summary line;
+the run directory holds config, metrics, evals, checkpoints, the learning curve, TensorBoard event files and
+evaluation videos.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import time
 from pathlib import Path
 
 from cli import emit_json
 from cli.flags import at_least, base_policy_target, build, field, values
-from cli.train import ALGO_HELP, BETA_UNITS_HELP, MODE_HELP, OBS_HELP, SIZE_HELP
+from cli.train import (ALGO_HELP, BETA_UNITS_HELP, EVAL_VIDEOS_HELP, MODE_HELP, OBS_HELP, SIZE_HELP,
+                       VIDEO_STRIDE_HELP, WANDB_HELP)
 from csil.acting import ACTION_MODES
 from csil.config import ALGORITHMS, BETA_UNITS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
 from csil.specs import OBS_MODES
@@ -41,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, L, "eval_every", type=at_least(1), help="env steps between evaluations")
     field(p, L, "eval_episodes", type=at_least(0), help="episodes per evaluation; 0 turns evaluation off")
     field(p, L, "final_eval_rounds", type=at_least(0), help="re-evaluations of the best parameters at the end, on fresh scenes")
+    field(p, L, "eval_videos", type=at_least(0), help=EVAL_VIDEOS_HELP)
+    field(p, L, "video_stride", type=at_least(1), help=VIDEO_STRIDE_HELP)
+    field(p, L, "wandb", metavar="PROJECT", help=WANDB_HELP)
     field(p, L, "publish_every", type=at_least(1), help="learner updates between weight publications")
     field(p, L, "fuse_updates", type=at_least(1),
           help="learner updates per jit call: K env steps' worth of batches in one dispatch (same updates; GPU "
@@ -101,8 +109,23 @@ def resumed_config(args: argparse.Namespace) -> LaunchConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+# `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default 3): too soon for the
+# checkpoints a stop writes (the actors finish their steps, then learner and replay save).
+JOB_STOP_WAIT_S = 120
+
+
+def warn_about_ray_job_stop() -> None:
+    """Under Ray Jobs, say how to give ``ray job stop`` time to leave a checkpoint if the job was not given it."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and int(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", 3)) < 30:
+        logging.getLogger("csil-launch").warning(
+            "running as a Ray job whose stop grace period is %s s: `ray job stop` would kill this driver before it "
+            "checkpoints. Submit with --runtime-env-json '{\"env_vars\": {\"RAY_JOB_STOP_WAIT_TIME_S\": \"%d\"}}'",
+            os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", 3), JOB_STOP_WAIT_S)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    warn_about_ray_job_stop()
     resume = values(args, LaunchConfig)["resume"]
     summary = System(resumed_config(args) if resume else config_from_args(args)).run()
     emit_json(summary)

@@ -21,6 +21,11 @@ MODE_HELP = "ensemble: a = (a_base + a_pi)/2; residual: a = a_base + a_pi"
 OBS_HELP = ("what the small policy and critic see: state (robomimic's low-dim vector) or image (agentview + wrist "
             "cameras 84x84 + proprioception, the paper's setting; demos rendered on first use). The base policy gets "
             "what its server's metadata asks for, whatever this is")
+EVAL_VIDEOS_HELP = ("MP4s of the first N episodes of each evaluation: <logdir>/videos/, TensorBoard (as GIFs) and W&B; "
+                    "0: none")
+VIDEO_STRIDE_HELP = "film every k-th env step (1: real time at 20 fps; rendering costs ~40 ms a step on a CPU core)"
+WANDB_HELP = ("also log to this Weights & Biases project (pip install -e '.[wandb]'; WANDB_MODE=offline works without "
+              "network); TensorBoard event files go to the run directory either way")
 BETA_UNITS_HELP = ("nats: beta per nat of KL (results/table1); reward: beta times the coherent reward's (1-gamma)/d_a "
                    "per nat, so 1 weighs KL and reward log-ratio equally (see AgentConfig.beta_units)")
 
@@ -40,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, TrainConfig, "final_eval_rounds", type=at_least(0),
           help="at the end, the best evaluated parameters re-evaluated this many times on fresh scenes (the paper's "
                "protocol: 5)")
+    field(p, TrainConfig, "eval_videos", type=at_least(0), help=EVAL_VIDEOS_HELP)
+    field(p, TrainConfig, "video_stride", type=at_least(1), help=VIDEO_STRIDE_HELP)
+    field(p, TrainConfig, "wandb", metavar="PROJECT", help=WANDB_HELP)
     field(p, TrainConfig, "num_demos", type=at_least(1), help="demos for BC, reward and the demo table")
     field(p, TrainConfig, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
     field(p, TrainConfig, "base_checkpoint", "--base-checkpoint", "--base-policy",

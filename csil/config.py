@@ -305,6 +305,9 @@ class TrainConfig:
     eval_every: int = 10_000
     eval_episodes: int = 20
     final_eval_rounds: int = 5  # the paper's protocol: the best parameters re-evaluated 5 x eval_episodes at the end
+    eval_videos: int = 1  # MP4s of each evaluation's first episodes (<logdir>/videos, TensorBoard, W&B); 0: none
+    video_stride: int = 1  # film every k-th env step (k = 1: real time at 20 fps); rendering costs ~40 ms a step
+    wandb: str | None = None  # W&B project to log to besides TensorBoard (needs csil[wandb]); None: TensorBoard only
     num_demos: int = 200
     demos: str | None = None  # None: the cached scripted demos of the task
     base_checkpoint: str | None = None  # the local base policy's csil-base dir (None: the cached default of the task)
@@ -350,6 +353,9 @@ class LaunchConfig:
     eval_every: int = 50_000
     eval_episodes: int = 50  # 0: no evaluation at all (benchmarks, scale-out)
     final_eval_rounds: int = 5  # the paper's protocol: the best parameters re-evaluated 5 x eval_episodes
+    eval_videos: int = 1  # MP4s of each evaluation's first episodes (<logdir>/videos, TensorBoard, W&B); 0: none
+    video_stride: int = 1  # film every k-th env step (k = 1: real time at 20 fps); rendering costs ~40 ms a step
+    wandb: str | None = None  # W&B project to log to besides TensorBoard (needs csil[wandb]); None: TensorBoard only
     publish_every: int = 10  # learner updates between weight publications
     # Learner updates per jit call (K): K env steps' worth of batches go through one ``CSILAgent.update_many``,
     # the same updates as K calls with one dispatch instead of K (GPU learners are dispatch-bound; on a CPU 1).
@@ -404,6 +410,10 @@ class ExperimentConfig:
     actor_warmup: int = AgentConfig.actor_warmup_steps  # AgentConfig.actor_warmup_steps of every trained method
     beta: float = AgentConfig.beta  # AgentConfig.beta of every KL-regularised method
     beta_units: str = AgentConfig.beta_units  # AgentConfig.beta_units (XQC+OD has no KL term and ignores both)
+    # Videos of every evaluation of every run: off by default, a CPU grid would spend most of its evaluation time
+    # rendering (TrainConfig.eval_videos).
+    eval_videos: int = 0
+    wandb: str | None = None  # W&B project: one W&B run per (task, method, seed), grouped by the experiment's name
     runs_dir: str | None = None  # where runs live (None: <cache>/experiments/<name>); finished runs are reused
     out_dir: str = "results"  # results/<name>/table.md, curves.png, runs.csv
 

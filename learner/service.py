@@ -200,14 +200,15 @@ class LearnerService:
     # --- answered while run() loops -------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Counters, timings (``wait_s``: waiting for samples, i.e. for actors/rate limiter) and the last metrics."""
+        """Counters, timings (``wait_s``: waiting for samples, i.e. for actors/rate limiter) and the last metrics
+        (``metrics``: the loss/Q/reward dict of the newest 100-update mark)."""
         now, updates = time.perf_counter(), self.updates
         then, before = self.recent_rate
         if now - then >= 1.0:
             self.updates_per_s, self.recent_rate = (updates - before) / (now - then), (now, updates)
         return {"updates": updates, "updates_per_s": self.updates_per_s, "update_time_s": self.update_time_s,
                 "pretrain": dict(self.pretrain_progress),
-                "run_s": self.run_s, "wait_s": self.wait_s, **self.metrics}
+                "run_s": self.run_s, "wait_s": self.wait_s, "metrics": dict(self.metrics)}
 
     def params(self) -> tuple[int, dict]:
         with self.lock:

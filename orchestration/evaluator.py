@@ -28,9 +28,11 @@ from actors.rollout import run_episodes
 from csil import seeds
 from learner.checkpoint import restore_checkpoint, save_checkpoint
 from orchestration.plotting import plt
+from orchestration.tracking import RunTracker
 
-# (params or None for the base alone, first scene, episodes) -> {"success_rate", "mean_length"}
-EvaluateFn = Callable[[object, int, int], dict]
+# (params or None for the base alone, first scene, episodes, videos) -> {"success_rate", "mean_length",
+# "mean_return", "videos": [{"scene", "success", "length", "mp4", "gif"}] of the first ``videos`` scenes}
+EvaluateFn = Callable[[object, int, int, int], dict]
 
 
 def crossed(value: int, previous: int, every: int) -> bool:
@@ -39,26 +41,35 @@ def crossed(value: int, previous: int, every: int) -> bool:
 
 
 def evaluate_policy(task, obs_mode: str, base: str, params, network, action_mode: str, episodes: int,
-                    first_scene: int) -> dict:
-    """Success rate and mean length over ``episodes`` seeded episodes; ``params=None`` evaluates the base alone.
-    ``worker_restarts``: rollout workers that died and were retried on the same scenes."""
+                    first_scene: int, videos: int = 0, video_stride: int = 1) -> dict:
+    """Success rate, mean length and return over ``episodes`` seeded episodes; ``params=None`` evaluates the base
+    alone. ``worker_restarts``: rollout workers that died and were retried on the same scenes. ``videos``: MP4s of
+    the first that many episodes (every ``video_stride``-th step), rendered only for those."""
     if params is None:
         policy = f"base:{base}"
     else:
         policy = {"base": base, "params": params, "network": network, "action_mode": action_mode}
     stats: dict = {}
     results = list(run_episodes(task.name, obs_mode, policy, range(first_scene, first_scene + episodes),
-                                prompt=task.prompt, envs_per_worker=max(1, episodes // 2), stats=stats))
+                                prompt=task.prompt, envs_per_worker=max(1, episodes // 2), stats=stats,
+                                film=range(first_scene, first_scene + videos), video_stride=video_stride))
     return {"success_rate": float(np.mean([r.success for r in results])),
-            "mean_length": float(np.mean([r.length for r in results])), "worker_restarts": stats["worker_restarts"]}
+            "mean_length": float(np.mean([r.length for r in results])),
+            "mean_return": float(np.mean([r.env_return for r in results])), "worker_restarts": stats["worker_restarts"],
+            "videos": [{"scene": r.seed, "success": r.success, "length": r.length, **r.video}
+                       for r in sorted(results, key=lambda r: r.seed) if r.video is not None]}
 
 
 class Evaluator:
     """A run's evaluations. ``evaluate_fn`` does the episodes (``evaluate_policy`` bound to the run's task and
-    base policy); ``logdir`` gets ``evals.jsonl`` and ``checkpoints/best`` (None: nothing is written)."""
+    base policy); ``logdir`` gets ``evals.jsonl`` and ``checkpoints/best`` (None: nothing is written). Each
+    periodic evaluation films its first ``videos`` episodes; ``tracker`` (a ``RunTracker``) gets every
+    evaluation's numbers and videos."""
 
-    def __init__(self, evaluate_fn: EvaluateFn, episodes: int, seed: int, logdir: Path | None = None):
+    def __init__(self, evaluate_fn: EvaluateFn, episodes: int, seed: int, logdir: Path | None = None,
+                 videos: int = 0, tracker: RunTracker | None = None):
         self.evaluate_fn, self.episodes, self.seed, self.logdir = evaluate_fn, episodes, seed, logdir
+        self.videos, self.tracker = min(videos, episodes), tracker
         self._lock = threading.Lock()
         self._history: list[dict] = []
         self._best: tuple[dict, object] | None = None
@@ -85,8 +96,11 @@ class Evaluator:
 
     def evaluate(self, env_steps: int, version: int, params) -> dict:
         """Evaluate one snapshot now (round-0 scenes); record it, and keep it if it is the best so far."""
-        result = self.evaluate_fn(params, seeds.eval_scene(self.seed), self.episodes)
+        result = self.evaluate_fn(params, seeds.eval_scene(self.seed), self.episodes, self.videos)
+        videos = result.pop("videos", [])
         record = {"env_steps": env_steps, "updates": version, **result}
+        if self.tracker is not None:
+            self.tracker.evaluation(record, videos)
         with self._lock:
             self._history.append(record)
             improved = self._best is None or result["success_rate"] > self._best[0]["success_rate"]
@@ -114,8 +128,10 @@ class Evaluator:
         """The paper's protocol: the best parameters re-evaluated ``rounds`` times on fresh scenes."""
         self.collect(wait=True)
         record, params = self.best
-        scores = [self.evaluate_fn(params, seeds.eval_scene(self.seed, r), self.episodes)["success_rate"]
+        scores = [self.evaluate_fn(params, seeds.eval_scene(self.seed, r), self.episodes, 0)["success_rate"]
                   for r in range(1, rounds + 1)]
+        if self.tracker is not None and scores:
+            self.tracker.scalars(self.history[-1]["env_steps"], {"eval/best_reevaluated": float(np.mean(scores))})
         return {"final_eval": self.history[-1]["success_rate"], "best_eval": record["success_rate"],
                 "best_env_steps": record["env_steps"], "best_reevaluated": scores}
 

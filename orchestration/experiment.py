@@ -7,10 +7,12 @@ and so is the base policy for seed ``k``: the comparison with the base is paired
 
 A run is done when its ``summary.json`` exists; done runs are never redone, so the experiment can be spread
 over several sessions (an interrupted run starts again from its beginning: the trainer has no checkpoints).
-Outputs in ``<out_dir>/<name>/``: ``table.md`` (the exact command on top, the budget vs the paper's 500k steps,
-median [25th, 75th] over seeds of the best parameters re-evaluated on fresh scenes (the paper's protocol) and
-of the final success, the gain over the paired base, and the no-initial-drop check), ``curves.png`` (median
-success vs env steps per method, base level dashed) and ``runs.csv`` (every evaluation of every run).
+Each run directory is one TensorBoard run (``tensorboard --logdir <runs_dir>`` compares the grid) and, with
+``--wandb``, one W&B run grouped by the experiment's name. Outputs in ``<out_dir>/<name>/``: ``table.md`` (the
+exact command on top, the budget vs the paper's 500k steps, median [25th, 75th] over seeds of the best parameters
+re-evaluated on fresh scenes (the paper's protocol) and of the final success, the gain over the paired base, and
+the no-initial-drop check), ``curves.png`` (median success vs env steps per method, base level dashed) and
+``runs.csv`` (every evaluation of every run).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from csil.tasks import get_task
 from orchestration.evaluator import evaluate_policy
 from orchestration.plotting import plt
 from orchestration.pipeline import ensure_base_policy
+from orchestration.tracking import RunTracker
 from orchestration.trainer import Trainer
 
 DROP_TOLERANCE = 0.05  # "no initial drop": every evaluation >= base - 5 pp
@@ -74,10 +77,17 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
         return result
     run_dir = runs_root(cfg) / task / method / f"seed{seed}"
     algo, action_mode = METHODS[method]
+    wandb_name = f"{task}/{method}/seed{seed}"  # as TensorBoard names it (the run directory under runs_dir)
     if algo is None:
-        rounds = [_evaluate_base(task, cfg.eval_episodes, seed, r) for r in range(cfg.final_eval_rounds + 1)]
+        rounds = [_evaluate_base(task, cfg.eval_episodes, seed, r, cfg.eval_videos if r == 0 else 0)
+                  for r in range(cfg.final_eval_rounds + 1)]
+        videos = rounds[0].pop("videos")
         evals = [{"env_steps": 0, **rounds[0]}]
         summary = {"best_reevaluated": [r["success_rate"] for r in rounds[1:]]}
+        tracker = RunTracker(run_dir, {"task": task, "method": method, "seed": seed, **run_budget(cfg)}, cfg.wandb,
+                             cfg.name, wandb_name)
+        tracker.evaluation(evals[0], videos)
+        tracker.close()
     else:
         agent = agent_config(algo, cfg.size, bc_steps=cfg.bc_steps, critic_pretrain_steps=cfg.critic_steps,
                              actor_warmup_steps=cfg.actor_warmup, beta=cfg.beta, beta_units=cfg.beta_units)
@@ -85,8 +95,9 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
                                       obs_mode=cfg.obs_mode,
                                       env_steps=cfg.env_steps, warmup=cfg.warmup, eval_every=cfg.eval_every,
                                       eval_episodes=cfg.eval_episodes, final_eval_rounds=cfg.final_eval_rounds,
-                                      num_demos=cfg.demos_of(task), seed=seed,
-                                      logdir=str(run_dir), agent=agent), progress=progress)
+                                      num_demos=cfg.demos_of(task), seed=seed, eval_videos=cfg.eval_videos,
+                                      wandb=cfg.wandb, logdir=str(run_dir), agent=agent),
+                          progress=progress, wandb_group=cfg.name, wandb_name=wandb_name)
         summary = trainer.train()
         evals = trainer.evals
     result = {"task": task, "method": method, "seed": seed, "budget": run_budget(cfg), "summary": summary,
@@ -97,11 +108,11 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
     return result
 
 
-def _evaluate_base(task_name: str, episodes: int, seed: int, round: int) -> dict:
+def _evaluate_base(task_name: str, episodes: int, seed: int, round: int, videos: int = 0) -> dict:
     """The base policy alone on the scenes a trained run of ``seed`` is evaluated on in ``round``."""
     task = get_task(task_name)
     return evaluate_policy(task, "state", str(ensure_base_policy(task.name)), None, None, "ensemble", episodes,
-                           seeds.eval_scene(seed, round))
+                           seeds.eval_scene(seed, round), videos)
 
 
 def run_experiment(cfg: ExperimentConfig, command: str, progress: bool = True, report_only: bool = False) -> dict:

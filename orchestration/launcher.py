@@ -66,6 +66,7 @@ from orchestration.coordinator import Coordinator
 from orchestration.evaluator import Evaluator, crossed, evaluate_policy, write_eval_results
 from orchestration.faults import ComponentFailed, ReplicaWatch, RestartBudget
 from orchestration.pipeline import ensure_base_policy, ensure_demos
+from orchestration.tracking import RunTracker
 from replay.service import ReplayService
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,10 @@ class System:
         self.num_demo_transitions = sum(len(ep.actions) for ep in data.episodes)
         self.network = SmallPolicy(cfg.agent.policy, self.spec.cameras, cfg.agent.encoder)  # actors, evaluator
         ensure_ray(cfg.address)
+        self.tracker = RunTracker(self.logdir, dataclasses.asdict(cfg), cfg.wandb)
         # Evaluation asks the same base-policy server as the actors: it measures what they run.
         self.evaluator = Evaluator(functools.partial(self._evaluate, cfg.base_policy), cfg.eval_episodes, cfg.seed,
-                                   self.logdir)
+                                   self.logdir, cfg.eval_videos, self.tracker)
         self.stop_requested = False
         self.actors: list = []
         self.runs: dict[int, ray.ObjectRef] = {}
@@ -112,9 +114,9 @@ class System:
         self.faults: list[dict] = []  # what happened, for the summary
         self.learner_updates = 0
 
-    def _evaluate(self, base: str, params, first_scene: int, episodes: int) -> dict:
+    def _evaluate(self, base: str, params, first_scene: int, episodes: int, videos: int) -> dict:
         result = evaluate_policy(self.task, self.cfg.obs_mode, base, params, self.network, self.cfg.action_mode,
-                                 episodes, first_scene)
+                                 episodes, first_scene, videos, self.cfg.video_stride)
         for _ in range(result["worker_restarts"]):  # on the evaluator's thread; the coordinator serialises
             self._record("evaluation", "a rollout worker died; Ray restarted it and re-ran its scenes", "nothing")
         return result
@@ -323,7 +325,8 @@ class System:
         bar = tqdm(total=cfg.env_steps, initial=self.env_steps_offset, desc="csil-launch", unit="step",
                    disable=not self.progress, mininterval=1.0)
         last_steps = env_steps = self.env_steps_offset
-        last_ckpt = time.time()
+        last_ckpt = last_time = time.time()
+        blocked_s, learner_metrics = 0.0, {}
         with (self.logdir / "progress.jsonl").open("a") as progress:
             while not self.stop_requested:
                 time.sleep(1.0)
@@ -333,9 +336,22 @@ class System:
                 self.evaluator.collect()
                 learner = ray.get(self.learner.stats.remote())
                 self.learner_updates = learner["updates"]
+                now, blocked = time.time(), sum(a["blocked_s"] for a in stats["actors"].values())
+                self.tracker.scalars(env_steps, {
+                    "system/env_steps_per_s": (env_steps - last_steps) / (now - last_time),
+                    "system/updates_per_s": learner["updates_per_s"],
+                    "system/rate_limited_fraction": (blocked - blocked_s) / ((now - last_time) * cfg.actors),
+                    "system/weight_staleness": stats["staleness"],
+                    "system/restarts": sum(stats["component_restarts"].values()),
+                    "actors/train_success": stats["train_success"], "actors/episode_return": stats["train_return"],
+                    "actors/episodes": stats["episodes"], "learner/updates": learner["updates"]})
+                if learner["metrics"] != learner_metrics:  # a new 100-update mark
+                    learner_metrics = learner["metrics"]
+                    self.tracker.scalars(env_steps, {f"learner/{k}": v for k, v in learner_metrics.items()})
+                last_time, blocked_s = now, blocked
                 progress.write(json.dumps({"time": round(time.time(), 3), "env_steps": env_steps,
                                            "updates": learner["updates"], "updates_per_s": learner["updates_per_s"],
-                                           "blocked_s": sum(a["blocked_s"] for a in stats["actors"].values()),
+                                           "blocked_s": blocked,
                                            "staleness": stats["staleness"]}) + "\n")
                 progress.flush()
                 bar.update(env_steps - last_steps)
@@ -394,6 +410,7 @@ class System:
     def _teardown(self) -> None:
         """Release everything this run started on the cluster (the next run in this Ray starts clean)."""
         self.evaluator.close()
+        self.tracker.close()
         if self.replicas is not None:
             self.replicas.stop.set()
         for handle in [*self.actors, *(getattr(self, n, None) for n in ("learner", "replay", "coordinator"))]:

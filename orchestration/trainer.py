@@ -30,13 +30,15 @@ from learner.core import LearnerCore, finite_metrics
 from learner.pretrain import DemoTransitions
 from orchestration.evaluator import Evaluator, crossed, evaluate_policy, write_eval_results
 from orchestration.pipeline import ensure_base_policy, ensure_demos
+from orchestration.tracking import RunTracker
 from replay.dataset import BatchIterator
 from replay.server import ReplayConfig, ReplayServer
 from replay.writer import TransitionWriter
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, progress: bool = True, wandb_group: str | None = None,
+                 wandb_name: str | None = None):
         self.cfg, self.progress = cfg, progress
         self.task = get_task(cfg.task)
         self.logdir = Path(cfg.logdir)
@@ -52,8 +54,9 @@ class Trainer:
         if cfg.action_mode == "residual":
             demos = demos.as_residuals(self.base_policy, self.task.prompt)
         self.learner = LearnerCore(cfg.agent, self.spec, demos, cfg.seed)
+        self.tracker = RunTracker(self.logdir, dataclasses.asdict(cfg), cfg.wandb, wandb_group, wandb_name)
         self.evaluator = Evaluator(functools.partial(self._evaluate, self.learner.agent.policy_net),
-                                   cfg.eval_episodes, cfg.seed)
+                                   cfg.eval_episodes, cfg.seed, videos=cfg.eval_videos, tracker=self.tracker)
         self.key = jax.random.PRNGKey(cfg.seed)  # acting
         self.metrics_file = (self.logdir / "metrics.jsonl").open("w")  # no resume: a rerun starts afresh
 
@@ -61,9 +64,9 @@ class Trainer:
     def evals(self) -> list[dict]:
         return self.evaluator.history
 
-    def _evaluate(self, network, params, first_scene: int, episodes: int) -> dict:
+    def _evaluate(self, network, params, first_scene: int, episodes: int, videos: int) -> dict:
         return evaluate_policy(self.task, self.cfg.obs_mode, self.base_dir, params, network, self.cfg.action_mode,
-                               episodes, first_scene)
+                               episodes, first_scene, videos, self.cfg.video_stride)
 
     def log(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
@@ -93,7 +96,8 @@ class Trainer:
                            env_seed=cfg.seed)
         num_envs = len(runner.envs)
         self.evaluate(0)
-        env_steps, successes = 0, deque(maxlen=20)
+        env_steps, successes, returns = 0, deque(maxlen=20), deque(maxlen=20)
+        last_track = (time.time(), 0, learner.updates)  # (time, env steps, updates) of the last tracked record
         bar = tqdm(total=cfg.env_steps, desc="training", unit="step", disable=not self.progress, mininterval=1.0)
         while env_steps < cfg.env_steps:
             runner.set_params(learner.state.policy, learner.updates)
@@ -102,6 +106,7 @@ class Trainer:
             for slot, transition in enumerate(transitions):
                 writer.write(transition, slot)
             successes.extend(float(e.success) for e in finished)
+            returns.extend(e.ret for e in finished)
             env_steps += num_envs
             bar.update(num_envs)
             if env_steps >= cfg.warmup:
@@ -116,6 +121,14 @@ class Trainer:
                 if learner.updates == num_envs or crossed(learner.updates, learner.updates - num_envs, 100):
                     record = finite_metrics(metrics, learner.updates)
                     self.log({"phase": "train", "env_steps": env_steps, "updates": learner.updates, **record})
+                    now, (then, steps_then, updates_then) = time.time(), last_track
+                    self.tracker.scalars(env_steps, {
+                        **{f"learner/{k}": v for k, v in record.items()}, "learner/updates": learner.updates,
+                        "system/env_steps_per_s": (env_steps - steps_then) / (now - then),
+                        "system/updates_per_s": (learner.updates - updates_then) / (now - then),
+                        "actors/train_success": np.mean(successes) if successes else None,
+                        "actors/episode_return": np.mean(returns) if returns else None})
+                    last_track = (now, env_steps, learner.updates)
             if crossed(env_steps, env_steps - num_envs, cfg.eval_every) and (last := self.evaluate(env_steps)):
                 recent = f"{np.mean(successes):.0%}" if successes else "n/a"
                 bar.set_postfix(eval=f"{last['success_rate']:.0%}", train_success=recent, updates=learner.updates)
@@ -130,4 +143,5 @@ class Trainer:
             self.log({"phase": "reevaluate", **summary})
             write_eval_results(self.logdir, self.evals, f"{cfg.algo} ({cfg.action_mode})", self.task.name)
         self.evaluator.close()
+        self.tracker.close()
         return {**summary, "wall_s": round(time.time() - start, 1), "logdir": str(self.logdir)}

@@ -88,3 +88,19 @@ def tiny_image_agent(tiny_agent) -> AgentConfig:
 
     return dataclasses.replace(tiny_agent, encoder=EncoderConfig(channels=(8, 16), out_dim=16),
                                bc_steps=20, critic_pretrain_steps=10, utd=1)
+
+
+@pytest.fixture(scope="session")
+def tensorboard_scalars():
+    """A function: the scalars of the TensorBoard event files in a directory, read back with TensorBoard's own
+    event reader, as {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorflow import make_ndarray
+
+    def read(logdir) -> dict[str, list[tuple[int, float]]]:
+        events = EventAccumulator(str(logdir), size_guidance={"tensors": 0})  # 0: keep every event
+        events.Reload()
+        return {tag: [(e.step, float(make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+                for tag in events.Tags()["tensors"] if not tag.startswith("eval/video/")}
+
+    return read

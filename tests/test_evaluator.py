@@ -17,7 +17,7 @@ SCORES = {0: 0.5, 1: 0.8, 2: 0.6, 3: 0.8}  # params version -> success rate
 
 
 def scored(calls: list, delay_s: float = 0.0):
-    def evaluate(params, first_scene: int, episodes: int) -> dict:
+    def evaluate(params, first_scene: int, episodes: int, videos: int) -> dict:
         time.sleep(delay_s)
         calls.append((int(params["v"]), first_scene, episodes))
         return {"success_rate": SCORES[int(params["v"])], "mean_length": 100.0}
@@ -83,7 +83,7 @@ def test_background_evaluations_run_in_order_while_readers_poll():
 
 
 def test_a_failed_background_evaluation_is_raised_by_collect():
-    def broken(params, first_scene, episodes):
+    def broken(params, first_scene, episodes, videos):
         raise RuntimeError("rollout worker died")
 
     ev = Evaluator(broken, episodes=1, seed=0)

@@ -10,10 +10,12 @@ import time
 import urllib.request
 
 import jax
+import numpy as np
 import pytest
 import ray
 
 from csil.config import LaunchConfig, ReplayConfig
+from csil.video import expected_frames, read_frames
 from orchestration.launcher import System
 
 
@@ -33,6 +35,60 @@ def _sigterm_after(system: System, port: int, seen: dict, env_steps: int = 300, 
 
 
 @pytest.mark.timeout(1200)
+def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_agent, free_port, tmp_path,
+                                                               tensorboard_scalars):
+    """Killed components are tests/test_chaos.py's; this is the user's Ctrl-C and --resume. Both runs log to
+    TensorBoard in the run directory and film each evaluation's episode (every 25th step: rendering is slow)."""
+    _, demos, base = lift_setup
+    port = free_port()
+    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=1000, warmup=40, eval_every=10**6,
+                       eval_episodes=1, eval_videos=1, video_stride=25, final_eval_rounds=1, publish_every=2,
+                       fuse_updates=2, num_demos=3,
+                       demos=str(demos), base_checkpoint=str(base), serve_port=port, logdir=str(tmp_path / "run"),
+                       agent=tiny_agent)
+    system = System(cfg, progress=False)
+    seen: dict = {}
+    threading.Thread(target=_sigterm_after, args=(system, port, seen), daemon=True).start()
+    first = system.run()
+
+    # SIGTERM stopped the run with checkpoints, no final eval
+    assert first["interrupted"] and "final_eval" not in first, first
+    assert 300 <= first["env_steps"] < 1000 and first["learner_updates"] > 0
+    assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
+    assert seen["inference"]["observations"] > 0  # actors got their chunks from the server csil-launch started
+    run = tmp_path / "run"
+    assert list((run / "checkpoints" / "learner").glob("*/record.json"))
+    assert any((run / "checkpoints" / "replay").glob("*/DONE"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        System(cfg, progress=False)
+
+    resumed = System(dataclasses.replace(cfg, resume=True), progress=False).run()
+    assert resumed["replay_restored"] == first["replay_sizes"]  # the tables as checkpointed
+    assert resumed["replay_restored"]["online"] > 0
+    assert resumed["env_steps"] >= 1000 and resumed["learner_updates"] > first["learner_updates"]
+    assert not resumed["interrupted"] and len(resumed["best_reevaluated"]) == 1
+    evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    steps = [e["env_steps"] for e in evals]
+    assert steps[0] == 0 and first["env_steps"] in steps and steps == sorted(steps)  # history kept, counters go on
+    assert steps[-1] == resumed["env_steps"]
+    updates = [json.loads(line)["updates"] for line in (run / "learner.jsonl").read_text().splitlines()]
+    assert updates == sorted(updates)
+    assert (run / "learning_curve.png").exists() and (run / "checkpoints" / "best" / "record.json").exists()
+
+    # TensorBoard (both runs' event files, one TensorBoard run): evaluations, rates and learner losses
+    scalars = tensorboard_scalars(run)
+    assert [step for step, _ in scalars["eval/success_rate"]] == steps
+    assert any(v > 0 for _, v in scalars["system/env_steps_per_s"])
+    assert scalars["learner/critic_loss"] and all(np.isfinite(v) for _, v in scalars["learner/critic_loss"])
+    assert {"system/updates_per_s", "system/rate_limited_fraction", "actors/episodes"} <= set(scalars)
+    # an MP4 of each evaluation's episode, with every 25th step (and the last)
+    videos = sorted(run.glob("videos/eval-*.mp4"))
+    assert [int(v.name.split("-")[1]) for v in videos] == steps
+    frames = read_frames(videos[0])
+    assert len(frames) == expected_frames(int(evals[0]["mean_length"]), 25) and frames.std() > 10
+
+
+@pytest.mark.timeout(1200)
 def test_image_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_image_setup, tiny_image_agent, free_port,
                                                                      tmp_path):
     """The paper's setting (image small policy, image base policy served by the inference server), stopped by the
@@ -40,8 +96,8 @@ def test_image_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_image_
     _, demos, base = lift_image_setup
     port = free_port()
     cfg = LaunchConfig(task="Lift", obs_mode="image", actors=2, envs_per_actor=2, env_steps=200, warmup=40,
-                       eval_every=10**6, eval_episodes=0, publish_every=2,
-                       num_demos=2, demos=str(demos), base_checkpoint=str(base), serve_port=port,
+                       eval_every=10**6, eval_episodes=0, eval_videos=0, publish_every=2, num_demos=2,
+                       demos=str(demos), base_checkpoint=str(base), serve_port=port,
                        logdir=str(tmp_path / "run"), agent=tiny_image_agent)
     system = System(cfg, progress=False)
     seen: dict = {}
@@ -72,33 +128,26 @@ def test_image_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_image_
 
 
 @pytest.mark.timeout(900)
-def test_state_small_policy_on_a_served_image_base_policy_resumes_with_its_evaluations(
-        lift_setup, lift_image_setup, tiny_agent, free_port, tmp_path):
-    """π0.5's case: the base policy's server asks for both cameras; the small policy and replay see the state.
-    Stopped by SIGTERM after the step-0 evaluation, resumed with its evaluation history and best parameters."""
+def test_state_small_policy_on_a_served_image_base_policy(lift_setup, lift_image_setup, tiny_agent, free_port,
+                                                          tmp_path):
+    """π0.5's case: the base policy's server asks for both cameras; the small policy and replay see the state; the
+    evaluator's envs render for the base too."""
     _, state_demos, _ = lift_setup
     _, _, image_base = lift_image_setup
     port = free_port()
-    cfg = LaunchConfig(task="Lift", actors=1, envs_per_actor=2, env_steps=160, warmup=40, eval_every=10**6,
-                       eval_episodes=1, final_eval_rounds=1, fuse_updates=2, num_demos=3, demos=str(state_demos),
-                       base_checkpoint=str(image_base), serve_port=port, logdir=str(tmp_path / "run"),
-                       agent=tiny_agent)
+    cfg = LaunchConfig(task="Lift", actors=1, envs_per_actor=2, env_steps=120, warmup=40, eval_every=10**6,
+                       eval_episodes=1, eval_videos=0, final_eval_rounds=1, fuse_updates=2, num_demos=3,
+                       demos=str(state_demos), base_checkpoint=str(image_base), serve_port=port,
+                       logdir=str(tmp_path / "run"), agent=tiny_agent)
     system = System(cfg, progress=False)
     seen: dict = {}
-    threading.Thread(target=_sigterm_after, args=(system, port, seen, 80), daemon=True).start()
-    first = system.run()
-    assert first["interrupted"] and 80 <= first["env_steps"] < 160 and first["learner_updates"] > 0, first
+    threading.Thread(target=_sigterm_after, args=(system, port, seen, 60, False), daemon=True).start()
+    summary = system.run()
+    assert not summary["interrupted"] and summary["env_steps"] >= 120 and summary["learner_updates"] > 0, summary
+    assert len(summary["best_reevaluated"]) == 1
     assert seen["inference"]["observation_shapes"] == {
         "observation/state": [9], "observation/image": [84, 84, 3], "observation/wrist_image": [84, 84, 3]}
     assert system.spec.mode == "state" and not system.spec.cameras  # what replay and the learner hold
-
-    resumed = System(dataclasses.replace(cfg, resume=True), progress=False).run()
-    assert not resumed["interrupted"] and resumed["env_steps"] >= 160 and len(resumed["best_reevaluated"]) == 1
-    run = tmp_path / "run"
-    evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
-    steps = [e["env_steps"] for e in evals]
-    assert steps[0] == 0 and steps == sorted(steps) and steps[-1] == resumed["env_steps"]  # history kept
-    assert (run / "learning_curve.png").exists() and (run / "checkpoints" / "best" / "record.json").exists()
 
 
 @pytest.mark.timeout(600)

@@ -3,16 +3,18 @@
 import json
 
 import numpy as np
+import pytest
 
 from csil.config import TrainConfig
+from csil.video import FRAME_SIZE, expected_frames, read_frames
 from orchestration.trainer import Trainer
 
 
-def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent):
+def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent, tensorboard_scalars):
     root, demos, base = lift_setup
     cfg = TrainConfig(task="Lift", env_steps=60, warmup=30, num_envs=2, eval_every=30, eval_episodes=1,
-                      final_eval_rounds=2, num_demos=3, demos=str(demos), base_checkpoint=str(base), logdir=str(root / "run"),
-                      agent=tiny_agent)
+                      final_eval_rounds=2, eval_videos=1, video_stride=50, num_demos=3, demos=str(demos),
+                      base_checkpoint=str(base), logdir=str(root / "run"), agent=tiny_agent)
     summary = Trainer(cfg, progress=False).train()
     assert summary["env_steps"] == 60
     # One fused update (UTD critic updates) per env step once warmup is reached.
@@ -29,6 +31,22 @@ def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent
     assert (root / "run" / "learning_curve.png").stat().st_size > 1000
     assert (root / "run" / "evals.csv").read_text().startswith("env_steps,updates,success_rate")
     assert json.loads((root / "run" / "config.json").read_text())["warmup"] == 30
+
+    # TensorBoard: evaluations, learner metrics and rates against env steps, in the run directory
+    scalars = tensorboard_scalars(root / "run")
+    assert [step for step, _ in scalars["eval/success_rate"]] == [0, 30, 60]
+    assert [v for _, v in scalars["eval/mean_length"]] == [e["mean_length"] for e in evals]
+    assert scalars["learner/critic_loss"] and all(np.isfinite(v) for _, v in scalars["learner/critic_loss"])
+    assert all(v > 0 for _, v in scalars["system/env_steps_per_s"])
+    assert scalars["eval/best_reevaluated"] == [(60, pytest.approx(np.mean(summary["best_reevaluated"])))]
+    # one video per evaluation (its first episode), success or failure in the name, every 50th step filmed
+    videos = sorted((root / "run" / "videos").glob("*.mp4"))
+    assert [v.name.split("-")[1] for v in videos] == ["000000000", "000000030", "000000060"]
+    for video, e in zip(videos, evals):
+        assert video.stem.endswith("success" if e["success_rate"] == 1 else "failure")
+        frames = read_frames(video)
+        assert frames.shape == (expected_frames(int(e["mean_length"]), 50), FRAME_SIZE, 2 * FRAME_SIZE, 3)
+        assert frames.std() > 10  # a rendered scene, not a blank frame
 
 
 def test_residual_mode_bc_targets_are_what_the_small_policy_must_add_to_the_base(lift_setup, tiny_agent):
