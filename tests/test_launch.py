@@ -95,18 +95,19 @@ def test_image_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_image_
     user's Ctrl-C and continued with --resume. Killed components are tests/test_chaos.py's."""
     _, demos, base = lift_image_setup
     port = free_port()
-    cfg = LaunchConfig(task="Lift", obs_mode="image", actors=2, envs_per_actor=2, env_steps=200, warmup=40,
+    # few updates: an image update takes seconds on a CPU (results/learner.md)
+    cfg = LaunchConfig(task="Lift", obs_mode="image", actors=2, envs_per_actor=2, env_steps=64, warmup=32,
                        eval_every=10**6, eval_episodes=0, eval_videos=0, publish_every=2, num_demos=2,
                        demos=str(demos), base_checkpoint=str(base), serve_port=port,
                        logdir=str(tmp_path / "run"), agent=tiny_image_agent)
     system = System(cfg, progress=False)
     seen: dict = {}
-    threading.Thread(target=_sigterm_after, args=(system, port, seen, 80), daemon=True).start()
+    threading.Thread(target=_sigterm_after, args=(system, port, seen, 40), daemon=True).start()
     first = system.run()
 
     # SIGTERM stopped the run with checkpoints, no final eval
     assert first["interrupted"] and "final_eval" not in first, first
-    assert 80 <= first["env_steps"] < 200 and first["learner_updates"] > 0
+    assert 40 <= first["env_steps"] < 64 and first["learner_updates"] > 0
     assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
     assert seen["inference"]["observations"] > 0  # actors got their chunks from the server csil-launch started
     # what the server's spec asked for (the image base policy's training view), checked at the server
@@ -121,7 +122,7 @@ def test_image_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_image_
     resumed = System(dataclasses.replace(cfg, resume=True), progress=False).run()
     assert resumed["replay_restored"] == first["replay_sizes"]  # the tables as checkpointed
     assert resumed["replay_restored"]["online"] > 0
-    assert resumed["env_steps"] >= 200 and resumed["learner_updates"] > first["learner_updates"]
+    assert resumed["env_steps"] >= 64 and resumed["learner_updates"] > first["learner_updates"]
     assert not resumed["interrupted"]
     updates = [json.loads(line)["updates"] for line in (run / "learner.jsonl").read_text().splitlines()]
     assert updates == sorted(updates)  # counters go on
