@@ -456,22 +456,27 @@ class NutExpert(ScriptedExpert):
         """
         start_yaw, wrist = self.eef_yaw(), self.wrist_angle()
         heading = yaw_of(self.body_rot(f"{nut}_main"))
-        grasp = nearest_yaw(heading + np.pi / 2, start_yaw, np.pi)
-        grasped = wrist - (grasp - start_yaw)  # joint 7 once the fingers are across the handle
+        nearest = nearest_yaw(heading + np.pi / 2, start_yaw, np.pi)
+        # The far side of the handle (90-270 degrees of turn before the grasp) only when the near side would
+        # overrun joint 7 (a second nut, with the wrist where the first one left it): it shifts joint 7 by
+        # 180 degrees. Not otherwise: a big turn before the grasp also swings joints 5 and 6 far round.
+        grasps = (nearest,)
+        if abs(wrist - (nearest - start_yaw)) > WRIST_LIMIT:
+            grasps += (nearest - np.pi if nearest > start_yaw else nearest + np.pi,)
 
         def turns(place: float) -> tuple[float, float]:
             short = wrap(place - heading)
             return short, short - np.sign(short) * 2 * np.pi
 
-        def cost(option: tuple[float, float]) -> float:
-            place, turn = option
+        def cost(option: tuple[float, float, float]) -> float:
+            grasp, place, turn = option
+            grasped = wrist - (grasp - start_yaw)  # joint 7 once the fingers are across the handle
             overshoot = max(abs(grasped), abs(grasped - turn)) - WRIST_LIMIT
             near_avoided = avoid_yaw is not None and abs(wrap(place - avoid_yaw)) < np.pi / 3
-            return (abs(turn) + 100.0 * max(overshoot, 0.0) + 10.0 * near_avoided
+            return (abs(grasp - start_yaw) + abs(turn) + 100.0 * max(overshoot, 0.0) + 10.0 * near_avoided
                     + self.REACH_WEIGHT * (1 + np.cos(place)))
 
-        place, turn = min(((p, t) for p in self.PLACE_YAWS[nut] for t in turns(p)), key=cost)
-        return grasp, place, turn
+        return min(((g, p, t) for g in grasps for p in self.PLACE_YAWS[nut] for t in turns(p)), key=cost)
 
 
 class SquareExpert(NutExpert):
