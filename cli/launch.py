@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "algorithm's)")
     field(p, AgentConfig, "beta_units", default=None, choices=BETA_UNITS, help=BETA_UNITS_HELP)
     field(p, L, "address", help="Ray cluster address, e.g. auto (default: start Ray locally)")
+    field(p, L, "actor_env", help="run env actors and the evaluator in this Python environment (a venv dir or its "
+                                  "python; same Python and Ray versions), e.g. the robosuite-1.4 one that "
+                                  "deploy/actor-env-rs14.sh builds for MimicGen's tasks (default: this one)")
     field(p, L, "logdir", default=None, help="run directory (default runs/<task>-<time>)")
     field(p, L, "resume", action="store_true",
           help="continue the run in --logdir from its checkpoints, with its saved config.json (only --env-steps and "

@@ -39,16 +39,18 @@ def crossed(value: int, previous: int, every: int) -> bool:
 
 
 def evaluate_policy(task, obs_mode: str, base: str, params, network, action_mode: str, episodes: int,
-                    first_scene: int) -> dict:
+                    first_scene: int, runtime_env: dict | None = None) -> dict:
     """Success rate and mean length over ``episodes`` seeded episodes; ``params=None`` evaluates the base alone.
-    ``worker_restarts``: rollout workers that died and were retried on the same scenes."""
+    ``worker_restarts``: rollout workers that died and were retried on the same scenes; ``runtime_env``: the
+    workers' Python environment (the launcher's ``--actor-env``)."""
     if params is None:
         policy = f"base:{base}"
     else:
         policy = {"base": base, "params": params, "network": network, "action_mode": action_mode}
     stats: dict = {}
     results = list(run_episodes(task.name, obs_mode, policy, range(first_scene, first_scene + episodes),
-                                prompt=task.prompt, envs_per_worker=max(1, episodes // 2), stats=stats))
+                                prompt=task.prompt, envs_per_worker=max(1, episodes // 2), stats=stats,
+                                runtime_env=runtime_env))
     return {"success_rate": float(np.mean([r.success for r in results])),
             "mean_length": float(np.mean([r.length for r in results])), "worker_restarts": stats["worker_restarts"]}
 

@@ -33,7 +33,9 @@ history and the best parameters so far.
 
 Placement: on a cluster from deploy/cluster.yaml the coordinator, replay and learner go to the head
 (``csil_learner``), actors to CPU workers (``csil_actor``) and inference replicas to GPU workers
-(``csil_inference``); on a plain Ray they go wherever Ray puts them.
+(``csil_inference``); on a plain Ray they go wherever Ray puts them. ``--actor-env`` runs env actors and the
+evaluator's rollout workers on another interpreter (``csil.ray_utils.python_env``), e.g. robosuite 1.4 for
+MimicGen's tasks, while learner, replay and inference stay in the launcher's environment.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from csil.config import InferenceServerConfig, LaunchConfig, ReplayConfig
 from csil.demos import read_demos, spec_from_demos
 from csil.hetstat import SmallPolicy
 from csil.specs import ONLINE_TABLE
-from csil.ray_utils import ensure_ray, role_resources
+from csil.ray_utils import ensure_ray, python_env, role_resources
 from csil.tasks import get_task
 from inference_server import app
 from learner.pretrain import PretrainingStopped
@@ -100,6 +102,7 @@ class System:
         self.num_demo_transitions = sum(len(ep.actions) for ep in data.episodes)
         self.network = SmallPolicy(cfg.agent.policy, self.spec.cameras, cfg.agent.encoder)  # actors, evaluator
         ensure_ray(cfg.address)
+        self.actor_env = python_env(cfg.actor_env)  # env actors' and evaluator's interpreter, checked up front
         # Evaluation asks the same base-policy server as the actors: it measures what they run.
         self.evaluator = Evaluator(functools.partial(self._evaluate, cfg.base_policy), cfg.eval_episodes, cfg.seed,
                                    self.logdir)
@@ -114,7 +117,7 @@ class System:
 
     def _evaluate(self, base: str, params, first_scene: int, episodes: int) -> dict:
         result = evaluate_policy(self.task, "state", base, params, self.network, self.cfg.action_mode, episodes,
-                                 first_scene)
+                                 first_scene, self.actor_env)
         for _ in range(result["worker_restarts"]):  # on the evaluator's thread; the coordinator serialises
             self._record("evaluation", "a rollout worker died; Ray restarted it and re-ran its scenes", "nothing")
         return result
@@ -145,7 +148,7 @@ class System:
         if cfg.resume:
             self.evaluator.load(self.network.init(jax.random.PRNGKey(0), {
                 k: v.zeros((1,)) for k, v in self.spec.arrays().items()}))
-        actor = ROLES["actor"].options(resources=role_resources("actor"))
+        actor = ROLES["actor"].options(resources=role_resources("actor"), runtime_env=self.actor_env)
         self.actors = [actor.remote(i, cfg, self.replay_address, self.coordinator, self.network)
                        for i in range(cfg.actors)]
         self.runs = {i: a.run.remote() for i, a in enumerate(self.actors)}
