@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
@@ -43,7 +44,8 @@ from csil.envs import CsilEnv, simulator_versions
 env = CsilEnv("Lift", "state", seed=0)
 first, again, other = env.reset(seed=3), env.reset(seed=3), env.reset(seed=4)
 obs, reward, success, truncated, _ = env.step(np.zeros(7, np.float32))
-print(json.dumps({"simulator": simulator_versions(), "spec": env.spec.state_keys, "obs": first["state"].tolist(),
+image = CsilEnv("Lift", "image", seed=0).reset(seed=3)["agentview_image"]
+print(json.dumps({"rows": image.mean(axis=(1, 2)).tolist(),"simulator": simulator_versions(), "spec": env.spec.state_keys, "obs": first["state"].tolist(),
                   "same_seed_same_scene": bool(np.array_equal(first["state"], again["state"])),
                   "other_seed_other_scene": not np.array_equal(first["state"], other["state"]),
                   "stepped": obs["state"].shape[0], "controller": env.make_kwargs["controller_configs"]["type"]}))
@@ -52,7 +54,7 @@ print(json.dumps({"simulator": simulator_versions(), "spec": env.spec.state_keys
 
 def test_csil_env_on_robosuite_14(actor_env):
     """The same wrapper on robosuite 1.4's API: its controller config, the same observation layout as 1.5,
-    scenes seeded by ``reset(seed)``."""
+    scenes seeded by ``reset(seed)``, images the same way up."""
     probe = subprocess.run([str(actor_env / "bin" / "python"), "-c", _PROBE], capture_output=True, text=True,
                            timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert probe.returncode == 0, probe.stderr[-3000:]
@@ -63,6 +65,10 @@ def test_csil_env_on_robosuite_14(actor_env):
     assert [tuple(k) for k in found["spec"]] == list(here.spec.state_keys)  # one layout, whichever robosuite
     assert found["stepped"] == len(found["obs"]) == here.spec.state_dim
     here.close()
+    # Row brightness of agentview (table below, wall above): it matches 1.5's upright image, not the flipped one.
+    rows = np.asarray(found["rows"])
+    upright = CsilEnv("Lift", "image", seed=0).reset(seed=3)["agentview_image"].mean(axis=(1, 2))
+    assert np.corrcoef(rows, upright)[0, 1] > max(0.5, np.corrcoef(rows, upright[::-1])[0, 1])
 
 
 def test_actor_env_is_checked_up_front(tmp_path):
