@@ -90,6 +90,7 @@ class System:
             raise ValueError("csil-launch runs state observations (the cached base policy and demos are state-based)")
         self.cfg, self.progress = cfg, progress
         self.task = get_task(cfg.task)
+        self.actor_env = python_env(cfg.actor_env)  # env actors' and evaluator's interpreter, checked up front
         self.logdir = Path(cfg.logdir)
         if self.logdir.exists() and any(self.logdir.iterdir()) and not cfg.resume:
             raise FileExistsError(f"{self.logdir} already holds a run; pass --resume to continue it or pick --logdir")
@@ -102,7 +103,6 @@ class System:
         self.num_demo_transitions = sum(len(ep.actions) for ep in data.episodes)
         self.network = SmallPolicy(cfg.agent.policy, self.spec.cameras, cfg.agent.encoder)  # actors, evaluator
         ensure_ray(cfg.address)
-        self.actor_env = python_env(cfg.actor_env)  # env actors' and evaluator's interpreter, checked up front
         # Evaluation asks the same base-policy server as the actors: it measures what they run.
         self.evaluator = Evaluator(functools.partial(self._evaluate, cfg.base_policy), cfg.eval_episodes, cfg.seed,
                                    self.logdir)

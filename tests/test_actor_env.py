@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import ray
 
+from cli.launch import build_parser
 from csil.config import LaunchConfig
 from csil.envs import CsilEnv
 from csil.ray_utils import python_env
@@ -71,7 +72,10 @@ def test_csil_env_on_robosuite_14(actor_env):
     assert np.corrcoef(rows, upright)[0, 1] > max(0.5, np.corrcoef(rows, upright[::-1])[0, 1])
 
 
-def test_actor_env_is_checked_up_front(tmp_path):
+def test_actor_env_is_checked_up_front(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # csil-launch refuses it before starting anything
+        build_parser().parse_args(["--actor-env", str(tmp_path / "missing")])
+    assert "actor-env-rs14.sh" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="actor-env-rs14.sh"):
         python_env(str(tmp_path / "missing"))
     (tmp_path / "bin").mkdir()
