@@ -29,6 +29,7 @@ import ray
 
 from actors.env_runner import EnvRunner
 from csil import metrics
+from csil.envs import simulator_versions
 from csil.seeds import actor_episode_seed
 from csil.specs import ONLINE_TABLE
 from inference_server.client import PatientChunkSource, RunStopped
@@ -44,7 +45,7 @@ class EnvActor:
 
     def __init__(self, actor_id: int, cfg, replay_address: str, coordinator, network):
         self.actor_id, self.cfg, self.coordinator = actor_id, cfg, coordinator
-        incarnation = ray.get(coordinator.register.remote(actor_id))
+        incarnation = ray.get(coordinator.register.remote(actor_id, simulator_versions()))
         self.base = PatientChunkSource(cfg.base_policy, self._stopped, cfg.base_policy_timeout_s, actor_id=actor_id)
         seed_base = actor_episode_seed(cfg.seed, actor_id, incarnation, 0)
         self.runner = EnvRunner(cfg.task, cfg.obs_mode, cfg.envs_per_actor, self.base, network, cfg.action_mode,

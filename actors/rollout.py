@@ -222,8 +222,8 @@ def default_workers() -> int:
 
 def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[int] | Sequence[int], *, prompt: str,
                  workers: int = 0, envs_per_worker: int = 1, record: bool = False, noise: float | None = None,
-                 stats: dict | None = None, film: Collection[int] = (), video_stride: int = 1
-                 ) -> Iterator[EpisodeResult]:
+                 stats: dict | None = None, film: Collection[int] = (), video_stride: int = 1,
+                 runtime_env: dict | None = None) -> Iterator[EpisodeResult]:
     """Yield episode results as Ray workers finish them; ``seeds`` may be endless (stop iterating to stop).
 
     The episodes of the seeds in ``film`` come with an MP4 (``EpisodeResult.video``). Each worker gets up to
@@ -231,10 +231,12 @@ def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[i
     a worker never idles while the driver collects results. A worker that dies (e.g. Ray's OOM monitor) is
     restarted by Ray and its calls re-run on the same seeds (episodes are deterministic given their seed), up to
     ``WORKER_RETRIES`` times; ``stats["worker_restarts"]`` then counts the workers that were restarted.
+    ``runtime_env``: where the workers run (``csil.ray_utils.python_env``: another Python environment).
     """
     ensure_ray()
     workers = workers or default_workers()
-    remote_cls = ray.remote(num_cpus=1, max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES)(RolloutWorker)
+    remote_cls = ray.remote(num_cpus=1, max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES,
+                            runtime_env=runtime_env)(RolloutWorker)
     actors = [remote_cls.remote(task, obs_mode, policy, envs_per_worker, prompt, noise) for _ in range(workers)]
     seed_iter = iter(seeds)
     pending: dict = {}

@@ -25,8 +25,18 @@ from cli.train import (ALGO_HELP, BETA_UNITS_HELP, EVAL_VIDEOS_HELP, MODE_HELP, 
                        VIDEO_STRIDE_HELP, WANDB_HELP)
 from csil.acting import ACTION_MODES
 from csil.config import ALGORITHMS, BETA_UNITS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
+from csil.ray_utils import python_env
 from csil.specs import OBS_MODES
 from orchestration.launcher import System
+
+
+def _actor_env(text: str) -> str:
+    """A usable actor environment, or argparse's clear error before anything starts."""
+    try:
+        python_env(text)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "algorithm's)")
     field(p, AgentConfig, "beta_units", default=None, choices=BETA_UNITS, help=BETA_UNITS_HELP)
     field(p, L, "address", help="Ray cluster address, e.g. auto (default: start Ray locally)")
+    field(p, L, "actor_env", type=_actor_env, help="run env actors and the evaluator in this Python environment (a venv dir or its "
+                                  "python; same Python and Ray versions), e.g. the robosuite-1.4 one that "
+                                  "deploy/actor-env-rs14.sh builds for MimicGen's tasks (default: this one)")
     field(p, L, "logdir", default=None, help="run directory (default runs/<task>-<time>)")
     field(p, L, "resume", action="store_true",
           help="continue the run in --logdir from its checkpoints, with its saved config.json (only --env-steps and "

@@ -369,6 +369,9 @@ class LaunchConfig:
     demos: str | None = None
     base_checkpoint: str | None = None  # the local base policy's directory (None: the cached default)
     address: str | None = None  # None: start Ray locally; "auto": join the running cluster
+    # A second Python environment (a venv dir, or its python) for the env actors and the evaluator, e.g. the
+    # robosuite-1.4 one of deploy/actor-env-rs14.sh for MimicGen's tasks; None: the launcher's own.
+    actor_env: str | None = None
     logdir: str = "runs/latest"
     resume: bool = False
     seed: int = 0

@@ -3,11 +3,14 @@
 Why a wrapper at all: robosuite returns ~20 observation keys in an OrderedDict, never ends an episode on
 success, flips images upside down (OpenGL convention) and, for NutAssembly, returns zeros for part of the
 object state right after ``reset``. The wrapper fixes those once and stays thin: ``csil-bench env`` measures
-its cost against the raw ``env.step`` loop.
+its cost against the raw ``env.step`` loop. The same wrapper runs on robosuite 1.4 (the actor environment for
+MimicGen's tasks, deploy/actor-env-rs14.sh), chosen by the installed version: ``legacy_robosuite``.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import logging
 import os
 from typing import Any
@@ -35,8 +38,27 @@ def _drop_robosuite_noise(record) -> bool:
 logging.getLogger("robosuite_logs").addFilter(_drop_robosuite_noise)
 
 
+@functools.cache
+def legacy_robosuite() -> bool:
+    """Whether the installed robosuite is 1.4 (the actor environment for MimicGen's tasks) rather than 1.5:
+    read from the package metadata, so asking does not import robosuite."""
+    return importlib.metadata.version("robosuite").startswith("1.4")
+
+
+def simulator_versions() -> str:
+    """What this process steps, as imported: "robosuite X, mujoco Y" (csil-launch's summary has it per actor)."""
+    import mujoco
+    import robosuite
+
+    return f"robosuite {robosuite.__version__}, mujoco {mujoco.__version__}"
+
+
 def controller_config() -> dict:
-    """Panda OSC_POSE delta control in robosuite 1.5's composite format (robomimic's setting)."""
+    """Panda OSC_POSE delta control (robomimic's setting): robosuite 1.5's composite format, or 1.4's flat one."""
+    if legacy_robosuite():
+        from robosuite.controllers import load_controller_config
+
+        return load_controller_config(default_controller="OSC_POSE")
     from robosuite.controllers import load_composite_controller_config
 
     return load_composite_controller_config(robot="Panda")
@@ -63,9 +85,9 @@ def robosuite_kwargs(task: TaskSpec, obs_mode: ObsMode, image_size: int = 84, se
         camera_widths=image_size,
         camera_depths=False,
         hard_reset=False,  # ~2 ms instead of ~120 ms (1.5 s with cameras) per reset
-        lite_physics=True,
-        seed=seed,
     )
+    if not legacy_robosuite():  # robosuite 1.4 has neither (CsilEnv seeds numpy's global generator there)
+        kwargs.update(lite_physics=True, seed=seed)
     kwargs.update(dict(task.env_kwargs))
     return kwargs
 
@@ -116,6 +138,8 @@ class CsilEnv:
         self.base_spec = base_spec
         offscreen = base_spec is not None and bool(base_spec.images)
         self.make_kwargs = robosuite_kwargs(self.task, obs_mode, image_size, seed, offscreen=offscreen)
+        if legacy_robosuite():
+            np.random.seed(seed)  # robosuite 1.4 draws everything random from numpy's global generator
         self.env = robosuite.make(self.task.env_name, **self.make_kwargs)
         self.horizon = self.task.horizon
         self.render_quality = render_quality
@@ -210,7 +234,9 @@ class CsilEnv:
     # --- gym-like API --------------------------------------------------------------------------------
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
-        if seed is not None:
+        if seed is not None and legacy_robosuite():
+            np.random.seed(seed)
+        elif seed is not None:
             self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         self.env.reset()
         self._t = 0

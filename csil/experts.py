@@ -68,7 +68,8 @@ class Phase:
     Done when the position error is below ``tol`` and the yaw error below ``yaw_tol``, or after ``hold``
     steps when ``hold`` is set (gripper open/close waits), or after ``max_steps`` in any case so that a
     blocked motion (a nut resting on the peg rim) cannot stall the episode. If ``verify`` then returns
-    False (a stalled descent, an object that slipped out of the fingers), the plan starts over.
+    False (a stalled descent, an object that slipped out of the fingers), the plan starts over from the
+    latest phase marked ``start`` (the hover of the current pick), or from the beginning if none is.
     """
 
     name: str
@@ -84,6 +85,8 @@ class Phase:
     noise: float = 1.0  # action-noise multiplier: lower where precision matters, as a careful operator
     error: Callable[[], np.ndarray] | None = None  # what ``tol`` is checked on; default: target - eef
     verify: Callable[[], bool] | None = None
+    abort: Callable[[], bool] | None = None  # checked every step: True starts over as a failed ``verify`` does
+    start: bool = False  # where a failed ``verify`` later in the plan starts over (one object of several)
 
 
 class ScriptedExpert:
@@ -173,9 +176,17 @@ class ScriptedExpert:
         if self.noise > 0.0:
             action[:6] += self.rng.normal(0.0, self.noise * phase.noise, 6)
         self._count += 1
-        if self._index < len(self._phases) - 1 and self._done(phase, pos, yaw):
-            self._enter(0 if phase.verify is not None and not phase.verify() else self._index + 1)
+        if phase.abort is not None and phase.abort():
+            self._enter(self._restart_index())
+        elif self._index < len(self._phases) - 1 and self._done(phase, pos, yaw):
+            retry = phase.verify is not None and not phase.verify()
+            self._enter(self._restart_index() if retry else self._index + 1)
         return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+    def _restart_index(self) -> int:
+        """The latest ``start`` phase at or before the current one: a failed grasp of the second nut
+        retries that nut, it does not go back to the first (already placed) one."""
+        return max((i for i in range(self._index + 1) if self._phases[i].start), default=0)
 
     def _enter(self, index: int) -> None:
         self._index, self._count, self.entry = index, 0, self.eef_pos()
@@ -233,7 +244,7 @@ class ScriptedExpert:
             return bool(np.linalg.norm(grasp()[0] - self.eef_pos()) < 2 * tol)
 
         return [
-            Phase("hover", above, OPEN, tol=2 * tol, yaw_tol=0.03),  # the funnel below fixes the rest
+            Phase("hover", above, OPEN, tol=2 * tol, yaw_tol=0.03, start=True),  # the funnel fixes the rest
             Phase("descend", funnel, OPEN, tol=tol, max_steps=50, max_drop=0.025, noise=0.5, verify=arrived),
             Phase("close", grasp, CLOSE, hold=10),  # the gripper command ramps -1 -> 1 in 10 steps
             Phase("lift", lifted, CLOSE, tol=0.02, verify=holding),
@@ -348,73 +359,157 @@ class CanExpert(ScriptedExpert):
         ]
 
 
-class SquareExpert(ScriptedExpert):
-    """Grasp the square nut by its handle, turn it square to the peg, lower it over the peg, let go."""
+class NutExpert(ScriptedExpert):
+    """Nut-on-peg placing shared by Square and NutAssembly: grasp a nut by its handle, turn it to an
+    allowed heading, lower it over its peg, let go."""
 
-    task = "Square"
-    # The handle site is only ~1 cm from the nut ring; fingers closing there clip the ring, so grasp this
-    # far further out along the handle.
-    HANDLE_OFFSET = 0.008
-    # Allowed nut headings (handle direction) at the peg: multiples of 90 degrees align the square hole
-    # with the axis-aligned peg. Not 0 (handle pointing away from the robot): the gripper would then be at
-    # x ~ 0.29, the edge of the Panda's reach, which caused most failures.
-    PLACE_YAWS = (np.pi / 2, -np.pi / 2, np.pi)
+    # The handle site is only ~1 cm (square nut) or ~6 mm (round nut) from the nut ring; fingers closing
+    # there clip the ring, so grasp this far further out along the handle.
+    HANDLE_OFFSET = {"SquareNut": 0.008, "RoundNut": 0.014}
+    # Allowed nut headings (handle direction) at the peg. Square nut: multiples of 90 degrees align the
+    # square hole with the axis-aligned peg. Not 0 (handle pointing away from the robot): the gripper
+    # would then be at x ~ 0.29, the edge of the Panda's reach, which caused most failures. The round
+    # nut fits its round peg at any heading; the same reach limit keeps its handle off the +x sector.
+    PLACE_YAWS = {
+        "SquareNut": (np.pi / 2, -np.pi / 2, np.pi),
+        "RoundNut": tuple(y for y in np.linspace(-np.pi, np.pi, 24, endpoint=False) if abs(y) > np.pi / 2 - 1e-9),
+    }
 
-    def plan(self) -> list[Phase]:
+    # Square's settings; NutAssembly, which must come back from the first peg, changes them.
+    REACH_WEIGHT = 0.0  # cost per unit of (1 + cos(nut heading at the peg)): handles away from the robot
+    RELEASE_Z = 0.03  # nut height above the table where it is let go (success needs < 5 cm)
+    CHECK_DROP = False  # a nut lost between lift and release is picked up again
+    # Turn the nut to its peg heading right where it was lifted (near the robot), then carry it without
+    # turning: the nut swings round the fingers as it turns, and steering on it while the arm is out over
+    # the pegs drove the elbow straight against its limit, from where OSC cannot pull the arm back.
+    TURN_FIRST = False
+
+    def place_nut(self, nut: str, peg: str, avoid_yaw: float | None = None) -> list[Phase]:
+        """Pick ``nut`` by its handle, carry it over ``peg``, lower it around the peg and let go.
+
+        ``avoid_yaw``: a nut heading to prefer against (the handle pointing at a neighbouring peg whose
+        nut is already in place), taken only if every other heading would overrun the wrist.
+        """
         table_z = float(self._env.env.table_offset[2])
-        outward = self.HANDLE_OFFSET + float(self.jitter(0.02))
-        grasp_yaw, place_yaw = self._choose_yaws()
+        outward = self.HANDLE_OFFSET[nut] + float(self.jitter(0.02))
+        body = f"{nut}_main"
+        handle_site = self.sim.model.site_name2id(f"{nut}_handle_site")
+        plan: dict[str, float] = {}  # grasp yaw, nut heading at the peg and the turn left: set when the pick starts
         lift_z = 1.02
 
         def nut_yaw() -> float:
-            return yaw_of(self.body_rot("SquareNut_main"))
+            return yaw_of(self.body_rot(body))
 
         def grasp() -> Target:
-            handle = self.body_rot("SquareNut_main")[:, 0]
-            pos = self.sim.data.site_xpos[self.sim.model.site_name2id("SquareNut_handle_site")] + outward * handle
-            # Fingers close across the handle (nut y axis); keep the side chosen at reset.
-            return pos, nearest_yaw(nut_yaw() + np.pi / 2, grasp_yaw, np.pi)
+            if not plan:
+                plan["grasp"], plan["place"], plan["turn"] = self._choose_yaws(nut, avoid_yaw)
+            handle = self.body_rot(body)[:, 0]
+            pos = self.sim.data.site_xpos[handle_site] + outward * handle
+            # Fingers close across the handle (nut y axis); keep the side chosen when the pick began.
+            return pos, nearest_yaw(nut_yaw() + np.pi / 2, plan["grasp"], np.pi)
 
         def onto_peg() -> np.ndarray:
-            """Where the nut must go (around the peg, 3 cm above the table: success needs < 5 cm) minus
-            where it is."""
-            goal = self.body_pos("peg1")
-            goal[2] = table_z + 0.03
-            return goal - self.body_pos("SquareNut_main")
+            """Where the nut must go (around the peg, ``RELEASE_Z`` above the table) minus where it is."""
+            goal = self.body_pos(peg)
+            goal[2] = table_z + self.RELEASE_Z
+            return goal - self.body_pos(body)
 
-        def square_yaw() -> float:
-            """Gripper yaw that turns the nut to ``place_yaw``."""
-            return self.eef_yaw() + wrap(place_yaw - nut_yaw())
+        def place_yaw() -> float:
+            """Gripper yaw that turns the nut to the chosen heading, in the direction chosen with the grasp:
+            the turn left is followed continuously (never re-wrapped), so a turn near 180 degrees cannot
+            flip direction half way and run joint 7 into its limit; at most 1 rad ahead of the fingers."""
+            plan["turn"] = nearest_yaw(plan["place"] - nut_yaw(), plan["turn"], 2 * np.pi)
+            return self.eef_yaw() + float(np.clip(plan["turn"], -1.0, 1.0))
 
         def height_error() -> np.ndarray:
             return onto_peg()[2:]
 
-        return [
-            *self.pick(grasp, hover=0.06, lift_z=lift_z, tol=0.005),
-            *self.carry(onto_peg, lift_z, square_yaw, yaw_tol=0.03),
-            # Lower in 3 cm steps so the xy correction stays dominant while the nut slides down the peg.
-            Phase("lower", self.steer(onto_peg, yaw=square_yaw), CLOSE, tol=0.015, max_steps=40, max_drop=0.03,
-                  error=height_error, noise=0.5),
-            *self.release(),
-        ]
+        def dropped() -> bool:
+            """The handle is no longer between the fingers: steering by the nut would fling the arm about."""
+            return bool(np.linalg.norm(grasp()[0] - self.eef_pos()) > 0.04)
 
-    def _choose_yaws(self) -> tuple[float, float]:
-        """Which side to grasp the handle from and which way the nut faces at the peg.
+        def turned_in_place() -> Target:
+            return np.array([*self.entry[:2], lift_z]), place_yaw()
+
+        turning = [Phase("turn", turned_in_place, CLOSE, tol=0.02, yaw_tol=0.05)] if self.TURN_FIRST else []
+        carrying = [*turning, *self.carry(onto_peg, lift_z, place_yaw, yaw_tol=0.03),
+                    # Lower in 3 cm steps so the xy correction stays dominant while the nut slides down the peg.
+                    Phase("lower", self.steer(onto_peg, yaw=place_yaw), CLOSE, tol=0.015, max_steps=40,
+                          max_drop=0.03, error=height_error, noise=0.5)]
+        if self.CHECK_DROP:
+            carrying = [dataclasses.replace(phase, abort=dropped) for phase in carrying]
+        return [*self.pick(grasp, hover=0.06, lift_z=lift_z, tol=0.005), *carrying, *self.release()]
+
+    def _choose_yaws(self, nut: str, avoid_yaw: float | None = None) -> tuple[float, float, float]:
+        """Which side to grasp the handle from, which way the nut faces at the peg, and the turn (signed)
+        that gets it there.
 
         The grasp side is the one nearer the current finger yaw (at most 90 degrees of wrist turn). The
-        wrist (joint 7) then turns again to square the nut; of the allowed nut headings, take the one
-        with the least turn that keeps joint 7 inside its range (the finger yaw grows as joint 7 falls).
+        wrist (joint 7) then turns again to turn the nut; of the allowed nut headings, take the one
+        with the least turn that keeps joint 7 inside its range (the finger yaw grows as joint 7 falls),
+        at the grasp and at the peg (a second nut starts with the wrist wherever the first one left it).
+        The turn may go either way round (the long way when the short one would overrun joint 7); it is
+        chosen here, once, and kept (``place_yaw``). With ``REACH_WEIGHT``, headings with the handle (and
+        so the gripper) away from the robot cost more: placing with the handle sideways (gripper 6 cm
+        further out) stretches the arm to joint 2's limit with the elbow (joint 4) almost straight, from
+        where OSC cannot pull it back to a second nut.
         """
         start_yaw, wrist = self.eef_yaw(), self.wrist_angle()
-        nut = yaw_of(self.body_rot("SquareNut_main"))
-        grasp = nearest_yaw(nut + np.pi / 2, start_yaw, np.pi)
+        heading = yaw_of(self.body_rot(f"{nut}_main"))
+        nearest = nearest_yaw(heading + np.pi / 2, start_yaw, np.pi)
+        # The far side of the handle (90-270 degrees of turn before the grasp) only when the near side would
+        # overrun joint 7 (a second nut, with the wrist where the first one left it): it shifts joint 7 by
+        # 180 degrees. Not otherwise: a big turn before the grasp also swings joints 5 and 6 far round.
+        grasps = (nearest,)
+        if abs(wrist - (nearest - start_yaw)) > WRIST_LIMIT:
+            grasps += (nearest - np.pi if nearest > start_yaw else nearest + np.pi,)
 
-        def cost(place: float) -> float:
-            turn = wrap(place - nut)
-            overshoot = abs(wrist - (grasp - start_yaw) - turn) - WRIST_LIMIT
-            return abs(turn) + 100.0 * max(overshoot, 0.0)
+        def turns(place: float) -> tuple[float, float]:
+            short = wrap(place - heading)
+            return short, short - np.sign(short) * 2 * np.pi
 
-        return grasp, min(self.PLACE_YAWS, key=cost)
+        def cost(option: tuple[float, float, float]) -> float:
+            grasp, place, turn = option
+            grasped = wrist - (grasp - start_yaw)  # joint 7 once the fingers are across the handle
+            overshoot = max(abs(grasped), abs(grasped - turn)) - WRIST_LIMIT
+            near_avoided = avoid_yaw is not None and abs(wrap(place - avoid_yaw)) < np.pi / 3
+            return (abs(grasp - start_yaw) + abs(turn) + 100.0 * max(overshoot, 0.0) + 10.0 * near_avoided
+                    + self.REACH_WEIGHT * (1 + np.cos(place)))
+
+        return min(((g, p, t) for g in grasps for p in self.PLACE_YAWS[nut] for t in turns(p)), key=cost)
+
+
+class SquareExpert(NutExpert):
+    """Grasp the square nut by its handle, turn it square to the peg, lower it over the peg, let go."""
+
+    task = "Square"
+
+    def plan(self) -> list[Phase]:
+        return self.place_nut("SquareNut", "peg1")
+
+
+class NutAssemblyExpert(NutExpert):
+    """Both nuts, one after the other: the square nut onto the square peg (peg1, +y), then the round nut
+    onto the round peg (peg2, -y), each as in Square but turned near the robot before the carry (the arm
+    then never stretches out, so it comes back for the second nut). A failed grasp retries only the nut in
+    hand; neither nut is placed with its handle pointing at the other peg (the fingers would come down next
+    to the nut already there). 500 steps is tight for two nuts: no waypoint between them."""
+
+    task = "NutAssembly"
+    REACH_WEIGHT = 5.0  # a sideways handle costs more than the long way round (~3 rad more turn)
+    # Let go 8 cm above the table (the nut is then 5 cm down the 13 cm peg and slides the rest): lowered to
+    # 3 cm as in Square, the hand comes down on the peg's top, tilts, and the arm, stretched out over the
+    # peg, ends with its elbow straight against its limit, from where OSC cannot pull it back to the
+    # second nut (Square never needs to come back).
+    RELEASE_Z = 0.08
+    CHECK_DROP = True
+    TURN_FIRST = True
+
+    def plan(self) -> list[Phase]:
+        return [
+            *self.place_nut("SquareNut", "peg1", avoid_yaw=-np.pi / 2),
+            *self.place_nut("RoundNut", "peg2", avoid_yaw=np.pi / 2),
+        ]
 
 
 def make_expert(task: str, noise: float = 0.0, seed: int | None = None) -> ScriptedExpert:
@@ -424,5 +519,5 @@ def make_expert(task: str, noise: float = 0.0, seed: int | None = None) -> Scrip
     return _EXPERTS[task](noise=noise, seed=seed)
 
 
-_EXPERTS: dict[str, type[ScriptedExpert]] = {cls.task: cls for cls in (LiftExpert, CanExpert, SquareExpert, StackExpert)}
+_EXPERTS: dict[str, type[ScriptedExpert]] = {cls.task: cls for cls in (LiftExpert, CanExpert, SquareExpert, NutAssemblyExpert, StackExpert)}
 EXPERT_TASKS: tuple[str, ...] = tuple(_EXPERTS)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import subprocess
+from pathlib import Path
 
 from csil.metrics import start_service_discovery
 
@@ -46,3 +49,31 @@ def role_resources(role: str) -> dict[str, float]:
 
     name, amount = ROLE_RESOURCES[role]
     return {name: amount} if ray.cluster_resources().get(name, 0) > 0 else {}
+
+
+def python_env(path: str | None) -> dict | None:
+    """The Ray ``runtime_env`` that runs a role's workers on another interpreter: ``path`` is a venv directory
+    or its python (e.g. the robosuite-1.4 actor environment of deploy/actor-env-rs14.sh); None: this one.
+
+    Ray only works across environments with the same Python and Ray versions, so they are checked here, up
+    front, with a clear error instead of workers that never start. Workers inherit this process's environment
+    variables (PYTHONPATH included), so a checkout on PYTHONPATH is what they import too.
+    """
+    if path is None:
+        return None
+    import ray
+
+    python = Path(path) / "bin" / "python" if Path(path).is_dir() else Path(path)
+    if not python.is_file():
+        raise FileNotFoundError(f"actor environment {path!r}: no python at {python} (give a venv directory or its "
+                                "python; deploy/actor-env-rs14.sh builds the robosuite-1.4 one)")
+    probe = subprocess.run([str(python), "-c", "import platform, ray; print(platform.python_version(), ray.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise RuntimeError(f"actor environment {python}: importing ray failed:\n{probe.stderr.strip()[-2000:]}")
+    theirs = probe.stdout.split()
+    ours = [platform.python_version(), ray.__version__]
+    if theirs != ours:
+        raise RuntimeError(f"actor environment {python} has Python {theirs[0]} / Ray {theirs[1]}; this one has Python "
+                           f"{ours[0]} / Ray {ours[1]}: Ray needs both to match")
+    return {"py_executable": str(python)}

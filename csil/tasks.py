@@ -2,8 +2,9 @@
 
 robomimic's benchmark settings (Panda, OSC_POSE delta control at 20 Hz, sparse reward, success ends the
 episode, PH horizons) are fixed here once, so every service builds exactly the same environment from a
-task name. MimicGen tasks are registered by name but need a second Python environment (robosuite 1.4.1 +
-mujoco 2.3.2 + the MimicGen sources); asking for one here fails with an error that says so.
+task name. MimicGen tasks (their D0 variants, MimicGen's horizons) need a second Python environment: robosuite
+1.4.1 + mujoco 2.3.2 + the MimicGen sources (deploy/actor-env-rs14.sh, then MimicGen installed into it), where
+``csil-launch --actor-env`` runs the env actors; building one anywhere else fails with an error that says so.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ ROBOSUITE_TASKS: dict[str, TaskSpec] = {
 
 _MIMICGEN_NOTE = (
     "robosuite 1.4.1 + mujoco 2.3.2 + the MimicGen sources (git clone https://github.com/NVlabs/mimicgen; "
-    "never `pip install mimicgen`, that PyPI name is an unrelated package) in a separate Python environment"
+    "never `pip install mimicgen`, that PyPI name is an unrelated package) in a separate Python environment: "
+    "build it with deploy/actor-env-rs14.sh, install MimicGen into it, and run csil-launch --actor-env VENV"
 )
 
 MIMICGEN_TASKS: dict[str, TaskSpec] = {

@@ -35,6 +35,7 @@ class Coordinator:
         self.active_s: dict[int, float] = collections.Counter()
         self.last_sync: dict[int, float] = {}
         self.incarnations: dict[int, int] = collections.Counter()
+        self.simulators: dict[int, str] = {}  # what each actor steps: "robosuite X, mujoco Y" (its environment's)
         self.recent: collections.deque = collections.deque(maxlen=100)  # (return, length, success)
         self.staleness: collections.deque = collections.deque(maxlen=1000)  # learner version - acting version
         self.blocked_s: dict[int, float] = collections.Counter()
@@ -45,9 +46,11 @@ class Coordinator:
         for component in COMPONENTS:
             metrics.set_gauge("csil_component_restarts", 0, component=component)
 
-    def register(self, actor_id: int) -> int:
-        """A (re)started actor's incarnation number: restarts get fresh episode seeds."""
+    def register(self, actor_id: int, simulator: str) -> int:
+        """A (re)started actor's incarnation number: restarts get fresh episode seeds. ``simulator``: what the
+        actor's environment imports (``csil.envs.simulator_versions``), for the summary."""
         self.incarnations[actor_id] += 1
+        self.simulators[actor_id] = simulator
         self.last_sync.pop(actor_id, None)
         if self.incarnations[actor_id] > 1:
             self.record_restart("actor")
@@ -95,7 +98,8 @@ class Coordinator:
         return {
             "env_steps": self.env_steps, "episodes": self.episodes, "version": self.version,
             "actors": {i: {"env_steps": self.per_actor[i], "active_s": round(self.active_s[i], 3),
-                           "blocked_s": round(self.blocked_s[i], 3), "restarts": n - 1}
+                           "blocked_s": round(self.blocked_s[i], 3), "restarts": n - 1,
+                           "simulator": self.simulators[i]}
                        for i, n in sorted(self.incarnations.items())},
             "restarts": {k: v - 1 for k, v in self.incarnations.items()},
             "train_success": sum(r[2] for r in recent) / len(recent) if recent else None,

@@ -41,10 +41,11 @@ def crossed(value: int, previous: int, every: int) -> bool:
 
 
 def evaluate_policy(task, obs_mode: str, base: str, params, network, action_mode: str, episodes: int,
-                    first_scene: int, videos: int = 0, video_stride: int = 1) -> dict:
+                    first_scene: int, videos: int = 0, video_stride: int = 1, runtime_env: dict | None = None) -> dict:
     """Success rate, mean length and return over ``episodes`` seeded episodes; ``params=None`` evaluates the base
     alone. ``worker_restarts``: rollout workers that died and were retried on the same scenes. ``videos``: MP4s of
-    the first that many episodes (every ``video_stride``-th step), rendered only for those."""
+    the first that many episodes (every ``video_stride``-th step), rendered only for those; ``runtime_env``: the
+    workers' Python environment (the launcher's ``--actor-env``)."""
     if params is None:
         policy = f"base:{base}"
     else:
@@ -52,7 +53,8 @@ def evaluate_policy(task, obs_mode: str, base: str, params, network, action_mode
     stats: dict = {}
     results = list(run_episodes(task.name, obs_mode, policy, range(first_scene, first_scene + episodes),
                                 prompt=task.prompt, envs_per_worker=max(1, episodes // 2), stats=stats,
-                                film=range(first_scene, first_scene + videos), video_stride=video_stride))
+                                film=range(first_scene, first_scene + videos), video_stride=video_stride,
+                                runtime_env=runtime_env))
     return {"success_rate": float(np.mean([r.success for r in results])),
             "mean_length": float(np.mean([r.length for r in results])),
             "mean_return": float(np.mean([r.env_return for r in results])), "worker_restarts": stats["worker_restarts"],

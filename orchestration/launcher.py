@@ -33,7 +33,9 @@ history and the best parameters so far.
 
 Placement: on a cluster from deploy/cluster.yaml the coordinator, replay and learner go to the head
 (``csil_learner``), actors to CPU workers (``csil_actor``) and inference replicas to GPU workers
-(``csil_inference``); on a plain Ray they go wherever Ray puts them.
+(``csil_inference``); on a plain Ray they go wherever Ray puts them. ``--actor-env`` runs env actors and the
+evaluator's rollout workers on another interpreter (``csil.ray_utils.python_env``), e.g. robosuite 1.4 for
+MimicGen's tasks, while learner, replay and inference stay in the launcher's environment.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from csil.demos import read_demos, spec_from_demos
 from csil.envs import CsilEnv
 from csil.hetstat import SmallPolicy
 from csil.specs import ONLINE_TABLE, BaseObsSpec
-from csil.ray_utils import ensure_ray, role_resources
+from csil.ray_utils import ensure_ray, python_env, role_resources
 from csil.tasks import get_task
 from inference_server import app
 from inference_server.client import connect_base_policy
@@ -89,6 +91,7 @@ class System:
     def __init__(self, cfg: LaunchConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         self.task = get_task(cfg.task)
+        self.actor_env = python_env(cfg.actor_env)  # env actors' and evaluator's interpreter, checked up front
         self.logdir = Path(cfg.logdir)
         if self.logdir.exists() and any(self.logdir.iterdir()) and not cfg.resume:
             raise FileExistsError(f"{self.logdir} already holds a run; pass --resume to continue it or pick --logdir")
@@ -116,7 +119,7 @@ class System:
 
     def _evaluate(self, base: str, params, first_scene: int, episodes: int, videos: int) -> dict:
         result = evaluate_policy(self.task, self.cfg.obs_mode, base, params, self.network, self.cfg.action_mode,
-                                 episodes, first_scene, videos, self.cfg.video_stride)
+                                 episodes, first_scene, videos, self.cfg.video_stride, self.actor_env)
         for _ in range(result["worker_restarts"]):  # on the evaluator's thread; the coordinator serialises
             self._record("evaluation", "a rollout worker died; Ray restarted it and re-ran its scenes", "nothing")
         return result
@@ -148,7 +151,7 @@ class System:
         if cfg.resume:
             self.evaluator.load(self.network.init(jax.random.PRNGKey(0), {
                 k: v.zeros((1,)) for k, v in self.spec.arrays().items()}))
-        actor = ROLES["actor"].options(resources=role_resources("actor"))
+        actor = ROLES["actor"].options(resources=role_resources("actor"), runtime_env=self.actor_env)
         self.actors = [actor.remote(i, cfg, self.replay_address, self.coordinator, self.network)
                        for i in range(cfg.actors)]
         self.runs = {i: a.run.remote() for i, a in enumerate(self.actors)}

@@ -49,3 +49,21 @@ def test_unknown_task_names_the_supported_ones() -> None:
         make_expert("Threading")
     for task in EXPERT_TASKS:
         assert task in str(err.value)
+
+
+def test_nut_assembly_succeeds_only_with_both_nuts_on_their_pegs() -> None:
+    """robosuite pays 0.5 for one nut of two on its peg: that is not a success (nor a terminal demo step)."""
+    env = CsilEnv("NutAssembly", "state", seed=0)
+    expert = make_expert("NutAssembly", noise=0.0, seed=0)
+    env.reset(seed=0)
+    expert.reset(env)
+    rewards = []
+    for _ in range(env.horizon):
+        _, reward, success, truncated, _ = env.step(expert.act(env))
+        rewards.append(reward)
+        assert success == bool(np.all(env.env.objects_on_pegs))
+        if success or truncated:
+            break
+    env.close()
+    assert success, f"NutAssembly expert failed without noise in phase {expert.phase}"
+    assert 0.5 in rewards  # the first nut sat on its peg for a while before the second one arrived
