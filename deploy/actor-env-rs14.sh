@@ -14,6 +14,8 @@ PYTHON=${PYTHON:-python3.11}
 
 stamp=$(cat "$0" pyproject.toml | sha256sum | cut -c1-16)-$("$PYTHON" -c 'import sys; print(sys.version.split()[0])')
 if [[ -f "$VENV/.csil-stamp" && $(cat "$VENV/.csil-stamp") == "$stamp" ]]; then
+  # csil itself, editable from this checkout (a venv kept outside it may have been built from another clone)
+  "$VENV/bin/pip" install -q --no-deps -e .
   echo "$VENV is up to date"; exit 0
 fi
 rm -rf "$VENV"
