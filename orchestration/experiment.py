@@ -242,12 +242,8 @@ def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", f"Gain over the paired base (same scenes; improved: ≥ +{IMPROVEMENT:.0%}):", "",
                   "| task | method | base | best re-evaluated | gain | seeds improved |", "|---|---|---|---|---|---|"]
-        for task in cfg.tasks:
-            for method in cfg.methods:
-                e = stats.get(task, {}).get(method)
-                if e and "gain" in e:
-                    lines.append(f"| {task} | {method} | {_cell(e['base_reevaluated'])} | {_cell(e['reevaluated'])} | "
-                                 f"{_gain_cell(e['gain'])} | {e['improved_seeds']}/{e['reevaluated_pairs']} |")
+        lines += _rows(cfg, stats, "gain", lambda e: f"{_cell(e['base_reevaluated'])} | {_cell(e['reevaluated'])} | "
+                       f"{_gain_cell(e['gain'])} | {e['improved_seeds']}/{e['reevaluated_pairs']}")
         lines.append("")
     lines += ["## Final success (unselected: the last evaluation)", "", *header]
     for method in cfg.methods:
@@ -257,25 +253,22 @@ def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -
         lines += ["", f"## No initial drop (worst evaluation ≥ paired base − {DROP_TOLERANCE:.0%})", "",
                   "| task | method | base | worst eval | seeds without drop | seeds above base at the end |",
                   "|---|---|---|---|---|---|"]
-        for task in cfg.tasks:
-            for method in cfg.methods:
-                e = stats.get(task, {}).get(method)
-                if method != "base" and e and "paired_seeds" in e:
-                    n = e["paired_seeds"]
-                    lines.append(f"| {task} | {method} | {_cell(e['base'])} | {_cell(e['min_eval'])} | "
-                                 f"{e['no_drop_seeds']}/{n} | {e['beats_base_seeds']}/{n} |")
+        lines += _rows(cfg, stats, "paired_seeds", lambda e: f"{_cell(e['base'])} | {_cell(e['min_eval'])} | "
+                       f"{e['no_drop_seeds']}/{e['paired_seeds']} | {e['beats_base_seeds']}/{e['paired_seeds']}")
     lines += ["", f"## Drop from the method's own start (worst later evaluation ≥ step-0 evaluation − "
               f"{DROP_TOLERANCE:.0%})", "",
               "The step-0 evaluation is the base combined with the BC-initialised small policy, before any update: "
               "it differs from the base alone when the combination does.", "",
               "| task | method | step 0 | worst later eval | seeds without drop |", "|---|---|---|---|---|"]
-    for task in cfg.tasks:
-        for method in cfg.methods:
-            e = stats.get(task, {}).get(method)
-            if e and "start" in e:
-                lines.append(f"| {task} | {method} | {_cell(e['start'])} | {_cell(e['worst_after_start'])} | "
-                             f"{e['no_drop_from_start_seeds']}/{e['seeds']} |")
+    lines += _rows(cfg, stats, "start", lambda e: f"{_cell(e['start'])} | {_cell(e['worst_after_start'])} | "
+                   f"{e['no_drop_from_start_seeds']}/{e['seeds']}")
     return "\n".join(lines) + "\n"
+
+
+def _rows(cfg: ExperimentConfig, stats: dict, needs: str, cells) -> list[str]:
+    """``| task | method | cells(entry) |`` for every task and method whose entry has ``needs``."""
+    return [f"| {task} | {method} | {cells(e)} |" for task in cfg.tasks for method in cfg.methods
+            if (e := stats.get(task, {}).get(method)) and needs in e]
 
 
 def _plot(path: Path, cfg: ExperimentConfig, results: list[dict]) -> None:

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -34,6 +35,20 @@ def _sigterm_after(system: System, port: int, seen: dict, env_steps: int = 300, 
         return
 
 
+def _resume_from_checkpoints(cfg: LaunchConfig, first: dict) -> dict:
+    """A SIGTERM'd run left learner and replay checkpoints, refuses to start over them without --resume, and
+    --resume continues it from the replay tables as checkpointed; the resumed run's summary."""
+    run = Path(cfg.logdir)
+    assert list((run / "checkpoints" / "learner").glob("*/record.json"))
+    assert any((run / "checkpoints" / "replay").glob("*/DONE"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        System(cfg, progress=False)
+    resumed = System(dataclasses.replace(cfg, resume=True), progress=False).run()
+    assert resumed["replay_restored"] == first["replay_sizes"]  # the tables as checkpointed
+    assert resumed["replay_restored"]["online"] > 0
+    return resumed
+
+
 @pytest.mark.timeout(1200)
 def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_agent, free_port, tmp_path,
                                                                tensorboard_scalars):
@@ -57,14 +72,7 @@ def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_
     assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
     assert seen["inference"]["observations"] > 0  # actors got their chunks from the server csil-launch started
     run = tmp_path / "run"
-    assert list((run / "checkpoints" / "learner").glob("*/record.json"))
-    assert any((run / "checkpoints" / "replay").glob("*/DONE"))
-    with pytest.raises(FileExistsError, match="--resume"):
-        System(cfg, progress=False)
-
-    resumed = System(dataclasses.replace(cfg, resume=True), progress=False).run()
-    assert resumed["replay_restored"] == first["replay_sizes"]  # the tables as checkpointed
-    assert resumed["replay_restored"]["online"] > 0
+    resumed = _resume_from_checkpoints(cfg, first)
     assert resumed["env_steps"] >= 1000 and resumed["learner_updates"] > first["learner_updates"]
     assert not resumed["interrupted"] and len(resumed["best_reevaluated"]) == 1
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
@@ -114,14 +122,7 @@ def test_image_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_image_
     assert seen["inference"]["observation_shapes"] == {
         "observation/state": [9], "observation/image": [84, 84, 3], "observation/wrist_image": [84, 84, 3]}
     run = tmp_path / "run"
-    assert list((run / "checkpoints" / "learner").glob("*/record.json"))
-    assert any((run / "checkpoints" / "replay").glob("*/DONE"))
-    with pytest.raises(FileExistsError, match="--resume"):
-        System(cfg, progress=False)
-
-    resumed = System(dataclasses.replace(cfg, resume=True), progress=False).run()
-    assert resumed["replay_restored"] == first["replay_sizes"]  # the tables as checkpointed
-    assert resumed["replay_restored"]["online"] > 0
+    resumed = _resume_from_checkpoints(cfg, first)
     assert resumed["env_steps"] >= 64 and resumed["learner_updates"] > first["learner_updates"]
     assert not resumed["interrupted"]
     updates = [json.loads(line)["updates"] for line in (run / "learner.jsonl").read_text().splitlines()]
