@@ -176,7 +176,7 @@ def _statistics(cfg: ExperimentConfig, results: list[dict]) -> dict:
                 entry.update(min_eval=_quartiles(worst), base=_quartiles(base), paired_seeds=len(paired),
                              no_drop_seeds=sum(w >= b - DROP_TOLERANCE for w, b in zip(worst, base)),
                              beats_base_seeds=sum(f > b for f, b in zip(paired_final, base)))
-            _add_reevaluations(entry, runs, paired)
+            _add_reevaluations(entry, runs, paired if method != "base" else [])
             stats.setdefault(task, {})[method] = entry
     return stats
 
@@ -186,12 +186,13 @@ def _add_reevaluations(entry: dict, runs: list[dict], paired: list[tuple[dict, d
     over seeds), and its gain over the paired base on the same scenes (runs from before re-evaluation have none)."""
     reevaluated = [np.mean(r["best_reevaluated"]) for r in runs if r.get("best_reevaluated")]
     if reevaluated:
-        entry.update(reevaluated=_quartiles(reevaluated), reevaluated_seeds=len(reevaluated))
+        entry.update(reevaluated=_quartiles([float(x) for x in reevaluated]), reevaluated_seeds=len(reevaluated))
     pairs = [(np.mean(r["best_reevaluated"]), np.mean(b["best_reevaluated"])) for r, b in paired
              if r.get("best_reevaluated") and b.get("best_reevaluated")]
     if pairs:
-        entry.update(base_reevaluated=_quartiles([b for _, b in pairs]), gain=_quartiles([m - b for m, b in pairs]),
-                     improved_seeds=sum(m >= b + IMPROVEMENT - 1e-9 for m, b in pairs), reevaluated_pairs=len(pairs))
+        entry.update(base_reevaluated=_quartiles([float(b) for _, b in pairs]),
+                     gain=_quartiles([float(m - b) for m, b in pairs]),
+                     improved_seeds=int(sum(m >= b + IMPROVEMENT - 1e-9 for m, b in pairs)), reevaluated_pairs=len(pairs))
 
 
 def _beta_units_text(units: str) -> str:

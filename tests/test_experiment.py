@@ -57,6 +57,8 @@ def test_finished_runs_are_reused_and_summarised(tmp_path):
     assert "| csil++-ensemble | 75% [72%, 78%] |" in table  # final
     assert "re-evaluated 2 × 20 episodes" in table and "| csil++-ensemble | 65% [60%, 70%] |" in table
     assert "| Lift | csil++-ensemble | 52% [51%, 54%] | 65% [60%, 70%] | +12 pp [+9, +16] | 1/2 |" in table
+    assert "| Lift | base | " not in table.split("Gain over the paired base")[1].split("## Final")[0]
+    json.dumps(summary)  # what csil-experiment prints
     assert "| Lift | xqc-od-ensemble | 55% [52%, 57%] | 15% [12%, 18%] | 0/2 | 0/2 |" in table
     rows = table.splitlines()  # from the method's own step-0 evaluation
     assert "| Lift | csil++-ensemble | 55% [52%, 57%] | 60% [60%, 60%] | 2/2 |" in rows
