@@ -35,6 +35,15 @@ def _sigterm_after(system: System, port: int, seen: dict, env_steps: int = 300, 
         return
 
 
+def _stopped_by_sigterm(first: dict, seen: dict, low: int, high: int) -> None:
+    """SIGTERM stopped the run between ``low`` and ``high`` env steps, after learning and acting on chunks from
+    the inference server csil-launch started, with no final evaluation."""
+    assert first["interrupted"] and "final_eval" not in first, first
+    assert low <= first["env_steps"] < high and first["learner_updates"] > 0
+    assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
+    assert seen["inference"]["observations"] > 0
+
+
 def _resume_from_checkpoints(cfg: LaunchConfig, first: dict) -> dict:
     """A SIGTERM'd run left learner and replay checkpoints, refuses to start over them without --resume, and
     --resume continues it from the replay tables as checkpointed; the resumed run's summary."""
@@ -66,11 +75,7 @@ def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, tiny_
     threading.Thread(target=_sigterm_after, args=(system, port, seen, 200), daemon=True).start()
     first = system.run()
 
-    # SIGTERM stopped the run with checkpoints, no final eval
-    assert first["interrupted"] and "final_eval" not in first, first
-    assert 200 <= first["env_steps"] < 600 and first["learner_updates"] > 0
-    assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
-    assert seen["inference"]["observations"] > 0  # actors got their chunks from the server csil-launch started
+    _stopped_by_sigterm(first, seen, 200, 600)
     run = tmp_path / "run"
     resumed = _resume_from_checkpoints(cfg, first)
     assert resumed["env_steps"] >= 600 and resumed["learner_updates"] > first["learner_updates"]
@@ -113,11 +118,7 @@ def test_image_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_image_
     threading.Thread(target=_sigterm_after, args=(system, port, seen, 36), daemon=True).start()
     first = system.run()
 
-    # SIGTERM stopped the run with checkpoints, no final eval
-    assert first["interrupted"] and "final_eval" not in first, first
-    assert 36 <= first["env_steps"] < 64 and first["learner_updates"] > 0
-    assert first["mean_staleness"] is not None and first["mean_staleness"] >= 0
-    assert seen["inference"]["observations"] > 0  # actors got their chunks from the server csil-launch started
+    _stopped_by_sigterm(first, seen, 36, 64)
     # what the server's spec asked for (the image base policy's training view), checked at the server
     assert seen["inference"]["observation_shapes"] == {
         "observation/state": [9], "observation/image": [84, 84, 3], "observation/wrist_image": [84, 84, 3]}
