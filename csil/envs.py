@@ -24,6 +24,7 @@ from csil.tasks import TaskSpec, check_available, get_task, is_success
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 RENDER_QUALITIES = ("default", "fast")
+AXISANGLE_KEY = "robot0_eef_axisangle"  # derived: the eef quaternion as an axis-angle (LIBERO's state layout)
 
 
 _ROBOSUITE_NOISE = ("macro file", "setup_macros.py", "robosuite_models", "mink-based", "Loading controller configuration")
@@ -150,7 +151,7 @@ class CsilEnv:
             state_keys = STATE_KEYS if obs_mode == "state" else PROPRIO_KEYS
         unknown = [k for k in state_keys if k not in raw or np.asarray(raw[k]).ndim != 1]
         if unknown:
-            low_dim = sorted(k for k, v in raw.items() if np.asarray(v).ndim == 1)
+            low_dim = sorted([k for k, v in raw.items() if np.asarray(v).ndim == 1] + [AXISANGLE_KEY])
             raise ValueError(
                 f"unknown observation key(s) {unknown} for task {self.task.name}; low-dim keys that exist: {low_dim}"
             )
@@ -168,7 +169,7 @@ class CsilEnv:
     def _check_base_spec(self, raw: dict) -> None:
         """The base policy's request must be producible here: name what it asks for and what this env has."""
         spec = self.base_spec
-        low_dim = sorted(k for k, v in raw.items() if np.asarray(v).ndim == 1)
+        low_dim = sorted([k for k, v in raw.items() if np.asarray(v).ndim == 1] + [AXISANGLE_KEY])
         missing = [k for k in spec.state_keys if k not in low_dim]
         if missing:
             raise ValueError(f"the base policy's state needs {list(spec.state_keys)}; task {self.task.name} has no "
@@ -189,20 +190,26 @@ class CsilEnv:
         return self._complete(raw)
 
     def _complete(self, raw: dict) -> dict[str, np.ndarray]:
-        """robomimic's name for the object state, and LIBERO's axis-angle form of the end-effector rotation."""
-        from robosuite.utils.transform_utils import quat2axisangle
-
+        """robomimic's name for the object state."""
         raw["object"] = raw["object-state"]
-        raw["robot0_eef_axisangle"] = quat2axisangle(np.asarray(raw["robot0_eef_quat"], np.float64)).astype(np.float32)
         self.raw_obs = raw
         return raw
+
+    def _low_dim(self, key: str) -> np.ndarray:
+        """A robosuite low-dim observation, or LIBERO's axis-angle form of the end-effector rotation (computed
+        only when a base policy's request needs it, not every step)."""
+        if key == AXISANGLE_KEY:
+            from robosuite.utils.transform_utils import quat2axisangle
+
+            return quat2axisangle(np.asarray(self.raw_obs["robot0_eef_quat"], np.float64))
+        return self.raw_obs[key]
 
     def base_request(self) -> dict[str, np.ndarray]:
         """The base policy's observation for the current state, by ``base_spec`` (without the prompt)."""
         spec = self.base_spec
         if spec is None:
             raise RuntimeError("CsilEnv.base_request without a base_spec")
-        request = {"observation/state": np.concatenate([np.asarray(self.raw_obs[k], np.float32).ravel()
+        request = {"observation/state": np.concatenate([np.asarray(self._low_dim(k), np.float32).ravel()
                                                         for k in spec.state_keys])}
         for image in spec.images:
             ours = f"{image.camera}_image"
