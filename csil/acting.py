@@ -18,10 +18,10 @@ from typing import Callable, Protocol, Sequence
 import jax
 import numpy as np
 
-from csil import hetstat
+from csil import compile_cache, hetstat
 from csil.specs import OPENPI_KEYS
 
-ACTION_MODES = ("ensemble", "residual")
+ACTION_MODES = ("ensemble", "residual", "alone")
 
 
 class ChunkSource(Protocol):
@@ -41,7 +41,8 @@ def base_observation(obs: dict[str, np.ndarray], prompt: str) -> dict:
 
 
 def combine_actions(base: np.ndarray, small: np.ndarray, mode: str) -> np.ndarray:
-    """ensemble: the mean of the two (the paper's default); residual: their sum, clipped to the action box.
+    """ensemble: the mean of the two (the paper's default); residual: their sum, clipped to the action box;
+    alone: the small policy by itself (CSIL without a base policy, the paper's Fig. 6 setting).
 
     Replay stores ``small`` (a_pi) itself, not the result: the coherent reward and the critic are defined on
     the small policy's own actions.
@@ -50,6 +51,8 @@ def combine_actions(base: np.ndarray, small: np.ndarray, mode: str) -> np.ndarra
         return 0.5 * (base + small)
     if mode == "residual":
         return np.clip(base + small, -1.0, 1.0)
+    if mode == "alone":
+        return small
     raise ValueError(f"unknown action mode {mode!r}; choose one of {ACTION_MODES}")
 
 
@@ -83,6 +86,7 @@ class CombinedPolicy:
     def __init__(self, base: ChunkSource, network, action_mode: str, prompt: str, num_slots: int):
         if action_mode not in ACTION_MODES:
             raise ValueError(f"unknown action mode {action_mode!r}; choose one of {ACTION_MODES}")
+        compile_cache.enable()
         self.base, self.network, self.action_mode, self.prompt = base, network, action_mode, prompt
         self.queues = [deque() for _ in range(num_slots)]
         if network is not None:
@@ -109,12 +113,14 @@ class CombinedPolicy:
         or acts with its mode when ``key`` is None (evaluation). ``requests(i)``: the base policy's observation
         at ``obs[i]`` (``CsilEnv.base_request``: what the base's server asked for, not what the small policy sees)."""
         slots = range(len(self.queues)) if slots is None else slots
-        a_base = self.base_actions(requests, slots)
         if self.network is None:
+            a_base = self.base_actions(requests, slots)
             return Step(a_base, np.zeros_like(a_base), a_base)
         if params is None:
             raise RuntimeError("CombinedPolicy.act without small-policy params: no weights received yet")
         batch = stack_obs(obs)
         a_pi = self._mode(params, batch) if key is None else self._sample(params, batch, key)
         a_pi = np.asarray(a_pi, np.float32)
+        # "alone": the base policy is never asked (its slot in replay holds zeros)
+        a_base = np.zeros_like(a_pi) if self.action_mode == "alone" else self.base_actions(requests, slots)
         return Step(combine_actions(a_base, a_pi, self.action_mode).astype(np.float32), a_pi, a_base)

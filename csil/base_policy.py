@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from openpi_client.base_policy import BasePolicy
 
+from csil import compile_cache
 from csil.config import BaseTrainConfig
 from csil.demos import flatten_obs
 from csil.encoders import random_shift
@@ -156,6 +157,7 @@ class LocalBasePolicy(BasePolicy):
     def __init__(self, ckpt_dir: str | Path):
         import orbax.checkpoint as ocp
 
+        compile_cache.enable()
         path = Path(ckpt_dir).absolute()
         meta_file = path / "base_policy.json"
         if not meta_file.exists():

@@ -386,6 +386,8 @@ METHODS = {
     "xqc-od-ensemble": ("xqc-od", "ensemble"),
     "xqc-od-residual": ("xqc-od", "residual"),
     "csil-ensemble": ("csil", "ensemble"),
+    "csil++-alone": ("csil++", "alone"),  # the small policy without a base: the algorithm separated from the pairing
+    "csil-alone": ("csil", "alone"),
 }
 
 

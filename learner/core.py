@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from csil import seeds
+from csil import compile_cache, seeds
 from csil.config import AgentConfig
 from csil.specs import ObsSpec
 from learner.agent import AgentState, Batch, CSILAgent
@@ -28,6 +28,7 @@ class LearnerCore:
     """One agent's state and the operations on it. ``updates`` counts fused updates (one per env step)."""
 
     def __init__(self, cfg: AgentConfig, spec: ObsSpec, demos: DemoTransitions, seed: int):
+        compile_cache.enable()  # a restarted learner loads its compiled updates
         self.cfg, self.spec, self.demos, self.seed = cfg, spec, demos, seed
         self.agent = CSILAgent(cfg, spec)
         self.key = jax.random.PRNGKey(seeds.learner_key_seed(seed))

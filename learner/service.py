@@ -10,11 +10,12 @@ Checkpoints (``learner.checkpoint``: orbax, leaves keyed by name, written atomic
 them back and republishes the weights with the checkpointed version.
 
 Prometheus (``csil.metrics``): updates and seconds waiting for samples (exported once a second), weights
-published, and every 100 updates the metrics dict (``csil_learner_stat{key=...}``) and the mean seconds per
-update over those 100 updates, sample waits excluded (``csil_learner_update_seconds``). JAX dispatches updates
+published, and after the first fused call and every 100 updates the metrics dict (``csil_learner_stat{key=...}``)
+and the mean seconds per update since the last record, sample waits excluded (``csil_learner_update_seconds``):
+the first record shows a run's losses as soon as learning starts. JAX dispatches updates
 asynchronously, so one update's time is not observable without a device sync per update; the window ends with
 the metrics fetch, which is a sync, so its mean is right (publishing included; the first window includes the
-update's compilation).
+update's compilation, the first record only that).
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class LearnerService:
         pending: list[tuple[Batch, Batch]] = []  # batch pairs for the next fused call
         started = exported_at = time.perf_counter()
         self.exported = (self.updates, self.wait_s)
-        window = (started, self.updates, self.wait_s)  # start of the current 100-update window
+        window = (started, self.updates, self.wait_s)  # start of the current window (since the last record)
         while True:
             now = time.perf_counter()
             self.run_s = now - started
@@ -180,7 +181,7 @@ class LearnerService:
             done, pending = len(pending), []
             if _crossed(self.updates, done, cfg.publish_every):
                 self.publish()
-            if _crossed(self.updates, done, 100):
+            if _crossed(self.updates, done, 100) or self.updates == done:  # and the first call of a fresh learner
                 record = finite_metrics(metrics, self.updates)  # raises before anything is checkpointed
                 self.update_time_s = time.perf_counter() - start
                 self.metrics = record
@@ -201,7 +202,7 @@ class LearnerService:
 
     def stats(self) -> dict:
         """Counters, timings (``wait_s``: waiting for samples, i.e. for actors/rate limiter) and the last metrics
-        (``metrics``: the loss/Q/reward dict of the newest 100-update mark)."""
+        (``metrics``: the loss/Q/reward dict of the newest record: the first call, then every 100 updates)."""
         now, updates = time.perf_counter(), self.updates
         then, before = self.recent_rate
         if now - then >= 1.0:

@@ -348,7 +348,7 @@ class System:
                     "system/restarts": sum(stats["component_restarts"].values()),
                     "actors/train_success": stats["train_success"], "actors/episode_return": stats["train_return"],
                     "actors/episodes": stats["episodes"], "learner/updates": learner["updates"]})
-                if learner["metrics"] != learner_metrics:  # a new 100-update mark
+                if learner["metrics"] != learner_metrics:  # a new record (the first update, then every 100)
                     learner_metrics = learner["metrics"]
                     self.tracker.scalars(env_steps, {f"learner/{k}": v for k, v in learner_metrics.items()})
                 last_time, blocked_s = now, blocked

@@ -64,6 +64,17 @@ def test_sampling_acts_stochastically_and_base_alone_executes_the_base(lift_setu
     np.testing.assert_array_equal(alone.executed, alone.base)
 
 
+def test_alone_mode_acts_with_the_small_policy_and_never_asks_the_base(lift_setup):
+    """CSIL without a base (the paper's Fig. 6): the executed action is the small policy's, no request is sent."""
+    _, _, base_dir = lift_setup
+    obs, network, params, requests = _setup(base_dir)
+    source = CountingSource(LocalBasePolicy(base_dir))
+    step = CombinedPolicy(source, network, "alone", "lift", 2).act(params, obs, jax.random.PRNGKey(1), requests)
+    assert source.requests == []
+    np.testing.assert_array_equal(step.executed, step.small)
+    np.testing.assert_array_equal(step.base, np.zeros_like(step.small))
+
+
 def test_first_base_actions_are_the_first_of_each_chunk(lift_setup):
     _, _, base_dir = lift_setup
     obs, _, _, _ = _setup(base_dir)
