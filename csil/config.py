@@ -41,6 +41,7 @@ BASE_POLICY_DEFAULTS: dict[str, BaseTrainConfig] = {
     "Lift": BaseTrainConfig(num_demos=25, steps=5_000),
     "Can": BaseTrainConfig(num_demos=50, steps=10_000),
     "Square": BaseTrainConfig(num_demos=100, steps=15_000),
+    "NutAssembly": BaseTrainConfig(num_demos=None, steps=20_000),  # every demo of the file (200)
 }
 
 
