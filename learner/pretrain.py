@@ -19,7 +19,7 @@ from tqdm import trange
 from csil import hetstat
 from csil.acting import ChunkSource, first_base_actions
 from csil.demos import flatten_obs
-from csil.specs import ObsSpec, Transition
+from csil.specs import BaseObsSpec, ObsSpec, Transition
 from csil.tasks import is_success
 from learner.agent import AgentState, Batch, CSILAgent
 from learner.critic import make_atoms
@@ -66,13 +66,22 @@ class DemoTransitions:
         return Batch(*jax.tree_util.tree_map(pick, (self.obs, self.action, self.discount, self.next_obs,
                                                      self.next_action)))
 
-    def as_residuals(self, base: ChunkSource, prompt: str) -> DemoTransitions:
+    def as_residuals(self, base: ChunkSource, prompt: str, spec: ObsSpec) -> DemoTransitions:
         """Residual mode: the demo actions the small policy should output, ``a_demo − a_base(s)`` (clipped to the
         action box), so that BC makes ``a_base + a_pi`` reproduce the demos (a BC-initialised residual starts at
         the base's performance rather than adding a second full action to it), and the critic's demo half lives
         in the same action space as replay's ``a_pi``. ``a_base(s)`` is the first action of a chunk asked for at
         ``s`` (acting, the base executes chunks open loop, so this is exact every 10th step, approximate between).
+        The base is asked with the demos' own observations (``spec``), so they must be what it asks for.
         """
+        wants, demos_hold = BaseObsSpec.from_metadata(base.metadata), BaseObsSpec.of_local(spec)
+        if wants != demos_hold:
+            raise ValueError(
+                f"residual mode asks the base policy for its actions on the demo states, but it asks for state "
+                f"{list(wants.state_keys)} and cameras {[(i.camera, i.size) for i in wants.images]} while the "
+                f"{spec.mode} demos hold state {list(demos_hold.state_keys)} and cameras "
+                f"{[(i.camera, i.size) for i in demos_hold.images]}: use demos with the base policy's observations "
+                f"(csil-demos generate --obs image for a camera-based base) or --action-mode ensemble")
         residual = lambda a, b: np.clip(a - b, -1.0, 1.0).astype(np.float32)  # noqa: E731
         return dataclasses.replace(
             self, action=residual(self.action, first_base_actions(base, self.obs, prompt)),

@@ -85,7 +85,7 @@ class LearnerService:
             source = PatientChunkSource(self.cfg.base_policy, stopped=self.stop_pretraining.is_set,
                                         timeout_s=self.cfg.base_policy_timeout_s, actor_id="learner")
             try:
-                self.core.demos = self.core.demos.as_residuals(source, get_task(self.cfg.task).prompt)
+                self.core.demos = self.core.demos.as_residuals(source, get_task(self.cfg.task).prompt, self.spec)
             except RunStopped as e:
                 raise PretrainingStopped("stopped while waiting for the base-policy server") from e
             finally:

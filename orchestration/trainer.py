@@ -52,7 +52,7 @@ class Trainer:
         demos = DemoTransitions.from_episodes(data.episodes, self.spec)
         self.base_policy = LocalBasePolicy(self.base_dir)
         if cfg.action_mode == "residual":
-            demos = demos.as_residuals(self.base_policy, self.task.prompt)
+            demos = demos.as_residuals(self.base_policy, self.task.prompt, self.spec)
         self.learner = LearnerCore(cfg.agent, self.spec, demos, cfg.seed)
         self.tracker = RunTracker(self.logdir, dataclasses.asdict(cfg), cfg.wandb, wandb_group, wandb_name)
         self.evaluator = Evaluator(functools.partial(self._evaluate, self.learner.agent.policy_net),

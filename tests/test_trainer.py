@@ -86,3 +86,13 @@ def test_image_small_policy_on_a_state_base_policy(lift_setup, lift_image_setup,
     assert summary["env_steps"] == 8 and summary["updates"] == 8 - 4 + 2
     records = [json.loads(line) for line in (root / "image-on-state" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["phase"] == "train" and np.isfinite(r["critic_loss"]) for r in records)
+
+
+def test_residual_mode_refuses_demos_without_what_the_base_policy_asks_for(lift_setup, lift_image_setup, tiny_agent):
+    """Residual targets need a_base on the demo states: state demos cannot ask a camera-based base policy."""
+    root, state_demos, _ = lift_setup
+    _, _, image_base = lift_image_setup
+    cfg = TrainConfig(task="Lift", action_mode="residual", num_demos=2, demos=str(state_demos),
+                      base_checkpoint=str(image_base), logdir=str(root / "residual-on-image"), agent=tiny_agent)
+    with pytest.raises(ValueError, match=r"cameras \[\('agentview', 84\).*state demos hold .*cameras \[\]"):
+        Trainer(cfg, progress=False)
