@@ -279,9 +279,14 @@ class System:
                      f"{before.get(ONLINE_TABLE, 0):,} online)", restored=self.replay_sizes)
 
     def evaluate(self, env_steps: int) -> None:
-        """Evaluate the learner's current weights in the background."""
+        """Evaluate the learner's current weights in the background (skipped, with a warning, while the learner
+        is dead: supervision restarts it and the next evaluation goes ahead)."""
         if self.cfg.eval_episodes:
-            self.evaluator.submit(env_steps, *ray.get(self.learner.params.remote()))
+            params = self._alive(self.learner.params, None)
+            if params is None:
+                log.warning("no evaluation at %d env steps: the learner is being restarted", env_steps)
+                return
+            self.evaluator.submit(env_steps, *params)
 
     # --- the run ------------------------------------------------------------------------------------
 
@@ -337,7 +342,9 @@ class System:
                 env_steps = self.env_steps_offset + stats["env_steps"]
                 self._supervise()
                 self.evaluator.collect()
-                learner = ray.get(self.learner.stats.remote())
+                # a learner that died since _supervise looked is restarted on the next pass, not a crash here
+                learner = self._alive(self.learner.stats, {"updates": self.learner_updates, "updates_per_s": 0.0,
+                                                           "metrics": learner_metrics})
                 self.learner_updates = learner["updates"]
                 now, blocked = time.time(), sum(a["blocked_s"] for a in stats["actors"].values())
                 self.tracker.scalars(env_steps, {
@@ -366,8 +373,12 @@ class System:
                     self.evaluate(env_steps)
                 last_steps = env_steps
                 if time.time() - last_ckpt > cfg.checkpoint_every_s:
-                    self.checkpoint(env_steps)
-                    last_ckpt = time.time()
+                    try:
+                        self.checkpoint(env_steps)
+                        last_ckpt = time.time()
+                    except ray.exceptions.RayActorError:  # died since _supervise looked: retried next pass
+                        log.warning("periodic checkpoint at %d env steps deferred: a component is being restarted",
+                                    env_steps)
                 if env_steps >= cfg.env_steps or (cfg.duration_s and time.time() - acting_since >= cfg.duration_s):
                     break
         bar.close()

@@ -107,6 +107,15 @@ def test_base_requests_carry_what_the_base_asked_for_not_what_the_small_policy_s
     image_obs = image_env.reset(seed=0)
     np.testing.assert_array_equal(image_env.base_request()["observation/image"], image_obs["agentview_image"])
 
+    # an image small policy on a state base: the base gets the full low-dim state (object included), no camera
+    state_base = BaseObsSpec(("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"))
+    image_env = CsilEnv("Lift", "image", base_spec=state_base)
+    image_obs = image_env.reset(seed=0)
+    assert image_obs["state"].shape == (9,)  # what the small policy sees: proprioception and the cameras
+    request = image_env.base_request()
+    assert set(request) == {"observation/state"} and request["observation/state"].shape == (19,)
+    np.testing.assert_allclose(request["observation/state"], obs["state"], atol=1e-6)  # the state env's vector
+
 
 def test_a_base_spec_the_env_cannot_produce_is_refused_naming_both():
     import pytest

@@ -68,17 +68,17 @@ def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, lift_
     _, demos, _ = lift_setup
     _, _, base = lift_image_setup
     port = free_port()
-    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=600, warmup=40, eval_every=10**6,
+    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=400, warmup=40, eval_every=10**6,
                        eval_episodes=1, eval_videos=1, video_stride=25, final_eval_rounds=1, publish_every=2,
                        fuse_updates=2, num_demos=3,
                        demos=str(demos), base_checkpoint=str(base), serve_port=port, logdir=str(tmp_path / "run"),
                        agent=tiny_agent)
     system = System(cfg, progress=False)
     seen: dict = {}
-    threading.Thread(target=_sigterm_after, args=(system, port, seen, 200), daemon=True).start()
+    threading.Thread(target=_sigterm_after, args=(system, port, seen, 150), daemon=True).start()
     first = system.run()
 
-    _stopped_by_sigterm(first, seen, 200, 600)
+    _stopped_by_sigterm(first, seen, 150, 400)
     assert seen["inference"]["observation_shapes"] == {
         "observation/state": [9], "observation/image": [84, 84, 3], "observation/wrist_image": [84, 84, 3]}
     assert system.spec.mode == "state" and not system.spec.cameras  # what replay and the learner hold
@@ -86,7 +86,7 @@ def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, lift_
     # the learner (a Ray actor) stored its compiled update where the resumed learner loads it from
     assert list((Path(os.environ["CSIL_CACHE"]) / "xla").glob("jit__update_many-*-cache"))
     resumed = _resume_from_checkpoints(cfg, first)
-    assert resumed["env_steps"] >= 600 and resumed["learner_updates"] > first["learner_updates"]
+    assert resumed["env_steps"] >= 400 and resumed["learner_updates"] > first["learner_updates"]
     assert not resumed["interrupted"] and len(resumed["best_reevaluated"]) == 1
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
     steps = [e["env_steps"] for e in evals]

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
     nodes = {"head": cluster.head_node.node_id, "actor": actor_node.node_id, "inference": inference_node.node_id}
     agent = AgentConfig(policy=HetStatConfig(hidden=(32,), bottleneck=8, features=32), critic=CriticConfig(hidden=(32,)),
                         batch_size=8, bc_batch_size=32, bc_steps=20, critic_pretrain_steps=20)
-    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=1, env_steps=200, warmup=20,
+    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=1, env_steps=60, warmup=20,
                        eval_episodes=0, num_demos=3, demos=args["demos"], base_checkpoint=args["base"],
                        serve_port=args["port"], logdir=args["logdir"], address=cluster.address, agent=agent,
                        action_mode="residual")  # the learner's residual BC targets come from the inference node

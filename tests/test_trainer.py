@@ -73,21 +73,6 @@ def test_residual_mode_bc_targets_are_what_the_small_policy_must_add_to_the_base
     assert residual.next_action.shape == raw.next_action.shape and np.all(np.abs(residual.next_action) <= 1)
 
 
-def test_image_small_policy_on_a_state_base_policy(lift_setup, lift_image_setup, tiny_image_agent):
-    """The small policy's view and the base policy's are independent: an image small policy on a state base
-    pretrains, acts and trains (a state small policy on an image base, π0.5's case, is test_launch's SIGTERM run;
-    evaluation with images is test_launch's: an untrained policy's episode runs the whole horizon, rendering)."""
-    root, image_demos, _ = lift_image_setup
-    _, _, state_base = lift_setup
-    cfg = TrainConfig(task="Lift", obs_mode="image", env_steps=8, warmup=4, num_envs=2, eval_every=8,
-                      eval_episodes=0, num_demos=2, demos=str(image_demos), base_checkpoint=str(state_base),
-                      logdir=str(root / "image-on-state"), agent=tiny_image_agent)
-    summary = Trainer(cfg, progress=False).train()
-    assert summary["env_steps"] == 8 and summary["updates"] == 8 - 4 + 2
-    records = [json.loads(line) for line in (root / "image-on-state" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r["phase"] == "train" and np.isfinite(r["critic_loss"]) for r in records)
-
-
 def test_residual_mode_refuses_demos_without_what_the_base_policy_asks_for(lift_setup, lift_image_setup, tiny_agent):
     """Residual targets need a_base on the demo states: state demos cannot ask a camera-based base policy."""
     root, state_demos, _ = lift_setup
