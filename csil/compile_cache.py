@@ -9,6 +9,7 @@ second are not stored. ``CSIL_COMPILE_CACHE=0`` turns it off.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -18,8 +19,9 @@ from csil.config import cache_dir
 MAX_BYTES = 2 * 1024**3  # least recently used entries are dropped beyond this
 
 
+@functools.cache  # once per process: every jitting component calls it on construction
 def enable() -> None:
-    """Point JAX at ``<cache>/xla`` (idempotent; a no-op with ``CSIL_COMPILE_CACHE=0``)."""
+    """Point JAX at ``<cache>/xla`` (a no-op with ``CSIL_COMPILE_CACHE=0``)."""
     if os.environ.get("CSIL_COMPILE_CACHE", "1") == "0":
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))

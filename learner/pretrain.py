@@ -76,12 +76,14 @@ class DemoTransitions:
         """
         wants, demos_hold = BaseObsSpec.from_metadata(base.metadata), BaseObsSpec.of_local(spec)
         if wants != demos_hold:
+            def show(b: BaseObsSpec) -> str:
+                return f"state {list(b.state_keys)} and cameras {[(i.camera, i.size) for i in b.images]}"
+
             raise ValueError(
-                f"residual mode asks the base policy for its actions on the demo states, but it asks for state "
-                f"{list(wants.state_keys)} and cameras {[(i.camera, i.size) for i in wants.images]} while the "
-                f"{spec.mode} demos hold state {list(demos_hold.state_keys)} and cameras "
-                f"{[(i.camera, i.size) for i in demos_hold.images]}: use demos with the base policy's observations "
-                f"(csil-demos generate --obs image for a camera-based base) or --action-mode ensemble")
+                f"residual mode asks the base policy for its actions on the demo states, but it asks for "
+                f"{show(wants)} while the {spec.mode} demos hold {show(demos_hold)}: use demos with the base "
+                f"policy's observations (csil-demos generate --obs image for a camera-based base) or "
+                f"--action-mode ensemble")
         residual = lambda a, b: np.clip(a - b, -1.0, 1.0).astype(np.float32)  # noqa: E731
         return dataclasses.replace(
             self, action=residual(self.action, first_base_actions(base, self.obs, prompt)),
