@@ -214,7 +214,7 @@ def test_image_agent_shares_the_critic_encoder_with_the_policy():
     from csil.config import EncoderConfig
 
     cfg = dataclasses.replace(SMALL, batch_size=8, bc_batch_size=8, encoder=EncoderConfig(channels=(4, 8), out_dim=8,
-                                                                                             shift=2))
+                                                                                             shift=2), utd=1)
     agent = CSILAgent(cfg, IMAGE_SPEC)
     rng = np.random.default_rng(0)
     demos = image_demos(rng)
