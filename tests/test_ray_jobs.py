@@ -1,10 +1,14 @@
-"""csil-launch as a Ray job, the way deploy/README.md submits it: a Ray head started here (`ray start --head`, with
-the dashboard that serves the Jobs API), `ray job submit --working-dir . -- ... --address auto`, the Jobs SDK for
-status and logs, and `ray job stop`, whose SIGTERM must reach the driver and leave a checkpoint.
+"""csil-launch as a Ray job on a multi-node cluster, the way deploy/README.md runs it: a head with the
+``csil_learner`` resource and the dashboard that serves the Jobs API, an actor node (``csil_actor``) and an
+inference node (``csil_inference``), each its own ``ray start`` (several raylets on this machine), then
+`ray job submit --working-dir . -- ... --address auto`, the Jobs SDK for status, logs and placement, and
+`ray job stop`, whose SIGTERM must reach the driver and leave a checkpoint.
 
-The head is this test's own: its own ports and temp dir, started with ``--block`` in its own session so that
-killing that process group stops exactly the Ray it started (``ray stop`` would stop every Ray on the machine). The stopped
-job is then resubmitted with ``--resume`` and runs to the end of its budget, as deploy/README.md describes."""
+Learner, replay and coordinator must land on the head, env actors on the actor node and the inference replica on
+the inference node, as deploy/cluster.yaml's node types advertise them. The cluster is this test's own: its own
+ports and temp dir, every ``ray start`` with ``--block`` in its own session, so that killing those process
+groups stops exactly the Ray it started (``ray stop`` would stop every Ray on the machine). The stopped job is
+then resubmitted with ``--resume`` and runs to the end of its budget, as deploy/README.md describes."""
 
 import json
 import os
@@ -20,62 +24,92 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+ROLES = {"head": {"csil_learner": 1}, "actor": {"csil_actor": 2}, "inference": {"csil_inference": 1}}
+
+
+def _ray_start(args: list[str], env: dict, free_port) -> subprocess.Popen:
+    """One node: ``ray start --block`` with ports of its own, in its own process group."""
+    ports = {"node-manager-port": free_port(), "object-manager-port": free_port(),
+             "dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
+             "metrics-export-port": free_port(), "runtime-env-agent-port": free_port()}
+    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--object-store-memory=300000000",
+                             *args, *(f"--{k}={v}" for k, v in ports.items())],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture
-def ray_head(free_port):
-    """The Jobs API address of a fresh one-node Ray cluster."""
+def ray_cluster(free_port):
+    """The Jobs API address of a fresh three-node Ray cluster, and its node ids by role."""
     from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_nodes
 
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
-    dashboard = free_port()
-    ports = {"port": free_port(), "dashboard-port": dashboard, "ray-client-server-port": free_port(),
-             "dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
-             "metrics-export-port": free_port(), "runtime-env-agent-port": free_port()}
-    # No memory monitor: this cluster's workers are not to be killed for memory other processes on the machine use.
-    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=4", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats",
-                             *(f"--{k}={v}" for k, v in ports.items())],
-                            env={**os.environ, "RAY_memory_monitor_refresh_ms": "0"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gcs, dashboard = free_port(), free_port()
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while True:
-        assert head.poll() is None, "ray start --head exited"
-        try:
-            JobSubmissionClient(address).list_jobs()
-            break
-        except Exception:  # noqa: BLE001 - the dashboard is still starting
-            assert time.time() < deadline, "the Ray dashboard (Jobs API) did not come up in 120 s"
-            time.sleep(1)
+    # No memory monitor: this cluster's workers are not to be killed for memory other processes on the machine use.
+    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0"}
+    nodes = [_ray_start(["--head", "--num-cpus=2", f"--resources={json.dumps(ROLES['head'])}",
+                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+                         f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}"],
+                        env, free_port)]
     try:
-        yield address
+        deadline = time.time() + 120
+        while True:
+            assert nodes[0].poll() is None, "ray start --head exited"
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:  # noqa: BLE001 - the dashboard is still starting
+                assert time.time() < deadline, "the Ray dashboard (Jobs API) did not come up in 120 s"
+                time.sleep(1)
+        nodes += [_ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=1", f"--resources={json.dumps(ROLES[r])}"],
+                             env, free_port) for r in ("actor", "inference")]
+        while len(alive := [n for n in list_nodes(address=address) if n.state == "ALIVE"]) < 3:
+            assert time.time() < deadline, f"3 Ray nodes did not come up in 120 s: {alive}"
+            time.sleep(1)
+        by_role = {role: next(n.node_id for n in alive if set(resources) <= set(n.resources_total))
+                   for role, resources in ROLES.items()}
+        yield address, by_role
     finally:
-        # Its own process group: ray start and the Ray processes it started (GCS, raylet, dashboard); the workers
-        # and job drivers exit when their raylet and supervisor are gone. (A graceful stop takes ~30 s.)
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=60)
+        # Each node's process group: ray start and the Ray processes it started (GCS, raylet, dashboard); the
+        # workers and job drivers exit when their raylet and supervisor are gone. (A graceful stop takes ~30 s.)
+        for node in reversed(nodes):
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
 
 
 def _launch(lift_setup, logdir: Path, port: int) -> list[str]:
-    """A csil-launch job that would run for ever (10**6 env steps of a CPU-sized learner, no evaluations)."""
+    """A csil-launch job that would run for ever (10**6 env steps of a CPU-sized learner, no evaluations), in
+    residual mode: the learner's BC targets then come from the inference node too."""
     _, demos, base = lift_setup
     return [sys.executable, "-m", "cli.launch", "--address", "auto", "--task", "Lift", "--size", "cpu",
-            "--actors", "1", "--envs-per-actor", "1", "--env-steps", str(10**6), "--warmup", "20",
-            "--eval-episodes", "0", "--num-demos", "3", "--demos", str(demos), "--base-checkpoint", str(base),
-            "--bc-steps", "20", "--critic-steps", "10", "--serve-port", str(port), "--logdir", str(logdir)]
+            "--action-mode", "residual", "--actors", "1", "--envs-per-actor", "1", "--env-steps", str(10**6),
+            "--warmup", "20", "--eval-episodes", "0", "--num-demos", "3", "--demos", str(demos),
+            "--base-checkpoint", str(base), "--bc-steps", "20", "--critic-steps", "10", "--serve-port", str(port),
+            "--logdir", str(logdir)]
+
+
+def _placement(address: str) -> dict[str, set[str]]:
+    """{actor class name: node ids} of the cluster's live actors."""
+    from ray.util.state import list_actors
+
+    placement: dict[str, set[str]] = {}
+    for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000):
+        placement.setdefault(actor.class_name, set()).add(actor.node_id)
+    return placement
 
 
 @pytest.mark.timeout(600)
-def test_ray_job_stop_leaves_a_checkpoint_and_a_resubmitted_job_runs_to_the_end(ray_head, lift_setup, free_port,
-                                                                                tmp_path):
+def test_ray_job_on_a_cluster_places_roles_stops_with_a_checkpoint_and_resumes(ray_cluster, lift_setup, free_port,
+                                                                               tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    address, nodes = ray_cluster
     runtime_env = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120", "MUJOCO_GL": "egl",
                                            "CSIL_CACHE": os.environ["CSIL_CACHE"]}})
-    submit = [RAY, "job", "submit", "--address", ray_head, "--working-dir", ".", "--runtime-env-json", runtime_env]
-    client = JobSubmissionClient(ray_head)
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env-json", runtime_env]
+    client = JobSubmissionClient(address)
     run = tmp_path / "run"
 
     # a long run, stopped once it acts: SIGTERM reaches the driver, which checkpoints before it exits
@@ -90,7 +124,16 @@ def test_ray_job_stop_leaves_a_checkpoint_and_a_resubmitted_job_runs_to_the_end(
             client.get_job_logs("csil-stop-test")
         assert time.time() < deadline, "the job did not start acting in 300 s"
         time.sleep(1)
-    stop = subprocess.run([RAY, "job", "stop", "--address", ray_head, "csil-stop-test"], capture_output=True,
+
+    # each role on the node that advertises its resource
+    placement = _placement(address)
+    for role in ("LearnerService", "ReplayService", "Coordinator"):
+        assert placement[role] == {nodes["head"]}, (role, placement, nodes)
+    assert placement["EnvActor"] == {nodes["actor"]}, (placement, nodes)
+    replicas = [where for name, where in placement.items() if "InferenceServer" in name]
+    assert replicas and all(where == {nodes["inference"]} for where in replicas), (placement, nodes)
+
+    stop = subprocess.run([RAY, "job", "stop", "--address", address, "csil-stop-test"], capture_output=True,
                           text=True, timeout=180)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert client.get_job_status("csil-stop-test") == JobStatus.STOPPED
