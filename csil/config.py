@@ -134,8 +134,10 @@ class AgentConfig:
     kl_estimator: str = "exact"  # variant: "exact" (closed form, CSIL++) | "mc" (one-sample, CSIL)
     discount: float = 0.99
     utd: int = 4  # variant: critic updates per env step (one actor update per env step)
-    # Unroll the fused UTD loop instead of an XLA while loop. None: unroll for image observations, where XLA CPU
-    # ran the convolutions ~10x slower inside the loop (cpu size, batch 32, UTD 4: 153 s vs 12.5 s per call).
+    # Unroll the fused UTD (and K-step) loop at trace time instead of an XLA while loop. None: unroll for image
+    # observations. XLA CPU (jax 0.4.34) runs convolution gradients inside a while loop ~15x slower, and
+    # lax.scan(unroll=True) keeps a one-trip loop: cpu size, batch 32, UTD 1, one core: 54 s per update in the
+    # scan, 4.6 s unrolled at trace time (results/learner.md).
     unroll_utd: bool | None = None
     batch_size: int = 128  # online samples per critic update (plus as many demo samples)
     # KL(pi||pi_BC) coefficient (actor loss and soft value in the TD target), in the units ``beta_units`` names.
