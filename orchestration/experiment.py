@@ -258,8 +258,9 @@ def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -
                        f"{e['no_drop_seeds']}/{e['paired_seeds']} | {e['beats_base_seeds']}/{e['paired_seeds']}")
     lines += ["", f"## Drop from the method's own start (worst later evaluation ≥ step-0 evaluation − "
               f"{DROP_TOLERANCE:.0%})", "",
-              "The step-0 evaluation is the base combined with the BC-initialised small policy, before any update: "
-              "it differs from the base alone when the combination does.", "",
+              "The step-0 evaluation is the BC-initialised small policy before any update, combined with the base "
+              "(ensemble, residual: it differs from the base alone when the combination does) or alone (alone).",
+              "",
               "| task | method | step 0 | worst later eval | seeds without drop |", "|---|---|---|---|---|"]
     lines += _rows(cfg, stats, "start", lambda e: f"{_cell(e['start'])} | {_cell(e['worst_after_start'])} | "
                    f"{e['no_drop_from_start_seeds']}/{e['seeds']}")
