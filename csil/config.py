@@ -137,7 +137,7 @@ class AgentConfig:
     # Unroll the fused UTD (and K-step) loop at trace time instead of an XLA while loop. None: unroll for image
     # observations. XLA CPU (jax 0.4.34) runs convolution gradients inside a while loop ~15x slower, and
     # lax.scan(unroll=True) keeps a one-trip loop: cpu size, batch 32, UTD 1, one core: 54 s per update in the
-    # scan, 4.6 s unrolled at trace time (results/learner.md).
+    # scan, 5.0 s unrolled at trace time (results/learner.md).
     unroll_utd: bool | None = None
     batch_size: int = 128  # online samples per critic update (plus as many demo samples)
     # KL(pi||pi_BC) coefficient (actor loss and soft value in the TD target), in the units ``beta_units`` names.
