@@ -2,6 +2,7 @@
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,18 @@ def free_port():
             return s.getsockname()[1]
 
     return pick
+
+
+@pytest.fixture(scope="session")
+def actor_env() -> Path | None:
+    """The robosuite-1.4 actor environment (deploy/actor-env-rs14.sh): ``$CSIL_ACTOR_ENV`` or ``.venv-rs14`` in
+    the checkout; None where there is none, a failure where CSIL_ACTOR_ENV names one that is missing (CI)."""
+    path = Path(os.environ.get("CSIL_ACTOR_ENV") or Path(__file__).resolve().parents[1] / ".venv-rs14")
+    if (path / "bin" / "python").exists():
+        return path
+    if os.environ.get("CSIL_ACTOR_ENV"):
+        pytest.fail(f"CSIL_ACTOR_ENV={path} has no bin/python: deploy/actor-env-rs14.sh did not build it")
+    return None
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,11 @@
 server, the learner service and the inference server (Ray Serve) that csil-launch starts for ``local``."""
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -16,6 +18,7 @@ import pytest
 import ray
 
 from csil.config import LaunchConfig, ReplayConfig
+from csil.envs import simulator_versions
 from csil.video import expected_frames, read_frames
 from orchestration.launcher import System
 
@@ -58,27 +61,44 @@ def _resume_from_checkpoints(cfg: LaunchConfig, first: dict) -> dict:
     return resumed
 
 
+def _learner_robosuite(system: System, seen: dict) -> None:
+    """What the learner's process would import as robosuite (asked inside it while the run goes on)."""
+    deadline = time.time() + 600
+    while time.time() < deadline and "learner" not in seen:
+        time.sleep(0.5)
+        learner = getattr(system, "learner", None)
+        if learner is not None:
+            seen["learner"] = ray.get(learner.__ray_call__.remote(
+                lambda self: (sys.executable, importlib.metadata.version("robosuite"))))
+
+
 @pytest.mark.timeout(1200)
 def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, lift_image_setup, tiny_agent, free_port,
-                                                               tmp_path, tensorboard_scalars):
+                                                               actor_env, tmp_path, tensorboard_scalars):
     """The user's Ctrl-C and --resume (killed components are tests/test_chaos.py's), in π0.5's case: the base
     policy's server asks for both cameras, the small policy, replay and the learner see the state; the envs of
     actors and evaluator render for the base. Both runs log to TensorBoard in the run directory and film each
-    evaluation's episode (every 25th step: rendering is slow)."""
+    evaluation's episode (every 25th step: rendering is slow). Where the robosuite-1.4 actor environment exists
+    (always in CI), env actors and evaluator run in it while learner, replay and inference stay on 1.5."""
     _, demos, _ = lift_setup
     _, _, base = lift_image_setup
     port = free_port()
-    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=400, warmup=40, eval_every=10**6,
+    cfg = LaunchConfig(task="Lift", actors=2, envs_per_actor=2, env_steps=300, warmup=40, eval_every=10**6,
                        eval_episodes=1, eval_videos=1, video_stride=25, final_eval_rounds=1, publish_every=2,
                        fuse_updates=2, num_demos=3,
                        demos=str(demos), base_checkpoint=str(base), serve_port=port, logdir=str(tmp_path / "run"),
-                       agent=tiny_agent)
+                       agent=tiny_agent, actor_env=str(actor_env) if actor_env else None)
     system = System(cfg, progress=False)
     seen: dict = {}
-    threading.Thread(target=_sigterm_after, args=(system, port, seen, 150), daemon=True).start()
+    threading.Thread(target=_sigterm_after, args=(system, port, seen, 120), daemon=True).start()
+    threading.Thread(target=_learner_robosuite, args=(system, seen), daemon=True).start()
     first = system.run()
 
-    _stopped_by_sigterm(first, seen, 150, 400)
+    _stopped_by_sigterm(first, seen, 120, 300)
+    simulator = "robosuite 1.4.1, mujoco 2.3.2" if actor_env else simulator_versions()
+    assert {a["simulator"] for a in first["actors"].values()} == {simulator}
+    assert seen["learner"] == (sys.executable, importlib.metadata.version("robosuite"))
+    assert seen["learner"][1].startswith("1.5")
     assert seen["inference"]["observation_shapes"] == {
         "observation/state": [9], "observation/image": [84, 84, 3], "observation/wrist_image": [84, 84, 3]}
     assert system.spec.mode == "state" and not system.spec.cameras  # what replay and the learner hold
@@ -86,7 +106,7 @@ def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, lift_
     # the learner (a Ray actor) stored its compiled update where the resumed learner loads it from
     assert list((Path(os.environ["CSIL_CACHE"]) / "xla").glob("jit__update_many-*-cache"))
     resumed = _resume_from_checkpoints(cfg, first)
-    assert resumed["env_steps"] >= 400 and resumed["learner_updates"] > first["learner_updates"]
+    assert resumed["env_steps"] >= 300 and resumed["learner_updates"] > first["learner_updates"]
     assert not resumed["interrupted"] and len(resumed["best_reevaluated"]) == 1
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
     steps = [e["env_steps"] for e in evals]

@@ -64,8 +64,11 @@ def ray_cluster(free_port):
                 time.sleep(1)
         nodes += [_ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=1", f"--resources={json.dumps(ROLES[r])}"],
                              env, free_port) for r in ("actor", "inference")]
+        # Their own deadline: on a loaded 2-core machine the head alone can take most of the first one.
+        deadline = time.time() + 180
         while len(alive := [n for n in list_nodes(address=address) if n.state == "ALIVE"]) < 3:
-            assert time.time() < deadline, f"3 Ray nodes did not come up in 120 s: {alive}"
+            assert all(node.poll() is None for node in nodes), "a ray start exited"
+            assert time.time() < deadline, f"3 Ray nodes did not come up in 180 s: {alive}"
             time.sleep(1)
         by_role = {role: next(n.node_id for n in alive if set(resources) <= set(n.resources_total))
                    for role, resources in ROLES.items()}
