@@ -21,10 +21,10 @@ from pathlib import Path
 
 from cli import emit_json
 from cli.flags import at_least, base_policy_target, build, field, values
-from cli.train import (ALGO_HELP, BETA_UNITS_HELP, EVAL_VIDEOS_HELP, MODE_HELP, OBS_HELP, SIZE_HELP,
-                       VIDEO_STRIDE_HELP, WANDB_HELP)
+from cli.train import (ALGO_HELP, EVAL_VIDEOS_HELP, MODE_HELP, OBS_HELP, SIZE_HELP, VIDEO_STRIDE_HELP, WANDB_HELP,
+                       add_agent_flags)
 from csil.acting import ACTION_MODES
-from csil.config import ALGORITHMS, BETA_UNITS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
+from csil.config import ALGORITHMS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
 from csil.ray_utils import python_env
 from csil.specs import OBS_MODES
 from orchestration.launcher import System
@@ -78,14 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, L, "num_demos", type=at_least(1), help="demos for BC, reward and the demo table")
     field(p, L, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
     field(p, L, "base_checkpoint", help="local base policy dir (default: the cached one)")
-    field(p, AgentConfig, "bc_steps", default=None, help="BC pretraining steps (default: the algorithm's)")
-    field(p, AgentConfig, "critic_pretrain_steps", "--critic-steps", default=None,
-          help="critic pretraining steps (default: the algorithm's)")
-    field(p, AgentConfig, "actor_warmup_steps", "--actor-warmup", default=None,
-          help="linear actor learning-rate warmup, updates (default: the algorithm's)")
-    field(p, AgentConfig, "beta", default=None, help="KL(pi||pi_BC) coefficient, in --beta-units (default: the "
-                                                     "algorithm's)")
-    field(p, AgentConfig, "beta_units", default=None, choices=BETA_UNITS, help=BETA_UNITS_HELP)
+    add_agent_flags(p)
     field(p, L, "address", help="Ray cluster address, e.g. auto (default: start Ray locally)")
     field(p, L, "actor_env", type=_actor_env, help="run env actors and the evaluator in this Python environment (a venv dir or its "
                                   "python; same Python and Ray versions), e.g. the robosuite-1.4 one that "

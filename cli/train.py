@@ -31,6 +31,30 @@ BETA_UNITS_HELP = ("nats: beta per nat of KL (results/table1); reward: beta time
                    "per nat, so 1 weighs KL and reward log-ratio equally (see AgentConfig.beta_units)")
 
 
+def add_agent_flags(p: argparse.ArgumentParser) -> None:
+    """The learner's hyperparameters a run may change (csil-train, csil-launch); unset ones keep the preset's
+    (``agent_config``: algorithm and --size)."""
+    g = p.add_argument_group("learner (unset: the --algo/--size preset's value)")
+    field(g, AgentConfig, "bc_steps", type=at_least(0), default=None,
+          help=f"BC pretraining steps (preset: {AgentConfig.bc_steps:,}; the paper uses 25k on images)")
+    field(g, AgentConfig, "critic_pretrain_steps", "--critic-steps", type=at_least(0), default=None,
+          help=f"SARSA critic pretraining steps (preset: {AgentConfig.critic_pretrain_steps:,}; xqc-od never "
+               "pretrains its critic)")
+    field(g, AgentConfig, "actor_warmup_steps", "--actor-warmup", type=at_least(0), default=None,
+          help=f"linear actor learning-rate warmup, updates (preset: {AgentConfig.actor_warmup_steps})")
+    field(g, AgentConfig, "beta", default=None,
+          help=f"KL(pi||pi_BC) coefficient (csil++, csil), in --beta-units (preset: {AgentConfig.beta:g})")
+    field(g, AgentConfig, "beta_units", default=None, choices=BETA_UNITS,
+          help=f"{BETA_UNITS_HELP} (preset: {AgentConfig.beta_units})")
+    field(g, AgentConfig, "batch_size", type=at_least(1), default=None,
+          help=f"online samples per critic update, plus as many demo samples (preset: {AgentConfig.batch_size}; "
+               "on a CPU with --obs image, 16-32: one image update at 128 x UTD 4 takes ~70 s on a core)")
+    field(g, AgentConfig, "bc_batch_size", type=at_least(1), default=None,
+          help=f"demo samples per BC pretraining step (preset: {AgentConfig.bc_batch_size})")
+    field(g, AgentConfig, "utd", type=at_least(1), default=None,
+          help=f"critic updates per env step (preset: {AgentConfig.utd}; vanilla csil is always 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="csil-train", description=__doc__)
     field(p, TrainConfig, "task", help="task name")
@@ -53,12 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, TrainConfig, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
     field(p, TrainConfig, "base_checkpoint", "--base-checkpoint", "--base-policy",
           help="the local base policy: a csil-base checkpoint dir (default: the cached one)")
-    field(p, AgentConfig, "bc_steps", help="BC pretraining steps")
-    field(p, AgentConfig, "critic_pretrain_steps", "--critic-steps",
-          help="SARSA critic pretraining steps (xqc-od never pretrains its critic)")
-    field(p, AgentConfig, "actor_warmup_steps", "--actor-warmup", help="linear actor learning-rate warmup, updates")
-    field(p, AgentConfig, "beta", help="KL(pi||pi_BC) coefficient (csil++, csil), in --beta-units")
-    field(p, AgentConfig, "beta_units", choices=BETA_UNITS, help=BETA_UNITS_HELP)
+    add_agent_flags(p)
     field(p, TrainConfig, "logdir", default=None, help="run directory (default runs/<task>-<time>)")
     field(p, TrainConfig, "seed", help="seed")
     return p
@@ -67,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     run = values(args, TrainConfig)
     return build(TrainConfig, args, logdir=run["logdir"] or f"runs/{run['task']}-{time.strftime('%Y%m%d-%H%M%S')}",
-                 agent=agent_config(run["algo"], run["size"], **values(args, AgentConfig)))
+                 agent=agent_config(run["algo"], run["size"], **values(args, AgentConfig, skip_none=True)))
 
 
 def main(argv: list[str] | None = None) -> None:
