@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
 from itertools import count
 from pathlib import Path
@@ -68,13 +69,26 @@ def _key(obj) -> str:
     return hashlib.sha1(json.dumps(dataclasses.asdict(obj), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def ensure_demos(task: str, obs_mode: str = "state", num: int = 200) -> Path:
-    """Path of the cached demo file for a task, generating it (with progress) if absent."""
-    cfg = DemoConfig(task=get_task(task).name, num=num, obs_mode=obs_mode)
-    path = cache_dir() / "demos" / f"{cfg.task}_{obs_mode}_{num}_{_key(cfg)}.hdf5"
-    if not path.exists():
-        print(f"generating {num} {cfg.task} demos into {path} (cached for later runs)")
-        generate_demos(cfg, path)
+def _demo_path(task: str, obs_mode: str, num: int) -> Path:
+    cfg = DemoConfig(task=task, num=num, obs_mode=obs_mode)
+    return cache_dir() / "demos" / f"{task}_{obs_mode}_{num}_{_key(cfg)}.hdf5"
+
+
+def ensure_demos(task: str, obs_mode: str = "state", num: int = DemoConfig.num) -> Path:
+    """Path of a cached demo file of a task with at least ``num`` demos (its first ``num`` are the ones a
+    ``num``-demo file would hold: seeds are kept in order), generating one with progress if there is none.
+    State demos are cheap and made ``DemoConfig.num`` at a time; image demos are rendered (~5 s each on a core)
+    only as many as asked for."""
+    name = get_task(task).name
+    sizes = sorted(int(m.group(1)) for f in (cache_dir() / "demos").glob(f"{name}_{obs_mode}_*.hdf5")
+                   if (m := re.fullmatch(rf"{name}_{obs_mode}_(\d+)_[0-9a-f]{{8}}\.hdf5", f.name)))
+    for n in sizes:
+        if n >= num and _demo_path(name, obs_mode, n).exists():  # the key also matches the other settings
+            return _demo_path(name, obs_mode, n)
+    num = max(num, DemoConfig.num) if obs_mode == "state" else num
+    path = _demo_path(name, obs_mode, num)
+    print(f"generating {num} {name} demos into {path} (cached for later runs)")
+    generate_demos(DemoConfig(task=name, num=num, obs_mode=obs_mode), path)
     return path
 
 

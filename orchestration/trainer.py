@@ -44,7 +44,7 @@ class Trainer:
         self.logdir = Path(cfg.logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-        demos_path = cfg.demos or ensure_demos(self.task.name, cfg.obs_mode)
+        demos_path = cfg.demos or ensure_demos(self.task.name, cfg.obs_mode, cfg.num_demos)
         # the base policy's observations are its own (its metadata): a state base under an image small policy works
         self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name))
         data = read_demos(demos_path, num_demos=cfg.num_demos)

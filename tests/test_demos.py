@@ -324,3 +324,18 @@ def test_flatten_obs_errors():
         flatten_obs({"robot0_eef_pos": np.zeros((4, 3)), "agentview_image": np.zeros((4, IMAGE, IMAGE, 3))},
                     image_spec)
     assert flatten_obs({"robot0_eef_pos": np.ones((4, 3)), "object": np.ones((4, 10))}, spec)["state"].shape == (4, 13)
+
+
+def test_cached_demos_render_only_what_is_asked_and_reuse_larger_files(tmp_path, monkeypatch, lift_image_setup):
+    """Image demos take ~5 s each to render: a first image run asking for 1 gets 1 (not the 200 state runs
+    cache), and a cached file with more demos serves any smaller request."""
+    from orchestration.pipeline import _demo_path, ensure_demos
+
+    monkeypatch.setenv("CSIL_CACHE", str(tmp_path))
+    one = ensure_demos("Lift", "image", 1)
+    assert len(read_demos(one, load_next_obs=False).episodes) == 1
+    assert "agentview_image" in read_demos(one, load_next_obs=False).episodes[0].obs
+    two = _demo_path("Lift", "image", 2)
+    two.write_bytes(lift_image_setup[1].read_bytes())  # 2 demos as csil-demos would render them
+    assert ensure_demos("Lift", "image", 2) == two and ensure_demos("Lift", "image", 1) == one
+    assert sorted(p.name for p in (tmp_path / "demos").iterdir()) == sorted([one.name, two.name])

@@ -61,7 +61,7 @@ def measure_system(cfg: LaunchConfig) -> dict:
 
 def bench_system(cfg: LaunchConfig, env_steps: int = 500) -> dict:
     """Baselines first (raw env loop, bare update), then the system; one JSON-ready record."""
-    demos = cfg.demos or str(ensure_demos(cfg.task, cfg.obs_mode))
+    demos = cfg.demos or str(ensure_demos(cfg.task, cfg.obs_mode, cfg.num_demos))
     spec = spec_from_demos(demos, read_demos(demos, num_demos=1).episodes[0].obs, cfg.obs_mode)
     raw = bench_env(cfg.task, env_steps, 1, cfg.obs_mode, cfg.seed)["raw_steps_per_s"]  # renders as the actors do
     bare = bare_update_rate(cfg.agent, spec)
