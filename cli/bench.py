@@ -29,6 +29,10 @@ def add_system_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=at_least(1, float), default=120.0,
                    help="seconds of acting, from the first env step (warmup fill included) (default %(default)s)")
     p.add_argument("--size", choices=SIZES, default="cpu", help="network sizes (default %(default)s)")
+    p.add_argument("--batch-size", type=at_least(1), default=None,
+                   help="online (and as many demo) samples per critic update, also BC pretraining's batch (default: "
+                        "the preset's, 128; image runs on a CPU want 16-32)")
+    p.add_argument("--utd", type=at_least(1), default=None, help="critic updates per env step (default: the preset's, 4)")
     p.add_argument("--warmup", type=at_least(1), default=1000, help="rate limiter min size (default %(default)s)")
     p.add_argument("--pretrain-steps", type=at_least(1), default=200,
                    help="BC and critic pretraining steps (quality does not change throughput)")
@@ -102,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def system_config(args: argparse.Namespace, actors: int) -> LaunchConfig:
     """A fixed-duration, evaluation-free launch config for ``system`` (and csil-scale)."""
-    agent = agent_config("csil++", args.size, bc_steps=args.pretrain_steps, critic_pretrain_steps=args.pretrain_steps)
+    batch = {"batch_size": args.batch_size, "bc_batch_size": args.batch_size} if args.batch_size else {}
+    agent = agent_config("csil++", args.size, bc_steps=args.pretrain_steps, critic_pretrain_steps=args.pretrain_steps,
+                         **batch, **({"utd": args.utd} if args.utd else {}))
     return LaunchConfig(task=args.task, obs_mode=args.obs, size=args.size, actors=actors, envs_per_actor=args.envs_per_actor,
                         env_steps=10**12, duration_s=args.seconds, warmup=args.warmup, eval_episodes=0,
                         num_demos=args.num_demos, seed=args.seed, agent=agent)

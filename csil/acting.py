@@ -2,7 +2,7 @@
 
 Every place that turns an observation into an action goes through ``CombinedPolicy``: the env actors and the
 single-process trainer (``act(..., key)``: a sample from the small policy), the evaluator (``act(..., None)``:
-its mode), and residual-mode pretraining (``first_base_actions``). The base policy's observations are built by
+its mode), and residual-mode pretraining (``open_loop_base_actions``). The base policy's observations are built by
 the caller (``CsilEnv.base_request``, from what the base's server asked for), only for slots that need a chunk. The base policy is anything with openpi's
 ``infer_batch`` (``ChunkSource``): the inference server's client, or the local model in-process. Each env slot
 keeps a queue of base actions; a slot whose queue ran dry gets a fresh chunk, asked for all such slots at once,
@@ -56,11 +56,22 @@ def combine_actions(base: np.ndarray, small: np.ndarray, mode: str) -> np.ndarra
     raise ValueError(f"unknown action mode {mode!r}; choose one of {ACTION_MODES}")
 
 
-def first_base_actions(base: ChunkSource, obs: dict[str, np.ndarray], prompt: str, batch: int = 256) -> np.ndarray:
-    """(N, 7): the first action of the chunk the base policy gives at each of N stacked observations."""
-    n = len(next(iter(obs.values())))
-    rows = [base_observation({k: v[i] for k, v in obs.items()}, prompt) for i in range(n)]
-    return np.concatenate([base.infer_batch(rows[i:i + batch])[:, 0] for i in range(0, n, batch)])
+def open_loop_base_actions(base: ChunkSource, obs: dict[str, np.ndarray], episode_step: np.ndarray, prompt: str,
+                           batch: int = 256) -> np.ndarray:
+    """(N, 7): the base action played at each of N stacked observations of recorded episodes (``episode_step``:
+    each one's step within its episode) when the base acts as it does while acting: a chunk asked for at steps
+    0, H, 2H, ... of the episode and played open loop in between."""
+    n = len(episode_step)
+    rows = lambda idx: [base_observation({k: v[i] for k, v in obs.items()}, prompt) for i in idx]  # noqa: E731
+    first = np.asarray(base.infer_batch(rows([0])), np.float32)
+    horizon = first.shape[1]
+    asked = np.flatnonzero(episode_step % horizon == 0)
+    if len(asked) == 0 or asked[0] != 0:
+        raise ValueError("episode_step must start each episode at 0")
+    rest = [np.asarray(base.infer_batch(rows(asked[i:i + batch])), np.float32) for i in range(1, len(asked), batch)]
+    chunks = np.concatenate([first, *rest])
+    chunk = np.searchsorted(asked, np.arange(n), side="right") - 1  # the latest chunk asked for at or before i
+    return chunks[chunk, episode_step % horizon]
 
 
 def stack_obs(obs: Sequence[dict]) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ import optax
 from tqdm import trange
 
 from csil import hetstat
-from csil.acting import ChunkSource, first_base_actions
+from csil.acting import ChunkSource, open_loop_base_actions
 from csil.demos import flatten_obs
 from csil.specs import BaseObsSpec, ObsSpec, Transition
 from csil.tasks import is_success
@@ -66,13 +66,20 @@ class DemoTransitions:
         return Batch(*jax.tree_util.tree_map(pick, (self.obs, self.action, self.discount, self.next_obs,
                                                      self.next_action)))
 
+    def episode_step(self) -> np.ndarray:
+        """Each transition's step within its demo episode (0 at each episode's first)."""
+        starts = np.concatenate([[0], np.flatnonzero(self.last[:-1]) + 1])
+        return np.arange(len(self)) - np.repeat(starts, np.diff(np.append(starts, len(self))))
+
     def as_residuals(self, base: ChunkSource, prompt: str, spec: ObsSpec) -> DemoTransitions:
-        """Residual mode: the demo actions the small policy should output, ``a_demo − a_base(s)`` (clipped to the
+        """Residual mode: the demo actions the small policy should output, ``a_demo − a_base`` (clipped to the
         action box), so that BC makes ``a_base + a_pi`` reproduce the demos (a BC-initialised residual starts at
         the base's performance rather than adding a second full action to it), and the critic's demo half lives
-        in the same action space as replay's ``a_pi``. ``a_base(s)`` is the first action of a chunk asked for at
-        ``s`` (acting, the base executes chunks open loop, so this is exact every 10th step, approximate between).
-        The base is asked with the demos' own observations (``spec``), so they must be what it asks for.
+        in the same action space as replay's ``a_pi``. ``a_base`` is what the base plays at that step while acting:
+        chunks asked for every H steps from each episode's start and played open loop
+        (``open_loop_base_actions``); the first action of a chunk asked for at every demo state would be another
+        policy than the one the residual is added to. The base is asked with the demos' own observations
+        (``spec``), so they must be what it asks for.
         """
         wants, demos_hold = BaseObsSpec.from_metadata(base.metadata), BaseObsSpec.of_local(spec)
         if wants != demos_hold:
@@ -84,10 +91,12 @@ class DemoTransitions:
                 f"{show(wants)} while the {spec.mode} demos hold {show(demos_hold)}: use demos with the base "
                 f"policy's observations (csil-demos generate --obs image for a camera-based base) or "
                 f"--action-mode ensemble")
+        a_base = open_loop_base_actions(base, self.obs, self.episode_step(), prompt)
+        # next_action is the next step's demo action (the last step repeats its own): so is its base action
+        next_base = np.where(self.last[:, None], a_base, np.roll(a_base, -1, axis=0))
         residual = lambda a, b: np.clip(a - b, -1.0, 1.0).astype(np.float32)  # noqa: E731
-        return dataclasses.replace(
-            self, action=residual(self.action, first_base_actions(base, self.obs, prompt)),
-            next_action=residual(self.next_action, first_base_actions(base, self.next_obs, prompt)))
+        return dataclasses.replace(self, action=residual(self.action, a_base),
+                                   next_action=residual(self.next_action, next_base))
 
     def replay_items(self) -> Transition:
         """All transitions for the demo table, with a leading axis."""

@@ -4,7 +4,7 @@ slot, one batched request for the slots that ran dry, sample vs mode, and the re
 import jax
 import numpy as np
 
-from csil.acting import CombinedPolicy, base_observation, combine_actions, first_base_actions
+from csil.acting import CombinedPolicy, base_observation, combine_actions, open_loop_base_actions
 from csil.base_policy import LocalBasePolicy
 from csil.config import HetStatConfig
 from csil.envs import CsilEnv
@@ -75,13 +75,28 @@ def test_alone_mode_acts_with_the_small_policy_and_never_asks_the_base(lift_setu
     np.testing.assert_array_equal(step.base, np.zeros_like(step.small))
 
 
-def test_first_base_actions_are_the_first_of_each_chunk(lift_setup):
+def test_open_loop_base_actions_are_what_the_base_plays_while_acting(lift_setup):
+    """Residual targets need the base action each demo step will meet: two recorded episodes (13 and 5 steps)
+    in which the base acted alone; recomputed from their observations, the same actions, asking only at steps
+    0 and 10 of each episode."""
     _, _, base_dir = lift_setup
-    obs, _, _, _ = _setup(base_dir)
     base = LocalBasePolicy(base_dir)
-    stacked = {"state": np.stack([o["state"] for o in obs])}
-    expected = base.infer_batch([base_observation(o, "lift") for o in obs])[:, 0]
-    np.testing.assert_allclose(first_base_actions(base, stacked, "lift", batch=1), expected, atol=1e-6)
+    spec = BaseObsSpec.from_metadata(base.metadata)
+    observations, played, episode_step = [], [], []
+    for scene, length in ((0, 13), (1, 5)):
+        env = CsilEnv("Lift", "state", base_spec=spec)
+        obs, policy = env.reset(seed=scene), CombinedPolicy(base, None, "ensemble", "lift", num_slots=1)
+        for t in range(length):
+            step = policy.act(None, [obs], None, lambda i: env.base_request())
+            observations.append(obs)
+            played.append(step.base[0])
+            episode_step.append(t)
+            obs = env.step(step.executed[0])[0]
+    source = CountingSource(base)
+    stacked = {"state": np.stack([o["state"] for o in observations])}
+    found = open_loop_base_actions(source, stacked, np.asarray(episode_step), "lift", batch=2)
+    np.testing.assert_allclose(found, np.stack(played), atol=1e-5)
+    assert source.requests == [1, 2]  # episode 0's step 0, then its step 10 and episode 1's step 0
 
 
 def test_base_requests_carry_what_the_base_asked_for_not_what_the_small_policy_sees():

@@ -51,7 +51,8 @@ def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent
 
 def test_residual_mode_bc_targets_are_what_the_small_policy_must_add_to_the_base(lift_setup, tiny_agent):
     """Residual BC on raw demo actions would execute base + demo-like action (twice the motion); the targets are
-    a_demo − a_base(s), so that base + target gives back the demo action."""
+    a_demo − a_base, so that base + target gives back the demo action, with a_base what the base plays at that
+    step while acting: action t mod 10 of the chunk it was asked for at step 10 * (t // 10) of the episode."""
     import dataclasses
 
     from csil.acting import base_observation, combine_actions
@@ -63,8 +64,10 @@ def test_residual_mode_bc_targets_are_what_the_small_policy_must_add_to_the_base
     residual = Trainer(cfg, progress=False).learner.demos
     raw = Trainer(dataclasses.replace(cfg, action_mode="ensemble"), progress=False).learner.demos
     rows = np.arange(0, len(raw), 7)
-    observations = [base_observation({k: v[i] for k, v in raw.obs.items()}, "lift") for i in rows]
-    base_action = LocalBasePolicy(base).infer_batch(observations)[:, 0]
+    phase = raw.episode_step()[rows] % 10
+    observations = [base_observation({k: v[i] for k, v in raw.obs.items()}, "lift") for i in rows - phase]
+    base_action = LocalBasePolicy(base).infer_batch(observations)[np.arange(len(rows)), phase]
+    assert set(phase) > {0}  # rows inside chunks as well as at their starts
     np.testing.assert_allclose(residual.action[rows], np.clip(raw.action[rows] - base_action, -1, 1), atol=1e-5)
     executed = combine_actions(base_action, residual.action[rows], "residual")
     unclipped = np.abs(raw.action[rows] - base_action) < 1
