@@ -132,6 +132,9 @@ class CombinedPolicy:
         batch = stack_obs(obs)
         a_pi = self._mode(params, batch) if key is None else self._sample(params, batch, key)
         a_pi = np.asarray(a_pi, np.float32)
+        if not np.isfinite(a_pi).all():  # nothing downstream could say where it came from
+            raise FloatingPointError("the small policy's action is not finite: the learner's weights it acts with "
+                                     "diverged (see the learner's last finite metrics)")
         # "alone": the base policy is never asked (its slot in replay holds zeros)
         a_base = np.zeros_like(a_pi) if self.action_mode == "alone" else self.base_actions(requests, slots)
         return Step(combine_actions(a_base, a_pi, self.action_mode).astype(np.float32), a_pi, a_base)

@@ -369,7 +369,18 @@ class CSILAgent:
         return state._replace(log_alpha=log_alpha, alpha_opt=alpha_opt), jnp.exp(log_alpha)
 
     def _update(self, state: AgentState, online: Batch, demos: Batch, key: jax.Array) -> tuple[AgentState, dict]:
-        """``utd`` critic (+ reward) updates, one per leading-axis slice of online/demos, then one actor update."""
+        """``utd`` critic (+ reward) updates, one per leading-axis slice of online/demos, then one actor update;
+        all of it dropped (``state`` returned as it was, metric ``skipped`` 1) if any parameter or metric came
+        out non-finite, so that one numerically bad batch cannot poison the weights the actors act with
+        (``LearnerCore`` counts the skips and stops a learner that keeps skipping)."""
+        new, metrics = self._update_unguarded(state, online, demos, key)
+        leaves = jax.tree_util.tree_leaves((new.policy, new.critic, new.reward, new.log_alpha, metrics))
+        applied = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        state = jax.tree_util.tree_map(lambda n, o: jnp.where(applied, n, o), new, state)
+        return state, {**metrics, "skipped": 1.0 - applied.astype(jnp.float32)}
+
+    def _update_unguarded(self, state: AgentState, online: Batch, demos: Batch, key: jax.Array
+                          ) -> tuple[AgentState, dict]:
         batches = Batch.concat(online, demos, axis=1)  # (utd, 2B, ...)
         keys = jax.random.split(key, self.cfg.utd + 2)
 
@@ -403,13 +414,13 @@ class CSILAgent:
     def _update_many(self, state: AgentState, online: Batch, demos: Batch, keys: jax.Array) -> tuple[AgentState, dict]:
         """K env steps' worth of updates in one call: ``_update`` scanned over the leading axis of ``online``,
         ``demos`` (K, utd, B, ...) and ``keys`` (K, 2), the same sequence as K ``update`` calls (one dispatch
-        instead of K: what a GPU learner is bound by). Metrics are the last update's."""
+        instead of K: what a GPU learner is bound by). Metrics are the last update's, ``skipped`` the K's sum."""
 
         def body(s, xs):
             return self._update(s, *xs)
 
         state, metrics = self._scan(body, state, (online, demos, keys))
-        return state, jax.tree_util.tree_map(lambda x: x[-1], metrics)
+        return state, {**jax.tree_util.tree_map(lambda x: x[-1], metrics), "skipped": metrics["skipped"].sum()}
 
     def _scan(self, body, carry, xs):
         """``lax.scan(body, carry, xs)``, or with ``unroll_utd`` the same loop unrolled at trace time: on XLA CPU

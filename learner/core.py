@@ -22,6 +22,7 @@ from learner.checkpoint import numbered_checkpoints, restore_checkpoint, save_ch
 from learner.pretrain import DemoTransitions, initial_atoms, pretrain_bc, pretrain_critic
 
 KEEP_CHECKPOINTS = 2
+MAX_CONSECUTIVE_SKIPS = 50  # non-finite updates in a row (each dropped) before the learner gives up
 
 
 class LearnerCore:
@@ -34,6 +35,7 @@ class LearnerCore:
         self.key = jax.random.PRNGKey(seeds.learner_key_seed(seed))
         self.state: AgentState | None = None
         self.updates = 0
+        self.skipped_updates, self.consecutive_skips, self.last_metrics = 0, 0, None
 
     @property
     def pretrain_steps(self) -> int:
@@ -62,7 +64,7 @@ class LearnerCore:
         self.key, key = jax.random.split(self.key)
         self.state, metrics = self.agent.update(self.state, online, demos, key)
         self.updates += 1
-        return metrics
+        return self._count_skips(metrics, 1)
 
     def step_many(self, online: list[Batch], demos: list[Batch]) -> dict:
         """``len(online)`` fused updates in one call (``CSILAgent.update_many``): the same updates, keys included,
@@ -76,7 +78,23 @@ class LearnerCore:
         stack = lambda batches: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)  # noqa: E731
         self.state, metrics = self.agent.update_many(self.state, stack(online), stack(demos), jnp.stack(keys))
         self.updates += len(online)
-        return metrics
+        return self._count_skips(metrics, len(online))
+
+    def _count_skips(self, metrics: dict, calls: int) -> dict:
+        """Updates the agent dropped as non-finite (``CSILAgent._update``): counted (metric ``skipped_updates``),
+        a FloatingPointError once ``MAX_CONSECUTIVE_SKIPS`` in a row were; a call whose last update was dropped
+        returns the metrics of the last one applied. Reads one scalar per call (a device sync)."""
+        skipped = int(metrics.pop("skipped"))
+        self.skipped_updates += skipped
+        self.consecutive_skips = self.consecutive_skips + skipped if skipped == calls else 0
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise FloatingPointError(
+                f"the learner diverged: {self.consecutive_skips} updates in a row up to update {self.updates} came "
+                f"out non-finite and were dropped (last applied metrics: {self.last_metrics})")
+        if skipped and self.last_metrics is not None and not all(np.isfinite(float(v)) for v in metrics.values()):
+            metrics = self.last_metrics
+        self.last_metrics = metrics
+        return {**metrics, "skipped_updates": self.skipped_updates}
 
     def policy_params(self):
         """The small policy's parameters on the host (what actors and the evaluator act with)."""

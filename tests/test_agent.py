@@ -373,3 +373,39 @@ def test_k_fused_updates_equal_k_chained_ones_image():
                               encoder=EncoderConfig(channels=(4,), out_dim=8, shift=2))
     bc = CSILAgent(cfg, IMAGE_SPEC).init_policy(jax.random.PRNGKey(0))
     _chained_vs_fused(cfg, IMAGE_SPEC, image_demos(np.random.default_rng(0)), bc, k=2)
+
+
+def test_a_non_finite_update_is_dropped_and_a_diverging_learner_stops(pretrained):
+    """One batch that makes the update non-finite (here a NaN observation; in a 20k-step Lift run something
+    did after 3,100 good updates) must not reach the weights actors act with: the update is dropped and counted,
+    the caller gets the last applied update's metrics; a learner whose updates keep coming out non-finite stops
+    with an error that says so."""
+    from learner.core import MAX_CONSECUTIVE_SKIPS, LearnerCore
+
+    _, state, demos, _, _ = pretrained
+    core = LearnerCore(SMALL, SPEC, demos, seed=0)
+    core.state = state
+    rng = np.random.default_rng(5)
+
+    def batches(poisoned: bool):
+        online, demo = (demos.sample(rng, (SMALL.utd, SMALL.batch_size)) for _ in range(2))
+        if poisoned:
+            obs = online.obs["state"].copy()
+            obs[0, 3, 0] = np.nan
+            online = online._replace(obs={"state": obs})
+        return online, demo
+
+    good = core.step(*batches(False))
+    assert good["skipped_updates"] == 0 and all(np.isfinite(float(v)) for v in good.values())
+    before = core.state
+    dropped = core.step(*batches(True))
+    assert dropped["skipped_updates"] == 1 and core.updates == 2
+    assert {k: float(v) for k, v in dropped.items() if k != "skipped_updates"} == {
+        k: float(v) for k, v in good.items() if k != "skipped_updates"}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, core.state, before)
+    fused = core.step_many(*zip(*(batches(i == 1) for i in range(3))))  # the middle one of three is dropped
+    assert fused["skipped_updates"] == 2 and all(np.isfinite(float(v)) for v in fused.values())
+    assert not jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), core.state, before))
+    with pytest.raises(FloatingPointError, match=f"{MAX_CONSECUTIVE_SKIPS} updates in a row"):
+        for _ in range(MAX_CONSECUTIVE_SKIPS):
+            core.step(*batches(True))
