@@ -32,9 +32,10 @@ Choices where the paper is silent (reference/algorithm.md §9):
 - Image observations: one encoder per camera, initialised from the BC policy's. Critic pretraining keeps it
   frozen and leaves the policy alone, so online training starts from exactly π_BC (the KL anchor's own encoder):
   a SARSA-trained encoder copied into the policy would change its features under its BC-trained heads. Online,
-  the critic trains the encoder (CSIL's ``update_encoder``); the policy uses it under stop-gradient and copies
-  it after every critic step (DrQ). π_BC keeps its own frozen encoder; π_R refines its copy. Training batches
-  get DrQ random shifts.
+  the critic trains its encoder (CSIL's ``update_encoder``); the policy keeps its BC encoder frozen
+  (``EncoderConfig.policy_encoder="bc"``, the default) or, DrQ-style ("critic"), acts on the critic's under
+  stop-gradient, copied after every critic step. π_BC keeps its own frozen encoder; π_R refines its copy.
+  Training batches get DrQ random shifts.
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ class CSILAgent:
         self.reward_opt = optax.sgd(cfg.reward_lr)
         self.alpha_opt = optax.adam(cfg.actor_lr)
         self.unroll_utd = bool(spec.cameras) if cfg.unroll_utd is None else cfg.unroll_utd
+        if cfg.encoder.policy_encoder not in ("bc", "critic"):
+            raise ValueError(f"EncoderConfig.policy_encoder={cfg.encoder.policy_encoder!r}; choose bc or critic")
+        self.shared_encoder = cfg.encoder.policy_encoder == "critic"
         self.update = jax.jit(self._update)
         self.update_many = jax.jit(self._update_many)
 
@@ -290,8 +294,8 @@ class CSILAgent:
 
     def _apply_critic_grads(self, state: AgentState, grads: PyTree, batch_stats: PyTree, tau: float,
                             opt: optax.GradientTransformation, online: bool = True) -> AgentState:
-        """The critic step; online the policy then acts on the critic's encoder (DrQ), in pretraining the encoder
-        stays the BC policy's and the policy stays π_BC."""
+        """The critic step; online with a shared encoder the policy then acts on the critic's (DrQ), in pretraining
+        the encoder stays the BC policy's and the policy stays π_BC."""
         updates, critic_opt = opt.update(grads, state.critic_opt, state.critic["params"])
         params = optax.apply_updates(state.critic["params"], updates)
         if self.categorical:
@@ -301,7 +305,7 @@ class CSILAgent:
         critic = {"params": params, "batch_stats": batch_stats}
         target = {"params": optax.incremental_update(params, state.target_critic["params"], tau),
                   "batch_stats": batch_stats}
-        policy = self._with_encoder(state.policy, params) if online else state.policy
+        policy = self._with_encoder(state.policy, params) if online and self.shared_encoder else state.policy
         return state._replace(critic=critic, critic_opt=critic_opt, target_critic=target, policy=policy)
 
     # --- critic pretraining (SARSA on demos) ---------------------------------------------------------
@@ -354,8 +358,9 @@ class CSILAgent:
         return state, metrics
 
     def _actor_loss(self, policy_params: PyTree, state: AgentState, obs: Obs, key: jax.Array):
-        # DrQ: no actor gradient into the (critic-trained) encoder
-        policy_params = self._with_encoder(policy_params, jax.lax.stop_gradient(state.critic["params"]))
+        # no actor gradient into an encoder: the critic-trained one (DrQ) or the policy's frozen BC one
+        source = state.critic["params"] if self.shared_encoder else policy_params
+        policy_params = self._with_encoder(policy_params, jax.lax.stop_gradient(source))
         action, penalty, logp = self._regularised_sample(policy_params, state, obs, key)
         q = self.q_values(state.critic, obs, action, state.atoms).min(0)
         return jnp.mean(penalty - q), (penalty, logp, q)

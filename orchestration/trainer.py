@@ -99,6 +99,7 @@ class Trainer:
         env_steps, successes, returns = 0, deque(maxlen=20), deque(maxlen=20)
         last_track = (time.time(), 0, learner.updates)  # (time, env steps, updates) of the last tracked record
         bar = tqdm(total=cfg.env_steps, desc="training", unit="step", disable=not self.progress, mininterval=1.0)
+        postfix: dict = {}  # the last evaluation and the learner's progress, refreshed as they come
         while env_steps < cfg.env_steps:
             runner.set_params(learner.state.policy, learner.updates)
             self.key, act_key = jax.random.split(self.key)
@@ -129,9 +130,12 @@ class Trainer:
                         "actors/train_success": np.mean(successes) if successes else None,
                         "actors/episode_return": np.mean(returns) if returns else None})
                     last_track = (now, env_steps, learner.updates)
+                    postfix.update(updates=learner.updates, critic_loss=f"{record['critic_loss']:.3g}")
+                    bar.set_postfix(postfix)
             if crossed(env_steps, env_steps - num_envs, cfg.eval_every) and (last := self.evaluate(env_steps)):
-                recent = f"{np.mean(successes):.0%}" if successes else "n/a"
-                bar.set_postfix(eval=f"{last['success_rate']:.0%}", train_success=recent, updates=learner.updates)
+                postfix.update(eval=f"{last['success_rate']:.0%}", updates=learner.updates,
+                               train_success=f"{np.mean(successes):.0%}" if successes else "n/a")
+                bar.set_postfix(postfix)
         bar.close()
         runner.close()
         writer.close()

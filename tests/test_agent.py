@@ -208,13 +208,16 @@ def image_demos(rng: np.random.Generator, n: int = 64) -> DemoTransitions:
     return DemoTransitions(obs, actions, np.ones(n, np.float32), obs, actions, np.zeros(n, bool))
 
 
-def test_image_agent_shares_the_critic_encoder_with_the_policy():
-    """DrQ-style sharing: the critic trains the encoder, the policy copies it and never sends gradients into it,
-    the BC anchor keeps its own; weight normalisation leaves the encoder alone."""
+@pytest.mark.parametrize("policy_encoder", ["bc", "critic"])
+def test_image_agent_encoders_online(policy_encoder):
+    """The critic trains its encoder; the policy never sends gradients into one: it keeps its frozen BC encoder
+    ("bc", default) or acts on the critic's (DrQ's "critic"). With the actor's learning rate at 0 only the
+    encoder can move the policy: "bc" stays exactly π_BC, "critic" drifts away from it by the critic's steps
+    alone. The BC anchor keeps its own; weight normalisation leaves the encoder alone."""
     from csil.config import EncoderConfig
 
-    cfg = dataclasses.replace(SMALL, batch_size=8, bc_batch_size=8, encoder=EncoderConfig(channels=(4, 8), out_dim=8,
-                                                                                             shift=2), utd=1)
+    cfg = dataclasses.replace(SMALL, batch_size=8, bc_batch_size=8, utd=1, actor_lr=0.0, actor_warmup_steps=0,
+                              encoder=EncoderConfig(channels=(4, 8), out_dim=8, shift=2, policy_encoder=policy_encoder))
     agent = CSILAgent(cfg, IMAGE_SPEC)
     rng = np.random.default_rng(0)
     demos = image_demos(rng)
@@ -226,11 +229,14 @@ def test_image_agent_shares_the_critic_encoder_with_the_policy():
     for i in range(3):
         state, metrics = agent.update(state, demos.sample(rng, (cfg.utd, 8)), demos.sample(rng, (cfg.utd, 8)),
                                       jax.random.PRNGKey(i))
-    assert all(np.isfinite(float(v)) for v in metrics.values())
-    jax.tree_util.tree_map(np.testing.assert_array_equal, enc(state.policy), enc(state.critic))
+    assert all(np.isfinite(float(v)) for v in metrics.values()) and float(metrics["skipped"]) == 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, enc(state.policy),
+                           enc(bc) if policy_encoder == "bc" else enc(state.critic))
     jax.tree_util.tree_map(np.testing.assert_array_equal, enc(state.bc), enc(bc))
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), enc(state.critic), enc(bc))
     assert max(jax.tree_util.tree_leaves(moved)) > 0
+    kl = hetstat.gaussian_kl(*agent.policy_net.apply(state.policy, obs), *agent.policy_net.apply(state.bc, obs))
+    assert float(jnp.max(kl)) == 0.0 if policy_encoder == "bc" else float(jnp.mean(kl)) > 1e-5  # 5.6e-5 here
     assert all(np.allclose(n, 1.0, atol=1e-4) for n in _kernel_norms(state.critic["params"], "critics"))
     assert not all(np.allclose(n, 1.0) for n in _kernel_norms(state.critic["params"], "encoder"))
     mu, sigma = agent.policy_net.apply(state.policy, {k: v[:2] for k, v in obs.items()})
