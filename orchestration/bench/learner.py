@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from csil import compile_cache
 from csil.config import SIZES as PRESET_SIZES
 from csil.config import AgentConfig, ReplayConfig, agent_config
 from csil.specs import CAMERAS, DEMO_TABLE, ONLINE_TABLE, PROPRIO_KEYS, STATE_KEYS, ObsSpec, Transition
@@ -184,7 +185,9 @@ def bare_update_rate(cfg: AgentConfig, spec: ObsSpec, updates: int = 50, warmup:
                      max_s: float = 60.0) -> float:
     """Fused updates per second on one device-resident random batch: the learner with nothing else to do.
     ``updates`` timed updates, or as many (at least 2) as fit in ``max_s`` seconds (image updates on a CPU take
-    seconds each)."""
+    seconds each). Compiled through the persistent cache, so a learner started next with the same config loads
+    it instead of compiling again (an image update takes minutes to compile on a CPU)."""
+    compile_cache.enable()
     agent = CSILAgent(cfg, spec)
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
