@@ -32,9 +32,9 @@ Choices where the paper is silent (reference/algorithm.md §9):
 - Image observations: one encoder per camera, initialised from the BC policy's. Critic pretraining keeps it
   frozen and leaves the policy alone, so online training starts from exactly π_BC (the KL anchor's own encoder):
   a SARSA-trained encoder copied into the policy would change its features under its BC-trained heads. Online,
-  the critic trains its encoder (CSIL's ``update_encoder``); the policy keeps its BC encoder frozen
-  (``EncoderConfig.policy_encoder="bc"``, the default) or, DrQ-style ("critic"), acts on the critic's under
-  stop-gradient, copied after every critic step. π_BC keeps its own frozen encoder; π_R refines its copy.
+  the critic trains its encoder (CSIL's ``update_encoder``); the policy acts on it under stop-gradient, copied
+  after every critic step (DrQ; ``EncoderConfig.policy_encoder="critic"``, the default), or keeps its BC
+  encoder frozen ("bc"). π_BC keeps its own frozen encoder; π_R refines its copy.
   Training batches get DrQ random shifts.
 """
 

@@ -210,8 +210,8 @@ def image_demos(rng: np.random.Generator, n: int = 64) -> DemoTransitions:
 
 @pytest.mark.parametrize("policy_encoder", ["bc", "critic"])
 def test_image_agent_encoders_online(policy_encoder):
-    """The critic trains its encoder; the policy never sends gradients into one: it keeps its frozen BC encoder
-    ("bc", default) or acts on the critic's (DrQ's "critic"). With the actor's learning rate at 0 only the
+    """The critic trains its encoder; the policy never sends gradients into one: it acts on the critic's (DrQ's
+    "critic", default) or keeps its frozen BC encoder ("bc"). With the actor's learning rate at 0 only the
     encoder can move the policy: "bc" stays exactly π_BC, "critic" drifts away from it by the critic's steps
     alone. The BC anchor keeps its own; weight normalisation leaves the encoder alone."""
     from csil.config import EncoderConfig
