@@ -108,7 +108,7 @@ class EncoderConfig:
     # (tests/test_agent.py). "bc": the policy keeps its BC-trained encoder frozen and only actor steps move it.
     # README's first image run (Lift, 100 critic pretraining steps, batch 16, UTD 1) drops from 4/5 to 0/5
     # episodes within 200 updates either way, with KL(pi||pi_BC) after 100 updates 0.91 nats ("critic") vs 1.06
-    # ("bc"): the drop comes from the barely pretrained critic, not from the shared encoder.
+    # ("bc"): the shared encoder is not the cause (results/image-first-run: nor is critic pretraining alone).
     policy_encoder: str = "critic"
 
 
