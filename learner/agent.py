@@ -381,7 +381,7 @@ class CSILAgent:
         new, metrics = self._update_unguarded(state, online, demos, key)
         leaves = jax.tree_util.tree_leaves((new.policy, new.critic, new.reward, new.log_alpha, metrics))
         applied = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-        state = jax.tree_util.tree_map(lambda n, o: jnp.where(applied, n, o), new, state)
+        state = jax.lax.cond(applied, lambda: new, lambda: state)  # one select, not one per leaf
         return state, {**metrics, "skipped": 1.0 - applied.astype(jnp.float32)}
 
     def _update_unguarded(self, state: AgentState, online: Batch, demos: Batch, key: jax.Array
