@@ -83,8 +83,8 @@ def ensure_demos(task: str, obs_mode: str = "state", num: int = DemoConfig.num) 
     sizes = sorted(int(m.group(1)) for f in (cache_dir() / "demos").glob(f"{name}_{obs_mode}_*.hdf5")
                    if (m := re.fullmatch(rf"{name}_{obs_mode}_(\d+)_[0-9a-f]{{8}}\.hdf5", f.name)))
     for n in sizes:
-        if n >= num and _demo_path(name, obs_mode, n).exists():  # the key also matches the other settings
-            return _demo_path(name, obs_mode, n)
+        if n >= num and (path := _demo_path(name, obs_mode, n)).exists():  # the key matches the other settings
+            return path
     num = max(num, DemoConfig.num) if obs_mode == "state" else num
     path = _demo_path(name, obs_mode, num)
     print(f"generating {num} {name} demos into {path} (cached for later runs)")
