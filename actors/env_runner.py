@@ -2,8 +2,9 @@
 
 Every step the combined policy (``csil.acting.CombinedPolicy``: batched base-policy chunks + the small policy's
 sample) acts for all K envs, and each env steps. The envs render what the base policy's server asked for
-(its metadata's ``observation_sources``) besides what the small policy sees (``obs_mode``). Each step yields the transitions to write (with the small
-policy's own action ``a_pi``, the base action, the policy version and the episode id) and the episodes that ended.
+(its metadata's ``observation_sources``) besides what the small policy sees (``obs_mode``, and in residual mode the
+base plan). Each step yields the transitions to write (with the small policy's own action ``a_pi``, the base action,
+the policy version and the episode id) and the episodes that ended.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from csil.acting import ChunkSource, CombinedPolicy
+from csil.acting import ChunkSource, CombinedPolicy, Step, with_plan
 from csil.envs import CsilEnv
 from csil.specs import BaseObsSpec, Transition
 from csil.tasks import get_task
@@ -54,13 +55,16 @@ class EnvRunner:
         if self.params is None:
             raise RuntimeError("EnvRunner.step before set_params: the small policy has no weights yet")
         act = self.policy.act(self.params, self.obs, key, lambda i: self.envs[i].base_request())
+        results = [env.step(action) for env, action in zip(self.envs, act.executed)]
+        next_plans = self._next_plans(act, [success for _, _, success, _, _ in results])
         transitions, finished = [], []
-        for i, env in enumerate(self.envs):
-            next_obs, reward, success, truncated, _ = env.step(act.executed[i])
+        for i, (env, (next_obs, reward, success, truncated, _)) in enumerate(zip(self.envs, results)):
             transitions.append(Transition(
-                obs=self.obs[i], action=act.small[i], base_action=act.base[i], reward=np.float32(reward),
-                discount=np.float32(0.0 if success else 1.0), next_obs=next_obs, next_action=act.small[i],
-                policy_version=np.int64(self.version), episode_id=np.int64(self.episode_ids[i])))
+                obs=with_plan(self.obs[i], None if act.plan is None else act.plan[i]), action=act.small[i],
+                base_action=act.base[i], reward=np.float32(reward), discount=np.float32(0.0 if success else 1.0),
+                next_obs=with_plan(next_obs, None if next_plans is None else next_plans[i]),
+                next_action=act.small[i], policy_version=np.int64(self.version),
+                episode_id=np.int64(self.episode_ids[i])))
             self.returns[i] += float(reward)
             self.lengths[i] += 1
             self.obs[i] = next_obs
@@ -71,6 +75,17 @@ class EnvRunner:
                 self.episode_ids[i], self.returns[i], self.lengths[i] = self.next_episode, 0.0, 0
                 self.next_episode += 1
         return transitions, finished
+
+    def _next_plans(self, act: Step, success: list[bool]) -> np.ndarray | None:
+        """Residual mode: the base plan at each env's new state (before any reset), for ``next_obs``: the critic's
+        target evaluates the policy there. A terminal state's plan is never used (discount 0): zeros, no query."""
+        if act.plan is None:
+            return None
+        plans = np.zeros_like(act.plan)
+        live = [i for i, done in enumerate(success) if not done]
+        if live:
+            plans[live] = self.policy.plan(lambda j: self.envs[live[j]].base_request(), live)
+        return plans
 
     def close(self) -> None:
         for env in self.envs:

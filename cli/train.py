@@ -17,8 +17,9 @@ ALGO_HELP = ("csil++; csil: vanilla CSIL (LayerNorm MSE critic, one-sample KL, U
              "data (sparse reward, entropy-regularised, no critic pretraining)")
 SIZE_HELP = ("network sizes: paper (HETSTAT 512 features, critic 2x512) or cpu (128 features, critic 2x256: ~4x "
              "faster updates on a CPU)")
-MODE_HELP = ("ensemble: a = (a_base + a_pi)/2; residual: a = a_base + a_pi; alone: a = a_pi, the base policy is "
-             "never asked (CSIL without a base, the paper's Fig. 6)")
+MODE_HELP = ("ensemble: a = (a_base + a_pi)/2; residual: a = a_base + a_pi, and the small policy and critic also see "
+             "a_base and its place in its chunk; alone: a = a_pi, the base policy is never asked (CSIL without a "
+             "base, the paper's Fig. 6)")
 OBS_HELP = ("what the small policy and critic see: state (robomimic's low-dim vector) or image (agentview + wrist "
             "cameras 84x84 + proprioception, the paper's setting; demos rendered on first use). The base policy gets "
             "what its server's metadata asks for, whatever this is")

@@ -7,6 +7,12 @@ the caller (``CsilEnv.base_request``, from what the base's server asked for), on
 ``infer_batch`` (``ChunkSource``): the inference server's client, or the local model in-process. Each env slot
 keeps a queue of base actions; a slot whose queue ran dry gets a fresh chunk, asked for all such slots at once,
 and plays it open loop, as π0.5 does in the paper.
+
+In residual mode the small policy also sees the base's plan (``"base_plan"``: the base action a_base it is added
+to and that action's place k/H in its chunk): the correction that turns a base chunk into the demonstration
+depends on what the base is doing and where in its chunk it is, not on the state alone. Transitions then need the
+plan at ``next_obs`` too: ``CombinedPolicy.plan`` gives it without playing it (a chunk is asked for eagerly when a
+queue ran dry, which is the request the next act would make anyway).
 """
 
 from __future__ import annotations
@@ -22,6 +28,16 @@ from csil import compile_cache, hetstat
 from csil.specs import OPENPI_KEYS
 
 ACTION_MODES = ("ensemble", "residual", "alone")
+
+
+def sees_base_plan(action_mode: str) -> bool:
+    """Whether the small policy's observations carry ``"base_plan"`` (``ObsSpec.base_plan``): residual mode."""
+    return action_mode == "residual"
+
+
+def with_plan(obs: dict[str, np.ndarray], plan: np.ndarray | None) -> dict[str, np.ndarray]:
+    """``obs`` as the small policy sees it: with its ``"base_plan"`` when there is one."""
+    return obs if plan is None else {**obs, "base_plan": np.asarray(plan, np.float32)}
 
 
 class ChunkSource(Protocol):
@@ -58,9 +74,9 @@ def combine_actions(base: np.ndarray, small: np.ndarray, mode: str) -> np.ndarra
 
 def open_loop_base_actions(base: ChunkSource, obs: dict[str, np.ndarray], episode_step: np.ndarray, prompt: str,
                            batch: int = 256) -> np.ndarray:
-    """(N, 7): the base action played at each of N stacked observations of recorded episodes (``episode_step``:
-    each one's step within its episode) when the base acts as it does while acting: a chunk asked for at steps
-    0, H, 2H, ... of the episode and played open loop in between."""
+    """(N, 8): the base plan (action and k/H) played at each of N stacked observations of recorded episodes
+    (``episode_step``: each one's step within its episode) when the base acts as it does while acting: a chunk
+    asked for at steps 0, H, 2H, ... of the episode and played open loop in between."""
     n = len(episode_step)
     rows = lambda idx: [base_observation({k: v[i] for k, v in obs.items()}, prompt) for i in idx]  # noqa: E731
     first = np.asarray(base.infer_batch(rows([0])), np.float32)
@@ -71,7 +87,8 @@ def open_loop_base_actions(base: ChunkSource, obs: dict[str, np.ndarray], episod
     rest = [np.asarray(base.infer_batch(rows(asked[i:i + batch])), np.float32) for i in range(1, len(asked), batch)]
     chunks = np.concatenate([first, *rest])
     chunk = np.searchsorted(asked, np.arange(n), side="right") - 1  # the latest chunk asked for at or before i
-    return chunks[chunk, episode_step % horizon]
+    k = episode_step % horizon
+    return np.concatenate([chunks[chunk, k], (k / horizon)[:, None]], axis=1).astype(np.float32)
 
 
 def stack_obs(obs: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -80,11 +97,13 @@ def stack_obs(obs: Sequence[dict]) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass
 class Step:
-    """One acting step for K slots: what the envs execute, the small policy's own action, the base action."""
+    """One acting step for K slots: what the envs execute, the small policy's own action, the base action, and
+    the base plan the small policy saw (residual mode; else None)."""
 
     executed: np.ndarray
     small: np.ndarray
     base: np.ndarray
+    plan: np.ndarray | None = None
 
 
 class CombinedPolicy:
@@ -99,7 +118,9 @@ class CombinedPolicy:
             raise ValueError(f"unknown action mode {action_mode!r}; choose one of {ACTION_MODES}")
         compile_cache.enable()
         self.base, self.network, self.action_mode, self.prompt = base, network, action_mode, prompt
+        self.sees_plan = network is not None and sees_base_plan(action_mode)
         self.queues = [deque() for _ in range(num_slots)]
+        self.chunk_length = [0] * num_slots  # of each slot's current chunk
         if network is not None:
             self._sample = jax.jit(lambda params, obs, key: hetstat.sample(key, *network.apply(params, obs))[0])
             self._mode = jax.jit(lambda params, obs: hetstat.mode(network.apply(params, obs)[0]))
@@ -108,15 +129,27 @@ class CombinedPolicy:
         """A new episode in ``slot``: its unplayed base actions are dropped."""
         self.queues[slot].clear()
 
-    def base_actions(self, requests: Callable[[int], dict], slots: Sequence[int]) -> np.ndarray:
-        """(len(slots), 7): each slot's next base action; one batched request for the slots that ran dry.
-        ``requests(i)`` builds the base policy's observation for the i-th slot (called for dry slots only)."""
+    def _refill(self, requests: Callable[[int], dict], slots: Sequence[int]) -> None:
+        """One batched request for the slots whose queue ran dry. ``requests(i)`` builds the base policy's
+        observation for the i-th slot (called for dry slots only)."""
         dry = [i for i, s in enumerate(slots) if not self.queues[s]]
         if dry:
             chunks = self.base.infer_batch([{**requests(i), "prompt": self.prompt} for i in dry])
             for i, chunk in zip(dry, chunks):
                 self.queues[slots[i]].extend(np.asarray(chunk, np.float32))
+                self.chunk_length[slots[i]] = len(chunk)
+
+    def base_actions(self, requests: Callable[[int], dict], slots: Sequence[int]) -> np.ndarray:
+        """(len(slots), 7): each slot's next base action, played (taken off its queue)."""
+        self._refill(requests, slots)
         return np.stack([self.queues[s].popleft() for s in slots])
+
+    def plan(self, requests: Callable[[int], dict], slots: Sequence[int]) -> np.ndarray:
+        """(len(slots), 8): each slot's next base action and its place k/H in its chunk, not played: what the
+        small policy sees with the observation ``requests`` describes (residual mode)."""
+        self._refill(requests, slots)
+        return np.stack([np.append(self.queues[s][0], 1.0 - len(self.queues[s]) / self.chunk_length[s])
+                         for s in slots]).astype(np.float32)
 
     def act(self, params, obs: Sequence[dict], key: jax.Array | None, requests: Callable[[int], dict],
             slots: Sequence[int] | None = None) -> Step:
@@ -129,7 +162,8 @@ class CombinedPolicy:
             return Step(a_base, np.zeros_like(a_base), a_base)
         if params is None:
             raise RuntimeError("CombinedPolicy.act without small-policy params: no weights received yet")
-        batch = stack_obs(obs)
+        plan = self.plan(requests, slots) if self.sees_plan else None
+        batch = with_plan(stack_obs(obs), plan)
         a_pi = self._mode(params, batch) if key is None else self._sample(params, batch, key)
         a_pi = np.asarray(a_pi, np.float32)
         if not np.isfinite(a_pi).all():  # nothing downstream could say where it came from
@@ -137,4 +171,4 @@ class CombinedPolicy:
                                      "diverged (see the learner's last finite metrics)")
         # "alone": the base policy is never asked (its slot in replay holds zeros)
         a_base = np.zeros_like(a_pi) if self.action_mode == "alone" else self.base_actions(requests, slots)
-        return Step(combine_actions(a_base, a_pi, self.action_mode).astype(np.float32), a_pi, a_base)
+        return Step(combine_actions(a_base, a_pi, self.action_mode).astype(np.float32), a_pi, a_base, plan)

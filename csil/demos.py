@@ -294,7 +294,7 @@ def flatten_obs(obs: dict[str, np.ndarray], spec: ObsSpec) -> dict[str, np.ndarr
     out = {"state": np.concatenate([obs[k] for k, _ in spec.state_keys], axis=1).astype(np.float32)}
     for key in spec.image_keys:
         out[key] = np.asarray(obs[key])
-    spec.check(out)
+    spec.env.check(out)
     return out
 
 

@@ -70,7 +70,8 @@ class ResNetEncoder(nn.Module):
 
 
 class MultiCameraEncoder(nn.Module):
-    """Observation dict -> (B, state_dim + len(cameras) * out_dim): one ResNet per camera, then the state."""
+    """Observation dict -> (B, state_dim [+ base_plan] + len(cameras) * out_dim): the state, the base plan if the
+    observation has one, then one ResNet per camera."""
 
     cameras: Sequence[str]
     channels: Sequence[int] = (16, 32, 64, 128)
@@ -82,4 +83,5 @@ class MultiCameraEncoder(nn.Module):
             ResNetEncoder(self.channels, self.out_dim, name=f"encoder_{cam}")(obs[f"{cam}_image"])
             for cam in self.cameras
         ]
-        return jnp.concatenate([obs["state"].astype(jnp.float32), *feats], axis=-1)
+        plan = [obs["base_plan"]] if "base_plan" in obs else []  # residual mode: the base action and its phase
+        return jnp.concatenate([obs["state"].astype(jnp.float32), *plan, *feats], axis=-1)

@@ -1,7 +1,8 @@
 """Observation and action specs: the one description networks, replay and the wire format are built from.
 
 An observation is always a flat dict of arrays: ``"state"`` (float32, the low-dim keys concatenated in a
-recorded order) plus, in image mode, one uint8 HxWx3 array per camera under robosuite's key name. The spec
+recorded order) plus, in image mode, one uint8 HxWx3 array per camera under robosuite's key name, plus, for a
+residual small policy, ``"base_plan"``: the base action played at this step and its place in its chunk. The spec
 records which robosuite key fills which slice of ``state`` so that data written today can be read back and
 checked against the environment that produced it.
 """
@@ -28,6 +29,7 @@ OPENPI_KEYS = {"state": "observation/state", "agentview_image": "observation/ima
 
 ACTION_DIM = 7  # OSC_POSE delta (dx, dy, dz, axis-angle) + gripper, all in [-1, 1]
 CHUNK_LENGTH = 10  # actions per base-policy query (pi0.5 LIBERO action_horizon)
+BASE_PLAN_DIM = ACTION_DIM + 1  # "base_plan": the base action a_base, then k/H (its index k in its chunk of H)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,12 @@ class ObsSpec:
     state_keys: tuple[tuple[str, int], ...]  # (robosuite key, width) in concatenation order
     cameras: tuple[str, ...] = ()
     image_size: int = 84
+    base_plan: bool = False  # the small policy also sees "base_plan" (residual mode: ``csil.acting``)
+
+    @property
+    def env(self) -> "ObsSpec":
+        """What an environment or a demo file provides: this spec without ``base_plan`` (the acting step adds it)."""
+        return dataclasses.replace(self, base_plan=False)
 
     @property
     def state_dim(self) -> int:
@@ -61,6 +69,8 @@ class ObsSpec:
         specs = {"state": ArraySpec((self.state_dim,), "float32")}
         for key in self.image_keys:
             specs[key] = ArraySpec((self.image_size, self.image_size, 3), "uint8")
+        if self.base_plan:
+            specs["base_plan"] = ArraySpec((BASE_PLAN_DIM,), "float32")
         return specs
 
     def state_slices(self) -> dict[str, slice]:
@@ -93,6 +103,7 @@ class ObsSpec:
             state_keys=tuple((k, int(w)) for k, w in raw["state_keys"]),
             cameras=tuple(raw["cameras"]),
             image_size=int(raw["image_size"]),
+            base_plan=bool(raw.get("base_plan", False)),  # specs written before it existed have none
         )
 
 

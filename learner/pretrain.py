@@ -17,9 +17,9 @@ import optax
 from tqdm import trange
 
 from csil import hetstat
-from csil.acting import ChunkSource, open_loop_base_actions
+from csil.acting import ChunkSource, open_loop_base_actions, with_plan
 from csil.demos import flatten_obs
-from csil.specs import BaseObsSpec, ObsSpec, Transition
+from csil.specs import ACTION_DIM, BaseObsSpec, ObsSpec, Transition
 from csil.tasks import is_success
 from learner.agent import AgentState, Batch, CSILAgent
 from learner.critic import make_atoms
@@ -78,8 +78,9 @@ class DemoTransitions:
         in the same action space as replay's ``a_pi``. ``a_base`` is what the base plays at that step while acting:
         chunks asked for every H steps from each episode's start and played open loop
         (``open_loop_base_actions``); the first action of a chunk asked for at every demo state would be another
-        policy than the one the residual is added to. The base is asked with the demos' own observations
-        (``spec``), so they must be what it asks for.
+        policy than the one the residual is added to. The observations gain that base plan (``"base_plan"``, as
+        acting gives it to a residual policy). The base is asked with the demos' own observations (``spec``), so
+        they must be what it asks for.
         """
         wants, demos_hold = BaseObsSpec.from_metadata(base.metadata), BaseObsSpec.of_local(spec)
         if wants != demos_hold:
@@ -91,12 +92,12 @@ class DemoTransitions:
                 f"{show(wants)} while the {spec.mode} demos hold {show(demos_hold)}: use demos with the base "
                 f"policy's observations (csil-demos generate --obs image for a camera-based base) or "
                 f"--action-mode ensemble")
-        a_base = open_loop_base_actions(base, self.obs, self.episode_step(), prompt)
-        # next_action is the next step's demo action (the last step repeats its own): so is its base action
-        next_base = np.where(self.last[:, None], a_base, np.roll(a_base, -1, axis=0))
-        residual = lambda a, b: np.clip(a - b, -1.0, 1.0).astype(np.float32)  # noqa: E731
-        return dataclasses.replace(self, action=residual(self.action, a_base),
-                                   next_action=residual(self.next_action, next_base))
+        plan = open_loop_base_actions(base, self.obs, self.episode_step(), prompt)
+        # next_obs and next_action are the next step's (the last step repeats its own): so is their base plan
+        next_plan = np.where(self.last[:, None], plan, np.roll(plan, -1, axis=0))
+        residual = lambda a, p: np.clip(a - p[:, :ACTION_DIM], -1.0, 1.0).astype(np.float32)  # noqa: E731
+        return dataclasses.replace(self, obs=with_plan(self.obs, plan), next_obs=with_plan(self.next_obs, next_plan),
+                                   action=residual(self.action, plan), next_action=residual(self.next_action, next_plan))
 
     def replay_items(self) -> Transition:
         """All transitions for the demo table, with a leading axis."""

@@ -1,6 +1,7 @@
 """Shared fixtures: a per-session cache dir (no test touches ~/.cache) and one local Ray instance."""
 
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -19,12 +20,26 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def free_port():
-    """A function returning a loopback port that is free right now."""
+    """A function returning a loopback port that is free right now, never the same one twice in a session.
+
+    Picked below the kernel's ephemeral range (``ip_local_port_range``, where outgoing connections take their
+    local ports) and above Ray's worker ports (10002-19999): a port bound to 0 comes from the ephemeral range, and
+    a Ray node started with it crashed with "bind: Address already in use" once another node's connections took
+    it between the pick and the bind."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(20000, low))
+    random.Random(os.getpid()).shuffle(candidates)
 
     def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        while candidates:
+            port = candidates.pop()
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+        raise RuntimeError("no free loopback port left in 20000-" + str(low))
 
     return pick
 

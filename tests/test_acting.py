@@ -1,35 +1,39 @@
 """The one acting step (``csil.acting.CombinedPolicy``) with the real local base policy: open-loop chunks per env
-slot, one batched request for the slots that ran dry, sample vs mode, and the residual targets' base actions."""
+slot, one batched request for the slots that ran dry, sample vs mode, the residual targets' base actions, and the
+base plan a residual policy sees (in acting, in transitions and in the demos alike)."""
 
 import jax
 import numpy as np
 
-from csil.acting import CombinedPolicy, base_observation, combine_actions, open_loop_base_actions
+from actors.env_runner import EnvRunner
+from csil.acting import CombinedPolicy, base_observation, combine_actions, open_loop_base_actions, with_plan
 from csil.base_policy import LocalBasePolicy
 from csil.config import HetStatConfig
 from csil.envs import CsilEnv
 from csil.hetstat import SmallPolicy, mode
-from csil.specs import BaseObsSpec
+from csil.specs import BASE_PLAN_DIM, BaseObsSpec
 
 
 class CountingSource:
     """The real base policy, with its requests counted (what the inference server's /stats would show)."""
 
     def __init__(self, base: LocalBasePolicy):
-        self.base, self.requests = base, []
+        self.base, self.requests, self.metadata = base, [], base.metadata
 
     def infer_batch(self, observations):
         self.requests.append(len(observations))
         return self.base.infer_batch(observations)
 
 
-def _setup(base_dir):
-    """Two Lift envs on scenes 0 and 1 and the base requests they build (what the local base asks for)."""
+def _setup(base_dir, residual: bool = False):
+    """Two Lift envs on scenes 0 and 1 and the base requests they build (what the local base asks for); a
+    residual policy's network also takes the base plan."""
     spec = BaseObsSpec.from_metadata(LocalBasePolicy(base_dir).metadata)
     envs = [CsilEnv("Lift", "state", base_spec=spec) for _ in range(2)]
     obs = [env.reset(seed=s) for env, s in zip(envs, (0, 1))]
     network = SmallPolicy(HetStatConfig(hidden=(16,), bottleneck=8, features=16))
-    params = network.init(jax.random.PRNGKey(0), {"state": obs[0]["state"][None]})
+    params = network.init(jax.random.PRNGKey(0), with_plan({"state": obs[0]["state"][None]},
+                                                          np.zeros((1, BASE_PLAN_DIM)) if residual else None))
     return obs, network, params, lambda i: envs[i].base_request()
 
 
@@ -54,12 +58,13 @@ def test_chunks_are_played_open_loop_and_requested_in_one_batch(lift_setup):
 
 def test_sampling_acts_stochastically_and_base_alone_executes_the_base(lift_setup):
     _, _, base_dir = lift_setup
-    obs, network, params, requests = _setup(base_dir)
+    obs, network, params, requests = _setup(base_dir, residual=True)
     base = LocalBasePolicy(base_dir)
     a = CombinedPolicy(base, network, "residual", "lift", 2).act(params, obs, jax.random.PRNGKey(1), requests)
     b = CombinedPolicy(base, network, "residual", "lift", 2).act(params, obs, jax.random.PRNGKey(2), requests)
     assert not np.allclose(a.small, b.small) and np.allclose(a.base, b.base)
     np.testing.assert_allclose(a.executed, np.clip(a.base + a.small, -1, 1), atol=1e-6)
+    np.testing.assert_array_equal(a.plan, np.concatenate([a.base, np.zeros((2, 1))], 1))  # it saw a_base, k = 0
     alone = CombinedPolicy(base, None, "ensemble", "lift", 2).act(None, obs, None, requests)
     np.testing.assert_array_equal(alone.executed, alone.base)
 
@@ -95,8 +100,30 @@ def test_open_loop_base_actions_are_what_the_base_plays_while_acting(lift_setup)
     source = CountingSource(base)
     stacked = {"state": np.stack([o["state"] for o in observations])}
     found = open_loop_base_actions(source, stacked, np.asarray(episode_step), "lift", batch=2)
-    np.testing.assert_allclose(found, np.stack(played), atol=1e-5)
+    np.testing.assert_allclose(found[:, :7], np.stack(played), atol=1e-5)
+    np.testing.assert_allclose(found[:, 7], np.asarray(episode_step) % 10 / 10)  # k/H: the place in its chunk
     assert source.requests == [1, 2]  # episode 0's step 0, then its step 10 and episode 1's step 0
+
+
+def test_residual_transitions_carry_the_base_plan_at_obs_and_next_obs(lift_setup):
+    """The critic's target evaluates the policy at next_obs, so next_obs needs the plan the next act will see:
+    written transitions chain (next_obs's plan is the next transition's obs plan), the plan's action is the
+    base action played, its phase cycles through the chunk, and knowing it early costs no extra base request."""
+    _, _, base_dir = lift_setup
+    _, network, params, _ = _setup(base_dir, residual=True)
+    source = CountingSource(LocalBasePolicy(base_dir))
+    runner = EnvRunner("Lift", "state", 2, source, network, "residual", episode_seed=lambda i: i)
+    runner.set_params(params, 0)
+    steps = [runner.step(jax.random.PRNGKey(t))[0] for t in range(21)]
+    assert source.requests == [2, 2, 2]  # steps 0, 10 and 20: as many as without the plan
+    for slot in range(2):
+        written = [step[slot] for step in steps]
+        plans = np.stack([t.obs["base_plan"] for t in written])
+        np.testing.assert_array_equal(plans[:, :7], np.stack([t.base_action for t in written]))
+        np.testing.assert_allclose(plans[:, 7], np.arange(21) % 10 / 10)
+        for now, then in zip(written, written[1:]):
+            np.testing.assert_array_equal(now.next_obs["base_plan"], then.obs["base_plan"])
+            np.testing.assert_array_equal(now.next_obs["state"], then.obs["state"])
 
 
 def test_base_requests_carry_what_the_base_asked_for_not_what_the_small_policy_sees():

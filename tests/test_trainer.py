@@ -74,6 +74,12 @@ def test_residual_mode_bc_targets_are_what_the_small_policy_must_add_to_the_base
     np.testing.assert_allclose(executed[unclipped], raw.action[rows][unclipped], atol=1e-5)
     assert not np.allclose(residual.action, raw.action)
     assert residual.next_action.shape == raw.next_action.shape and np.all(np.abs(residual.next_action) <= 1)
+    # the residual policy sees that base action and its place in the chunk; next_obs has the next step's
+    np.testing.assert_allclose(residual.obs["base_plan"][rows], np.c_[base_action, phase / 10], atol=1e-5)
+    inner = np.flatnonzero(~raw.last)
+    np.testing.assert_array_equal(residual.next_obs["base_plan"][inner], residual.obs["base_plan"][inner + 1])
+    np.testing.assert_array_equal(residual.obs["state"], raw.obs["state"])
+    assert "base_plan" not in raw.obs
 
 
 def test_residual_mode_refuses_demos_without_what_the_base_policy_asks_for(lift_setup, lift_image_setup, tiny_agent):
