@@ -59,6 +59,14 @@ def at_least(minimum: int, kind=int):
     return parse
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def base_policy_target(text: str) -> str:
     """An argparse type: ``local``, ``ws://host:port``, ``wss://host:port`` or ``grpc://host:port``."""
     if text == "local" or (text.startswith(("ws://", "wss://", "grpc://")) and text.split("://", 1)[1]):

@@ -7,7 +7,7 @@ import argparse
 import time
 
 from cli import emit_json
-from cli.flags import at_least, build, field, values
+from cli.flags import at_least, build, field, fraction, values
 from csil.acting import ACTION_MODES
 from csil.config import ALGORITHMS, BETA_UNITS, SIZES, AgentConfig, TrainConfig, agent_config
 from csil.specs import OBS_MODES
@@ -50,6 +50,9 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
     field(g, AgentConfig, "batch_size", type=at_least(1), default=None,
           help=f"online samples per critic update, plus as many demo samples (preset: {AgentConfig.batch_size}; "
                "on a CPU with --obs image, 16-32: one image update at 128 x UTD 4 takes ~70 s on a core)")
+    field(g, AgentConfig, "bc_holdout", type=fraction, default=None,
+          help=f"fraction of demo episodes kept out of BC; BC then returns its parameters with the lowest loss on "
+               f"them instead of the last step's (preset: {AgentConfig.bc_holdout:g}: no hold-out)")
     field(g, AgentConfig, "bc_batch_size", type=at_least(1), default=None,
           help=f"demo samples per BC pretraining step (preset: {AgentConfig.bc_batch_size})")
     field(g, AgentConfig, "utd", type=at_least(1), default=None,

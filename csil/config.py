@@ -187,6 +187,8 @@ class AgentConfig:
     bc_steps: int = 50_000  # 25k for image observations (paper)
     bc_lr: float = 1e-3
     bc_batch_size: int = 256
+    # Fraction of demo episodes kept out of BC to pick its parameters (lowest held-out loss); 0: the last step's.
+    bc_holdout: float = 0.0
     critic_pretrain_steps: int = 20_000  # variant: 0 = no critic pretraining (XQC+OD)
     critic_pretrain_lr: float = 3e-3  # 3e-4 cannot move the categorical head's logits far enough in 20k steps
     # The target must track faster while values propagate from the demo ends: with gamma = 0.99 and tau = 0.005

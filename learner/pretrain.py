@@ -66,6 +66,23 @@ class DemoTransitions:
         return Batch(*jax.tree_util.tree_map(pick, (self.obs, self.action, self.discount, self.next_obs,
                                                      self.next_action)))
 
+    def split_episodes(self, fraction: float) -> tuple[DemoTransitions, DemoTransitions]:
+        """(kept, held out): every episode whose index i has floor((i+1)·fraction) > floor(i·fraction) is held out
+        (an evenly spread ``fraction`` of them, at least one, never all)."""
+        episode = np.concatenate([[0], np.cumsum(self.last[:-1])])
+        count = int(episode[-1]) + 1
+        index = np.arange(count)
+        held = np.floor((index + 1) * fraction) > np.floor(index * fraction)
+        if not held.any():
+            held[-1] = True
+        if held.all() or count < 2:
+            raise ValueError(f"cannot hold out {fraction:.0%} of {count} demo episode(s) and keep some for BC")
+        def pick(mask: np.ndarray) -> DemoTransitions:
+            return DemoTransitions(**{f.name: jax.tree_util.tree_map(lambda x: x[mask], getattr(self, f.name))
+                                      for f in dataclasses.fields(self)})
+
+        return pick(~held[episode]), pick(held[episode])
+
     def episode_step(self) -> np.ndarray:
         """Each transition's step within its demo episode (0 at each episode's first)."""
         starts = np.concatenate([[0], np.flatnonzero(self.last[:-1]) + 1])
@@ -117,6 +134,9 @@ class DemoTransitions:
         return out
 
 
+VALIDATE_EVERY = 100  # BC steps between held-out evaluations (AgentConfig.bc_holdout)
+
+
 class PretrainingStopped(Exception):
     """``should_stop()`` turned true during pretraining (SIGINT/SIGTERM): nothing of it is kept."""
 
@@ -144,11 +164,17 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
                 should_stop: Callable[[], bool] | None = None) -> tuple[dict, list[dict]]:
     """CSIL's faithful BC loss with Adam; returns the parameters and a metrics log (every 100 steps, each entry
     also passed to ``on_log``: how a remote learner reports its progress). ``should_stop`` is polled every
-    step and ends pretraining with ``PretrainingStopped`` (Ctrl-C answered within one step)."""
+    step and ends pretraining with ``PretrainingStopped`` (Ctrl-C answered within one step).
+
+    With ``AgentConfig.bc_holdout`` > 0 that fraction of the demo episodes is kept out of BC and the parameters
+    with the lowest loss on them (checked every ``VALIDATE_EVERY`` steps) are returned: on few demos the policy
+    otherwise memorises the demonstrator's noise, which it then replays as confident actions on states it never
+    saw (robomimic selects its BC checkpoints on held-out data for the same reason)."""
     cfg = agent.cfg
     params = agent.init_policy(key)
     opt = optax.adam(cfg.bc_lr)
     opt_state = opt.init(params)
+    demos, held_out = demos.split_episodes(cfg.bc_holdout) if cfg.bc_holdout else (demos, None)
     obs, actions = jax.tree_util.tree_map(jnp.asarray, demos.obs), jnp.asarray(demos.action)
 
     @jax.jit
@@ -161,13 +187,23 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
         updates, o = opt.update(grads, o, p)
         return optax.apply_updates(p, updates), o, k, metrics
 
+    held_out_loss = None if held_out is None else jax.jit(lambda p: hetstat.bc_loss(
+        agent.policy_net.apply, p, jax.tree_util.tree_map(jnp.asarray, held_out.obs), jnp.asarray(held_out.action))[0])
+    done, best = 0, (np.inf, params)  # (held-out loss, its parameters)
+
     def bc_step() -> dict:
-        nonlocal params, opt_state, key
+        nonlocal params, opt_state, key, done, best
         params, opt_state, key, metrics = step(params, opt_state, key)
+        done += 1
+        if held_out_loss is not None and (done % VALIDATE_EVERY == 0 or done == steps):
+            metrics = {**metrics, "held_out_loss": held_out_loss(params)}
+            if float(metrics["held_out_loss"]) < best[0]:
+                best = (float(metrics["held_out_loss"]), params)
         return metrics
 
-    log = _run("BC pretraining", steps, bc_step, {"mse": ".4f", "nll": ".2f"}, progress, on_log, should_stop)
-    return params, log
+    shown = {"mse": ".4f", "nll": ".2f", **({"held_out_loss": ".2f"} if held_out is not None else {})}
+    log = _run("BC pretraining", steps, bc_step, shown, progress, on_log, should_stop)
+    return (params, log) if held_out is None else (best[1], log)
 
 
 def initial_atoms(agent: CSILAgent, bc_params, demos: DemoTransitions):
