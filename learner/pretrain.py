@@ -134,7 +134,7 @@ class DemoTransitions:
         return out
 
 
-VALIDATE_EVERY = 100  # BC steps between held-out evaluations (AgentConfig.bc_holdout)
+LOG_EVERY = 100  # pretraining steps between logged metrics (BC's held-out loss is computed at those steps)
 
 
 class PretrainingStopped(Exception):
@@ -143,7 +143,7 @@ class PretrainingStopped(Exception):
 
 def _run(what: str, steps: int, step: Callable[[], dict], shown: dict[str, str], progress: bool,
          on_log: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None) -> list[dict]:
-    """``steps`` calls of ``step`` under a progress bar; every 100th step's metrics are logged (the ``shown``
+    """``steps`` calls of ``step`` under a progress bar; every ``LOG_EVERY``-th step's metrics are logged (the ``shown``
     ones, ``{key: format}``, in the bar) and passed to ``on_log``; ``should_stop`` is polled every step."""
     log = []
     bar = trange(steps, desc=what, disable=not progress, mininterval=1.0)
@@ -151,7 +151,7 @@ def _run(what: str, steps: int, step: Callable[[], dict], shown: dict[str, str],
         if should_stop is not None and should_stop():
             raise PretrainingStopped(f"{what} stopped at step {i}: its progress is discarded")
         metrics = step()
-        if i % 100 == 0 or i == steps - 1:
+        if i % LOG_EVERY == 0 or i == steps - 1:
             log.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
             bar.set_postfix({k: format(log[-1][k], f) for k, f in shown.items()})
             if on_log is not None:
@@ -167,7 +167,7 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
     step and ends pretraining with ``PretrainingStopped`` (Ctrl-C answered within one step).
 
     With ``AgentConfig.bc_holdout`` > 0 that fraction of the demo episodes is kept out of BC and the parameters
-    with the lowest loss on them (checked every ``VALIDATE_EVERY`` steps) are returned: on few demos the policy
+    with the lowest loss on them (checked every ``LOG_EVERY`` steps) are returned: on few demos the policy
     otherwise memorises the demonstrator's noise, which it then replays as confident actions on states it never
     saw (robomimic selects its BC checkpoints on held-out data for the same reason)."""
     cfg = agent.cfg
@@ -195,7 +195,7 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
         nonlocal params, opt_state, key, done, best
         params, opt_state, key, metrics = step(params, opt_state, key)
         done += 1
-        if held_out_loss is not None and (done % VALIDATE_EVERY == 0 or done == steps):
+        if held_out_loss is not None and ((done - 1) % LOG_EVERY == 0 or done == steps):  # the steps _run logs
             metrics = {**metrics, "held_out_loss": held_out_loss(params)}
             if float(metrics["held_out_loss"]) < best[0]:
                 best = (float(metrics["held_out_loss"]), params)
