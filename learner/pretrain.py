@@ -189,7 +189,7 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
 
     held_out_loss = None if held_out is None else jax.jit(lambda p: hetstat.bc_loss(
         agent.policy_net.apply, p, jax.tree_util.tree_map(jnp.asarray, held_out.obs), jnp.asarray(held_out.action))[0])
-    done, best = 0, (np.inf, params)  # (held-out loss, its parameters)
+    done, best = 0, (np.inf, params, 0)  # (held-out loss, its parameters, the step they come from)
 
     def bc_step() -> dict:
         nonlocal params, opt_state, key, done, best
@@ -198,12 +198,15 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
         if held_out_loss is not None and ((done - 1) % LOG_EVERY == 0 or done == steps):  # the steps _run logs
             metrics = {**metrics, "held_out_loss": held_out_loss(params)}
             if float(metrics["held_out_loss"]) < best[0]:
-                best = (float(metrics["held_out_loss"]), params)
+                best = (float(metrics["held_out_loss"]), params, done - 1)
         return metrics
 
     shown = {"mse": ".4f", "nll": ".2f", **({"held_out_loss": ".2f"} if held_out is not None else {})}
     log = _run("BC pretraining", steps, bc_step, shown, progress, on_log, should_stop)
-    return (params, log) if held_out is None else (best[1], log)
+    if held_out is None:
+        return params, log
+    log[-1]["selected_step"] = best[2]  # the step whose parameters are returned
+    return best[1], log
 
 
 def initial_atoms(agent: CSILAgent, bc_params, demos: DemoTransitions):

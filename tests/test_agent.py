@@ -415,3 +415,24 @@ def test_a_non_finite_update_is_dropped_and_a_diverging_learner_stops(pretrained
     with pytest.raises(FloatingPointError, match=f"{MAX_CONSECUTIVE_SKIPS} updates in a row"):
         for _ in range(MAX_CONSECUTIVE_SKIPS):
             core.step(*batches(True))
+
+
+def test_bc_holdout_keeps_the_parameters_before_the_noise_is_memorised():
+    """Few noisy demos (the residual mode's case: a_demo − a_base is mostly the demonstrator's noise): trained to
+    the end, BC fits the noise and replays it as confident actions on fresh states; holding out demo episodes
+    and keeping the lowest held-out loss returns earlier parameters that are closer to the noise-free expert."""
+    everything, _ = synthetic_demos(num_episodes=16, seed=5)  # one expert: 6 episodes to learn from, 10 fresh
+    demos, fresh = everything.split_episodes(10 / 16)
+    rng = np.random.default_rng(0)
+    noisy = dataclasses.replace(demos, action=np.clip(demos.action + rng.normal(0, 0.2, demos.action.shape),
+                                                      -0.95, 0.95).astype(np.float32))
+    kept, held = noisy.split_episodes(0.2)
+    assert (len(kept), len(held)) == (5 * EP_LEN, EP_LEN) and held.last.sum() == 1  # one whole episode
+    error = {}
+    for holdout in (0.0, 0.2):
+        agent = CSILAgent(dataclasses.replace(SMALL, bc_holdout=holdout), SPEC)
+        params, log = pretrain_bc(agent, noisy, jax.random.PRNGKey(0), steps=2000, progress=False)
+        mu, _ = agent.policy_net.apply(params, {"state": jnp.asarray(fresh.obs["state"])})
+        error[holdout] = float(np.mean((np.asarray(hetstat.mode(mu)) - fresh.action) ** 2))
+    assert 0 < log[-1]["selected_step"] < 1999 and log[-1]["held_out_loss"] > min(e["held_out_loss"] for e in log)
+    assert error[0.2] < 0.9 * error[0.0], error

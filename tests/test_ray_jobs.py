@@ -76,8 +76,12 @@ def ray_cluster(free_port):
     finally:
         # Each node's process group: ray start and the Ray processes it started (GCS, raylet, dashboard); the
         # workers and job drivers exit when their raylet and supervisor are gone. (A graceful stop takes ~30 s.)
+        # A node whose `ray start` already exited still leaves its group's daemons: kill every group regardless.
         for node in reversed(nodes):
-            os.killpg(node.pid, signal.SIGKILL)
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             node.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
 
