@@ -6,6 +6,7 @@ wraps it with Reverb input, weight publishing and metrics. Both pretrain, update
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -28,9 +29,11 @@ MAX_CONSECUTIVE_SKIPS = 50  # non-finite updates in a row (each dropped) before 
 class LearnerCore:
     """One agent's state and the operations on it. ``updates`` counts fused updates (one per env step)."""
 
-    def __init__(self, cfg: AgentConfig, spec: ObsSpec, demos: DemoTransitions, seed: int):
+    def __init__(self, cfg: AgentConfig, spec: ObsSpec, demos: DemoTransitions, seed: int,
+                 dump_dir: str | Path | None = None):
         compile_cache.enable()  # a restarted learner loads its compiled updates
         self.cfg, self.spec, self.demos, self.seed = cfg, spec, demos, seed
+        self.dump_dir = dump_dir  # where a diverged learner leaves what reproduces its failing update
         self.agent = CSILAgent(cfg, spec)
         self.key = jax.random.PRNGKey(seeds.learner_key_seed(seed))
         self.state: AgentState | None = None
@@ -64,7 +67,7 @@ class LearnerCore:
         self.key, key = jax.random.split(self.key)
         self.state, metrics = self.agent.update(self.state, online, demos, key)
         self.updates += 1
-        return self._count_skips(metrics, 1)
+        return self._count_skips(metrics, 1, lambda: {"online": online, "demos": demos, "key": key})
 
     def step_many(self, online: list[Batch], demos: list[Batch]) -> dict:
         """``len(online)`` fused updates in one call (``CSILAgent.update_many``): the same updates, keys included,
@@ -78,9 +81,10 @@ class LearnerCore:
         stack = lambda batches: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)  # noqa: E731
         self.state, metrics = self.agent.update_many(self.state, stack(online), stack(demos), jnp.stack(keys))
         self.updates += len(online)
-        return self._count_skips(metrics, len(online))
+        return self._count_skips(metrics, len(online),
+                                 lambda: {"online": online[-1], "demos": demos[-1], "key": keys[-1]})
 
-    def _count_skips(self, metrics: dict, calls: int) -> dict:
+    def _count_skips(self, metrics: dict, calls: int, last_update: Callable[[], dict]) -> dict:
         """Updates the agent dropped as non-finite (``CSILAgent._update``): counted (metric ``skipped_updates``),
         a FloatingPointError once ``MAX_CONSECUTIVE_SKIPS`` in a row were; a call whose last update was dropped
         returns the metrics of the last one applied. Reads one scalar per call (a device sync)."""
@@ -88,13 +92,27 @@ class LearnerCore:
         self.skipped_updates += skipped
         self.consecutive_skips = self.consecutive_skips + skipped if skipped == calls else 0
         if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            dumped = self._dump(last_update())
             raise FloatingPointError(
                 f"the learner diverged: {self.consecutive_skips} updates in a row up to update {self.updates} came "
-                f"out non-finite and were dropped (last applied metrics: {self.last_metrics})")
+                f"out non-finite and were dropped (last applied metrics: {self.last_metrics})"
+                + (f"; the state, batches and key of the last one are in {dumped}" if dumped else ""))
         if skipped and self.last_metrics is not None and not all(np.isfinite(float(v)) for v in metrics.values()):
             metrics = self.last_metrics
         self.last_metrics = metrics
         return {**metrics, "skipped_updates": self.skipped_updates}
+
+    def _dump(self, update: dict) -> Path | None:
+        """``dump_dir/state`` (the last finite agent state: a learner checkpoint, ``restore_checkpoint``) and
+        ``dump_dir/update.pkl`` (a dropped update's ``online`` and ``demos`` batches and ``key``, as numpy): with
+        them ``CSILAgent.update(state, online, demos, key)`` reproduces a non-finite update offline."""
+        if self.dump_dir is None:
+            return None
+        path = Path(self.dump_dir)
+        save_checkpoint(path / "state", self.state, {"updates": self.updates})
+        with open(path / "update.pkl", "wb") as f:
+            pickle.dump(jax.device_get(update), f)
+        return path
 
     def policy_params(self):
         """The small policy's parameters on the host (what actors and the evaluator act with)."""

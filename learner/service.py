@@ -59,7 +59,7 @@ class LearnerService:
         self.logdir = Path(logdir)
         self.ckpt_dir = self.logdir / "checkpoints" / "learner"
         demos = DemoTransitions.from_episodes(read_demos(demos_path, num_demos=cfg.num_demos).episodes, self.spec)
-        self.core = LearnerCore(cfg.agent, self.spec, demos, cfg.seed)
+        self.core = LearnerCore(cfg.agent, self.spec, demos, cfg.seed, dump_dir=self.logdir / "diverged")
         self.lock = threading.Lock()
         self.stop_pretraining = threading.Event()
         self.metrics: dict[str, float] = {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,9 @@ DROP_TOLERANCE = 0.05  # "no initial drop": every evaluation >= base - 5 pp
 # What a run finished before a budget field existed was run with (results/table1: β = 0.3 per nat, no warmup).
 PRE_OPTION_BUDGET = {"actor_warmup": 0, "beta": 0.3, "beta_units": "nats", "final_eval_rounds": 0, "obs_mode": "state"}
 IMPROVEMENT = 0.10  # "improves the base": best parameters re-evaluated >= paired base + 10 pp
+FAILED = "failed.json"  # in a run directory: that run's learner diverged (the error); removed once it finishes
+
+log = logging.getLogger(__name__)
 
 
 def runs_root(cfg: ExperimentConfig) -> Path:
@@ -124,18 +128,28 @@ def run_experiment(cfg: ExperimentConfig, command: str, progress: bool = True, r
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     # seed-major: an experiment spread over several sittings has every method's seed 0 before any seed 1
     grid = [(task, method, seed) for task in cfg.tasks for seed in range(cfg.seeds) for method in cfg.methods]
-    if report_only:
-        results = [r for r in (finished(cfg, *run) for run in grid) if r is not None]
-    else:
-        results = [run_one(cfg, *run, progress=progress) for run in grid]
+    results = []
+    for task, method, seed in grid:
+        run_dir = runs_root(cfg) / task / method / f"seed{seed}"
+        try:
+            result = finished(cfg, task, method, seed) if report_only else run_one(cfg, task, method, seed, progress)
+        except FloatingPointError as e:  # a diverged learner: the rest of the grid still runs, a rerun retries it
+            log.warning("%s/%s/seed%d diverged, going on with the grid: %s", task, method, seed, e)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / FAILED).write_text(json.dumps({"error": str(e)}, indent=2))
+            continue
+        if result is not None:
+            (run_dir / FAILED).unlink(missing_ok=True)
+            results.append(result)
+    diverged = [f"{t}/{m}/seed{s}" for t, m, s in grid if (runs_root(cfg) / t / m / f"seed{s}" / FAILED).exists()]
     out = Path(cfg.out_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "runs.csv", results)
     stats = _statistics(cfg, results)
-    (out / "table.md").write_text(_table(cfg, stats, command, missing=len(grid) - len(results)))
+    (out / "table.md").write_text(_table(cfg, stats, command, missing=len(grid) - len(results), diverged=diverged))
     _plot(out / "curves.png", cfg, results)
-    return {"experiment": cfg.name, "runs": len(results), "missing": len(grid) - len(results), "out": str(out),
-            "results": stats}
+    return {"experiment": cfg.name, "runs": len(results), "missing": len(grid) - len(results), "diverged": diverged,
+            "out": str(out), "results": stats}
 
 
 def _write_csv(path: Path, results: list[dict]) -> None:
@@ -220,7 +234,7 @@ def _seeds_cell(cfg: ExperimentConfig, entry: dict | None, key: str, count: str 
     return _cell(entry[key]) + seeds
 
 
-def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -> str:
+def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0, diverged: list[str] = ()) -> str:
     lines = [f"# {cfg.name}", "", f"`{command}`", "",
              f"Budget: {cfg.env_steps:,} env steps per run (the paper: 500,000), evaluations every "
              f"{cfg.eval_every:,} steps on {cfg.eval_episodes} episodes, {cfg.seeds} seed{'s' * (cfg.seeds != 1)}, "
@@ -231,6 +245,9 @@ def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0) -
     if missing:
         lines += [f"**Partial**: {missing} run{'s' * (missing != 1)} of this grid not finished yet; the command "
                   "above continues it (finished runs are reused).", ""]
+    if diverged:
+        lines += [f"**Diverged** (the learner's updates kept coming out non-finite; retried by the command above; "
+                  f"`{FAILED}` and `diverged/` in the run directory say more): {', '.join(diverged)}.", ""]
     header = ["| method | " + " | ".join(cfg.tasks) + " |", "|---|" + "---|" * len(cfg.tasks)]
     if any("reevaluated" in e for t in stats.values() for e in t.values()):
         lines += [f"## Best parameters re-evaluated (the paper's protocol)", "",

@@ -56,7 +56,7 @@ class Trainer:
         self.base_policy = LocalBasePolicy(self.base_dir)
         if cfg.action_mode == "residual":
             demos = demos.as_residuals(self.base_policy, self.task.prompt, self.spec)
-        self.learner = LearnerCore(cfg.agent, self.spec, demos, cfg.seed)
+        self.learner = LearnerCore(cfg.agent, self.spec, demos, cfg.seed, dump_dir=self.logdir / "diverged")
         self.tracker = RunTracker(self.logdir, dataclasses.asdict(cfg), cfg.wandb, wandb_group, wandb_name)
         self.evaluator = Evaluator(functools.partial(self._evaluate, self.learner.agent.policy_net),
                                    cfg.eval_episodes, cfg.seed, videos=cfg.eval_videos, tracker=self.tracker)

@@ -381,7 +381,7 @@ def test_k_fused_updates_equal_k_chained_ones_image():
     _chained_vs_fused(cfg, IMAGE_SPEC, image_demos(np.random.default_rng(0)), bc, k=2)
 
 
-def test_a_non_finite_update_is_dropped_and_a_diverging_learner_stops(pretrained):
+def test_a_non_finite_update_is_dropped_and_a_diverging_learner_stops(pretrained, tmp_path):
     """One batch that makes the update non-finite (here a NaN observation; in a 20k-step Lift run something
     did after 3,100 good updates) must not reach the weights actors act with: the update is dropped and counted,
     the caller gets the last applied update's metrics; a learner whose updates keep coming out non-finite stops
@@ -389,7 +389,7 @@ def test_a_non_finite_update_is_dropped_and_a_diverging_learner_stops(pretrained
     from learner.core import MAX_CONSECUTIVE_SKIPS, LearnerCore
 
     _, state, demos, _, _ = pretrained
-    core = LearnerCore(SMALL, SPEC, demos, seed=0)
+    core = LearnerCore(SMALL, SPEC, demos, seed=0, dump_dir=tmp_path / "diverged")
     core.state = state
     rng = np.random.default_rng(5)
 
@@ -412,9 +412,18 @@ def test_a_non_finite_update_is_dropped_and_a_diverging_learner_stops(pretrained
     fused = core.step_many(*zip(*(batches(i == 1) for i in range(3))))  # the middle one of three is dropped
     assert fused["skipped_updates"] == 2 and all(np.isfinite(float(v)) for v in fused.values())
     assert not jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), core.state, before))
-    with pytest.raises(FloatingPointError, match=f"{MAX_CONSECUTIVE_SKIPS} updates in a row"):
+    with pytest.raises(FloatingPointError, match=f"{MAX_CONSECUTIVE_SKIPS} updates in a row.*diverged"):
         for _ in range(MAX_CONSECUTIVE_SKIPS):
             core.step(*batches(True))
+    # what it left reproduces the failing update offline
+    import pickle
+
+    from learner.checkpoint import restore_checkpoint
+
+    update = pickle.loads((tmp_path / "diverged" / "update.pkl").read_bytes())
+    restored, _ = restore_checkpoint(tmp_path / "diverged" / "state", core.state)
+    _, metrics = core.agent.update(restored, update["online"], update["demos"], update["key"])
+    assert int(metrics["skipped"]) == 1
 
 
 def test_bc_holdout_keeps_the_parameters_before_the_noise_is_memorised():

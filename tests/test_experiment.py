@@ -24,7 +24,7 @@ REEVALUATED = {  # (method, seed) -> the best parameters' success in each re-eva
 
 def _done(root, method, seed, evals, budget, reevaluated=None):
     run = root / "Lift" / method / f"seed{seed}"
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)
     record = {"task": "Lift", "method": method, "seed": seed, "summary": {}, "budget": budget, "evals": evals}
     if reevaluated is not None:
         record["best_reevaluated"] = reevaluated
@@ -111,3 +111,35 @@ def test_report_summarises_the_finished_runs_without_training(tmp_path):
     assert "Best parameters re-evaluated" not in table  # these runs had no re-evaluations
     assert "| Lift | csil++-ensemble | 60% [60%, 60%] | 60% [60%, 60%] | 1/1 | 1/1 |" in table
     assert not (runs / "Square").exists()  # nothing was trained
+
+
+def test_a_diverged_run_is_reported_and_retried_while_the_grid_goes_on(tmp_path, monkeypatch):
+    """A learner that diverges (``LearnerCore``'s FloatingPointError) must not end a grid of hour-long runs: the
+    other runs still run, the table names the diverged one, and the next invocation retries it."""
+    from orchestration import experiment
+
+    runs = tmp_path / "runs"
+    CURVE = [{"env_steps": 0, "success_rate": 0.5}, {"env_steps": 1000, "success_rate": 0.6}]  # noqa: N806
+    cfg = ExperimentConfig(name="t", tasks=("Lift",), methods=("base", "csil++-ensemble"), seeds=2, env_steps=2000,
+                           eval_every=1000, runs_dir=str(runs), out_dir=str(tmp_path / "out"))
+    for seed, success in BASE.items():
+        _done(runs, "base", seed, [{"env_steps": 0, "success_rate": success}], run_budget(cfg))
+    _done(runs, "csil++-ensemble", 1, CURVE, run_budget(cfg))
+    tried = []
+
+    def diverges(cfg, task, method, seed, progress=True):
+        if experiment.finished(cfg, task, method, seed) is None:
+            tried.append(seed)
+            raise FloatingPointError("the learner diverged: 50 updates in a row")
+        return experiment.finished(cfg, task, method, seed)
+
+    monkeypatch.setattr(experiment, "run_one", diverges)
+    summary = run_experiment(cfg, "csil-experiment --name t", progress=False)
+    assert tried == [0] and summary["runs"] == 3 and summary["diverged"] == ["Lift/csil++-ensemble/seed0"]
+    assert "**Diverged**" in (tmp_path / "out" / "t" / "table.md").read_text()
+    assert "50 updates in a row" in (runs / "Lift" / "csil++-ensemble" / "seed0" / experiment.FAILED).read_text()
+    run_experiment(cfg, "csil-experiment --name t", progress=False)
+    assert tried == [0, 0]  # retried, not skipped
+    _done(runs, "csil++-ensemble", 0, CURVE, run_budget(cfg))
+    assert run_experiment(cfg, "csil-experiment --name t", progress=False)["diverged"] == []
+    assert not (runs / "Lift" / "csil++-ensemble" / "seed0" / experiment.FAILED).exists()
