@@ -95,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     run = values(args, LaunchConfig)
     return build(LaunchConfig, args, env_steps=run["env_steps"] or LaunchConfig.env_steps,
                  logdir=run["logdir"] or f"runs/{run['task']}-{time.strftime('%Y%m%d-%H%M%S')}",
-                 agent=agent_config(run["algo"], run["size"], **values(args, AgentConfig, skip_none=True)))
+                 agent=agent_config(run["algo"], run["size"], run["action_mode"],
+                                    **values(args, AgentConfig, skip_none=True)))
 
 
 def resumed_config(args: argparse.Namespace) -> LaunchConfig:

@@ -9,7 +9,7 @@ import time
 from cli import emit_json
 from cli.flags import at_least, build, field, fraction, values
 from csil.acting import ACTION_MODES
-from csil.config import ALGORITHMS, BETA_UNITS, SIZES, AgentConfig, TrainConfig, agent_config
+from csil.config import ALGORITHMS, BETA_UNITS, MODE_PRESETS, SIZES, AgentConfig, TrainConfig, agent_config
 from csil.specs import OBS_MODES
 from orchestration.trainer import Trainer
 
@@ -52,7 +52,8 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
                "on a CPU with --obs image, 16-32: one image update at 128 x UTD 4 takes ~70 s on a core)")
     field(g, AgentConfig, "bc_holdout", type=fraction, default=None,
           help=f"fraction of demo episodes kept out of BC; BC then returns its parameters with the lowest loss on "
-               f"them instead of the last step's (preset: {AgentConfig.bc_holdout:g}: no hold-out)")
+               f"them instead of the last step's (preset: {MODE_PRESETS['residual']['bc_holdout']:g} in residual "
+               f"mode, else {AgentConfig.bc_holdout:g}: no hold-out)")
     field(g, AgentConfig, "bc_batch_size", type=at_least(1), default=None,
           help=f"demo samples per BC pretraining step (preset: {AgentConfig.bc_batch_size})")
     field(g, AgentConfig, "utd", type=at_least(1), default=None,
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     run = values(args, TrainConfig)
     return build(TrainConfig, args, logdir=run["logdir"] or f"runs/{run['task']}-{time.strftime('%Y%m%d-%H%M%S')}",
-                 agent=agent_config(run["algo"], run["size"], **values(args, AgentConfig, skip_none=True)))
+                 agent=agent_config(run["algo"], run["size"], run["action_mode"],
+                                    **values(args, AgentConfig, skip_none=True)))
 
 
 def main(argv: list[str] | None = None) -> None:

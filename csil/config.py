@@ -262,13 +262,23 @@ _SIZERS = {"paper": lambda cfg: cfg, "cpu": cpu_sized, "tiny": tiny_sized}
 SIZES = ("paper", "cpu")
 
 
-def agent_config(algo: str = "csil++", size: str = "paper", **overrides) -> AgentConfig:
-    """The one way an agent config is built: ``AgentConfig`` fields ``overrides`` (e.g. ``bc_steps``), then the
-    network ``size``, then the algorithm preset (``algo_config``), whose variant fields win: XQC+OD never
-    pretrains its critic whatever ``critic_pretrain_steps`` says."""
+# What an action mode changes in the agent's defaults. Residual BC targets a_demo − a_base on the base policy's
+# own training demos are mostly the demonstrator's noise (the base fits those demos): trained to the end, BC
+# memorises it and replays it on new states, 12 pp below the base on Lift; kept at its lowest held-out loss it
+# starts at the base (results/residual-step0.md).
+MODE_PRESETS = {"residual": {"bc_holdout": 0.1}}
+
+
+def agent_config(algo: str = "csil++", size: str = "paper", action_mode: str = "ensemble",
+                 **overrides) -> AgentConfig:
+    """The one way an agent config is built: the ``action_mode``'s preset (``MODE_PRESETS``) and ``AgentConfig``
+    fields ``overrides`` (e.g. ``bc_steps``; they win), then the network ``size``, then the algorithm preset
+    (``algo_config``), whose variant fields win: XQC+OD never pretrains its critic whatever
+    ``critic_pretrain_steps`` says."""
     if size not in _SIZERS:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(_SIZERS)}")
-    return algo_config(algo, _SIZERS[size](dataclasses.replace(AgentConfig(), **overrides)))
+    fields = {**MODE_PRESETS.get(action_mode, {}), **overrides}
+    return algo_config(algo, _SIZERS[size](dataclasses.replace(AgentConfig(), **fields)))
 
 
 @dataclasses.dataclass(frozen=True)

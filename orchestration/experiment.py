@@ -93,8 +93,9 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
         tracker.evaluation(evals[0], videos)
         tracker.close()
     else:
-        agent = agent_config(algo, cfg.size, bc_steps=cfg.bc_steps, critic_pretrain_steps=cfg.critic_steps,
-                             actor_warmup_steps=cfg.actor_warmup, beta=cfg.beta, beta_units=cfg.beta_units)
+        agent = agent_config(algo, cfg.size, action_mode, bc_steps=cfg.bc_steps,
+                             critic_pretrain_steps=cfg.critic_steps, actor_warmup_steps=cfg.actor_warmup,
+                             beta=cfg.beta, beta_units=cfg.beta_units)
         trainer = Trainer(TrainConfig(task=task, algo=algo, size=cfg.size, action_mode=action_mode,
                                       obs_mode=cfg.obs_mode,
                                       env_steps=cfg.env_steps, warmup=cfg.warmup, eval_every=cfg.eval_every,

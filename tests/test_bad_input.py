@@ -80,6 +80,7 @@ def test_base_train_on_an_explicit_file_uses_its_demos(lift_setup, tmp_path, cap
     ("experiment", ["--methods", "csil++-ensemble,td3"], "unknown method(s) ['td3']"),
     ("experiment", ["--seeds", "0"], "--seeds: must be at least 1"),
     ("train", ["--num-envs", "0"], "--num-envs: must be at least 1"),
+    ("train", ["--bc-holdout", "1"], "--bc-holdout: must be in [0, 1), got 1"),
     ("serve", ["--max-batch-size", "0"], "--max-batch-size: must be at least 1"),
     ("demos", ["generate", "--task", "Lift", "--num", "0"], "--num: must be at least 1"),
     ("bench", ["learner", "--utd", "0"], "--utd: must be at least 1"),
@@ -88,3 +89,15 @@ def test_every_cli_checks_ranges_and_names_up_front(module, argv, message, capsy
     import importlib
 
     assert message in _refused(importlib.import_module(f"cli.{module}").main, argv, capsys)
+
+
+def test_residual_mode_holds_out_bc_demos_unless_told_otherwise():
+    """Residual mode's preset (``csil.config.MODE_PRESETS``): its BC keeps its lowest held-out-loss parameters;
+    an explicit --bc-holdout wins; ensemble mode has no hold-out."""
+    from cli.launch import build_parser as launch_parser, config_from_args as launch_config
+    from cli.train import build_parser, config_from_args
+
+    holdout = lambda *argv: config_from_args(build_parser().parse_args(list(argv))).agent.bc_holdout  # noqa: E731
+    assert (holdout("--action-mode", "residual"), holdout(), holdout("--action-mode", "residual", "--bc-holdout", "0")
+            ) == (0.1, 0.0, 0.0)
+    assert launch_config(launch_parser().parse_args(["--action-mode", "residual"])).agent.bc_holdout == 0.1
