@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from csil import compile_cache, hetstat
-from csil.specs import OPENPI_KEYS
+from csil.specs import OPENPI_KEYS, ObsSpec
 
 ACTION_MODES = ("ensemble", "residual", "alone")
 
@@ -33,6 +33,12 @@ ACTION_MODES = ("ensemble", "residual", "alone")
 def sees_base_plan(action_mode: str) -> bool:
     """Whether the small policy's observations carry ``"base_plan"`` (``ObsSpec.base_plan``): residual mode."""
     return action_mode == "residual"
+
+
+def small_policy_spec(spec: ObsSpec, action_mode: str) -> ObsSpec:
+    """What the small policy and critic see in ``action_mode``: the env's observations (``spec``), plus the base
+    plan in residual mode. The trainer and the launcher build replay, networks and the learner from it."""
+    return dataclasses.replace(spec, base_plan=sees_base_plan(action_mode))
 
 
 def with_plan(obs: dict[str, np.ndarray], plan: np.ndarray | None) -> dict[str, np.ndarray]:

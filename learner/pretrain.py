@@ -77,6 +77,7 @@ class DemoTransitions:
             held[-1] = True
         if held.all() or count < 2:
             raise ValueError(f"cannot hold out {fraction:.0%} of {count} demo episode(s) and keep some for BC")
+
         def pick(mask: np.ndarray) -> DemoTransitions:
             return DemoTransitions(**{f.name: jax.tree_util.tree_map(lambda x: x[mask], getattr(self, f.name))
                                       for f in dataclasses.fields(self)})
@@ -113,8 +114,9 @@ class DemoTransitions:
         # next_obs and next_action are the next step's (the last step repeats its own): so is their base plan
         next_plan = np.where(self.last[:, None], plan, np.roll(plan, -1, axis=0))
         residual = lambda a, p: np.clip(a - p[:, :ACTION_DIM], -1.0, 1.0).astype(np.float32)  # noqa: E731
-        return dataclasses.replace(self, obs=with_plan(self.obs, plan), next_obs=with_plan(self.next_obs, next_plan),
-                                   action=residual(self.action, plan), next_action=residual(self.next_action, next_plan))
+        return dataclasses.replace(self, obs=with_plan(self.obs, plan),
+                                   next_obs=with_plan(self.next_obs, next_plan), action=residual(self.action, plan),
+                                   next_action=residual(self.next_action, next_plan))
 
     def replay_items(self) -> Transition:
         """All transitions for the demo table, with a leading axis."""

@@ -53,7 +53,7 @@ import ray
 from tqdm import tqdm
 
 from actors.actor import EnvActor
-from csil.acting import sees_base_plan
+from csil.acting import small_policy_spec
 from csil.config import InferenceServerConfig, LaunchConfig, ReplayConfig
 from csil.demos import read_demos, spec_from_demos
 from csil.envs import CsilEnv
@@ -101,9 +101,8 @@ class System:
         self.demos_path = str(cfg.demos or ensure_demos(self.task.name, cfg.obs_mode, cfg.num_demos))
         self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name))
         data = read_demos(self.demos_path, num_demos=cfg.num_demos)
-        # a residual small policy also sees the base plan (csil.acting)
-        self.spec = dataclasses.replace(spec_from_demos(self.demos_path, data.episodes[0].obs, cfg.obs_mode),
-                                        base_plan=sees_base_plan(cfg.action_mode))
+        self.spec = small_policy_spec(spec_from_demos(self.demos_path, data.episodes[0].obs, cfg.obs_mode),
+                                      cfg.action_mode)
         self.num_demo_transitions = sum(len(ep.actions) for ep in data.episodes)
         self.network = SmallPolicy(cfg.agent.policy, self.spec.cameras, cfg.agent.encoder)  # actors, evaluator
         ensure_ray(cfg.address)

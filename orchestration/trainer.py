@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from actors.env_runner import EnvRunner
 from csil import seeds
-from csil.acting import sees_base_plan
+from csil.acting import small_policy_spec
 from csil.base_policy import LocalBasePolicy
 from csil.config import TrainConfig
 from csil.demos import read_demos, spec_from_demos
@@ -49,9 +49,7 @@ class Trainer:
         # the base policy's observations are its own (its metadata): a state base under an image small policy works
         self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name))
         data = read_demos(demos_path, num_demos=cfg.num_demos)
-        # a residual small policy also sees the base plan (csil.acting)
-        self.spec = dataclasses.replace(spec_from_demos(demos_path, data.episodes[0].obs, cfg.obs_mode),
-                                        base_plan=sees_base_plan(cfg.action_mode))
+        self.spec = small_policy_spec(spec_from_demos(demos_path, data.episodes[0].obs, cfg.obs_mode), cfg.action_mode)
         demos = DemoTransitions.from_episodes(data.episodes, self.spec)
         self.base_policy = LocalBasePolicy(self.base_dir)
         if cfg.action_mode == "residual":
