@@ -27,14 +27,30 @@ RAY = str(Path(sys.executable).with_name("ray"))
 ROLES = {"head": {"csil_learner": 1}, "actor": {"csil_actor": 2}, "inference": {"csil_inference": 1}}
 
 
-def _ray_start(args: list[str], env: dict, free_port) -> subprocess.Popen:
-    """One node: ``ray start --block`` with ports of its own, in its own process group."""
+def _ray_start(args: list[str], env: dict, free_port, log: Path) -> subprocess.Popen:
+    """One node: ``ray start --block`` with ports of its own, in its own process group, its output in ``log``."""
     ports = {"node-manager-port": free_port(), "object-manager-port": free_port(),
              "dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
              "metrics-export-port": free_port(), "runtime-env-agent-port": free_port()}
-    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--object-store-memory=300000000",
-                             *args, *(f"--{k}={v}" for k, v in ports.items())],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log.open("ab") as out:
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--object-store-memory=300000000",
+                                 *args, *(f"--{k}={v}" for k, v in ports.items())],
+                                env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _stop(node: subprocess.Popen) -> None:
+    """Kill a node's process group: ray start and the Ray processes it started (GCS, raylet, dashboard); the
+    workers and job drivers exit when their raylet and supervisor are gone. (A graceful stop takes ~30 s.) A node
+    whose `ray start` already exited still leaves its group's daemons, so the group is killed regardless."""
+    try:
+        os.killpg(node.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    node.wait(timeout=60)
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 @pytest.fixture
@@ -43,46 +59,52 @@ def ray_cluster(free_port):
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_nodes
 
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
+    temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths must stay under 107 chars
     gcs, dashboard = free_port(), free_port()
     address = f"http://127.0.0.1:{dashboard}"
     # No memory monitor: this cluster's workers are not to be killed for memory other processes on the machine use.
     env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0"}
-    nodes = [_ray_start(["--head", "--num-cpus=2", f"--resources={json.dumps(ROLES['head'])}",
-                         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
-                         f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}"],
-                        env, free_port)]
+    logs = {role: temp / f"{role}.log" for role in ROLES}
+    nodes = {"head": _ray_start(["--head", "--num-cpus=2", f"--resources={json.dumps(ROLES['head'])}",
+                                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+                                 f"--port={gcs}", f"--dashboard-port={dashboard}",
+                                 f"--ray-client-server-port={free_port()}"], env, free_port, logs["head"])}
     try:
         deadline = time.time() + 120
         while True:
-            assert nodes[0].poll() is None, "ray start --head exited"
+            assert nodes["head"].poll() is None, "ray start --head exited:\n" + _tail(logs["head"])
             try:
                 JobSubmissionClient(address).list_jobs()
                 break
             except Exception:  # noqa: BLE001 - the dashboard is still starting
                 assert time.time() < deadline, "the Ray dashboard (Jobs API) did not come up in 120 s"
                 time.sleep(1)
-        nodes += [_ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=1", f"--resources={json.dumps(ROLES[r])}"],
-                             env, free_port) for r in ("actor", "inference")]
-        # Their own deadline: on a loaded 2-core machine the head alone can take most of the first one.
-        deadline = time.time() + 180
+
+        def join(role: str) -> subprocess.Popen:
+            return _ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=1", f"--resources={json.dumps(ROLES[role])}"],
+                              env, free_port, logs[role])
+
+        nodes |= {role: join(role) for role in ("actor", "inference")}
+        # Their own deadline: on a loaded 2-core machine the head alone can take most of the first one. A joining
+        # node's `ray start` has exited under load (once in CI, output unseen): such a node gets one more start,
+        # with fresh ports, and a second exit fails with its output.
+        deadline, restarts = time.time() + 180, {"actor": 0, "inference": 0}
         while len(alive := [n for n in list_nodes(address=address) if n.state == "ALIVE"]) < 3:
-            assert all(node.poll() is None for node in nodes), "a ray start exited"
+            assert nodes["head"].poll() is None, "ray start --head exited:\n" + _tail(logs["head"])
+            for role in restarts:
+                if nodes[role].poll() is not None:
+                    assert restarts[role] < 1, f"ray start of the {role} node exited twice:\n" + _tail(logs[role])
+                    restarts[role] += 1
+                    _stop(nodes[role])
+                    nodes[role] = join(role)
             assert time.time() < deadline, f"3 Ray nodes did not come up in 180 s: {alive}"
             time.sleep(1)
         by_role = {role: next(n.node_id for n in alive if set(resources) <= set(n.resources_total))
                    for role, resources in ROLES.items()}
         yield address, by_role
     finally:
-        # Each node's process group: ray start and the Ray processes it started (GCS, raylet, dashboard); the
-        # workers and job drivers exit when their raylet and supervisor are gone. (A graceful stop takes ~30 s.)
-        # A node whose `ray start` already exited still leaves its group's daemons: kill every group regardless.
-        for node in reversed(nodes):
-            try:
-                os.killpg(node.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            node.wait(timeout=60)
+        for node in reversed(nodes.values()):
+            _stop(node)
         shutil.rmtree(temp, ignore_errors=True)
 
 
