@@ -9,7 +9,7 @@ import dataclasses
 from cli import emit_json
 from cli.flags import at_least
 from cli.serve import add_server_args, config_from_args
-from csil.config import ALGORITHMS, SIZES, LaunchConfig, agent_config
+from csil.config import ALGORITHMS, FRAME_CODECS, SIZES, LaunchConfig, agent_config
 from csil.specs import OBS_MODES
 from orchestration.bench.env import bench_env
 from orchestration.bench.inference import bench_inference
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated chunk lengths of the small columns (default %(default)s)")
     replay.add_argument("--image-chunk-lengths", default=str(IMAGE_CHUNK_LENGTH),
                         help="comma-separated chunk lengths of the camera columns, image mode (default %(default)s)")
+    replay.add_argument("--frame-codecs", default="none,jpeg",
+                        help="frame codecs to compare, comma-separated, image mode only (default %(default)s)")
     replay.add_argument("--episodes", type=at_least(1), default=4,
                         help="expert episodes rendered, cycled to --transitions (default %(default)s)")
     replay.add_argument("--slots", type=at_least(1), default=4, help="env slots writing round-robin (default %(default)s)")
@@ -129,8 +131,11 @@ def main(argv: list[str] | None = None) -> None:
                                 unroll_utd={"auto": None, "on": True, "off": False}[args.unroll_utd], fuse=args.fuse))
     elif args.command == "replay":
         lengths = [[int(n) for n in arg.split(",")] for arg in (args.chunk_lengths, args.image_chunk_lengths)]
+        codecs = tuple(args.frame_codecs.split(","))
+        if unknown := set(codecs) - set(FRAME_CODECS):
+            raise SystemExit(f"csil-bench replay: unknown frame codec(s) {sorted(unknown)}; choose from {FRAME_CODECS}")
         for record in bench_replay(args.task, args.obs, args.transitions, *lengths, args.episodes, args.slots,
-                                   args.batch_size, args.batches, args.rounds, args.seed):
+                                   args.batch_size, args.batches, args.rounds, args.seed, codecs):
             emit_json(record)
     elif args.command == "system":
         emit_json(bench_system(system_config(args, args.actors), args.raw_env_steps))

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from cli import emit_json
 from cli.flags import at_least, base_policy_target, build, field, values
-from cli.train import (ALGO_HELP, EVAL_VIDEOS_HELP, MODE_HELP, OBS_HELP, SIZE_HELP, VIDEO_STRIDE_HELP, WANDB_HELP,
+from cli.train import (ALGO_HELP, EVAL_VIDEOS_HELP, FRAME_CODEC_HELP, MODE_HELP, OBS_HELP, SIZE_HELP, VIDEO_STRIDE_HELP, WANDB_HELP,
                        add_agent_flags)
 from csil.acting import ACTION_MODES
-from csil.config import ALGORITHMS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
+from csil.config import ALGORITHMS, FRAME_CODECS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
 from csil.ray_utils import python_env
 from csil.specs import OBS_MODES
 from orchestration.launcher import System
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, L, "size", choices=SIZES, help=SIZE_HELP)
     field(p, L, "action_mode", choices=ACTION_MODES, help=MODE_HELP)
     field(p, L, "obs_mode", "--obs", choices=OBS_MODES, help=OBS_HELP)
+    field(p, L, "frame_codec", choices=FRAME_CODECS, help=FRAME_CODEC_HELP)
     field(p, L, "env_steps", default=None, type=at_least(1),
           help=f"total env steps (default {L.env_steps}; with --resume: the resumed run's)")
     field(p, L, "warmup", type=at_least(1), help="online transitions before the learner samples (the rate limiter's min size)")

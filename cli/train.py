@@ -9,7 +9,7 @@ import time
 from cli import emit_json
 from cli.flags import at_least, build, field, fraction, values
 from csil.acting import ACTION_MODES
-from csil.config import ALGORITHMS, BETA_UNITS, MODE_PRESETS, SIZES, AgentConfig, TrainConfig, agent_config
+from csil.config import ALGORITHMS, BETA_UNITS, FRAME_CODECS, MODE_PRESETS, SIZES, AgentConfig, TrainConfig, agent_config
 from csil.specs import OBS_MODES
 from orchestration.trainer import Trainer
 
@@ -23,6 +23,9 @@ MODE_HELP = ("ensemble: a = (a_base + a_pi)/2; residual: a = a_base + a_pi, and 
 OBS_HELP = ("what the small policy and critic see: state (robomimic's low-dim vector) or image (agentview + wrist "
             "cameras 84x84 + proprioception, the paper's setting; demos rendered on first use). The base policy gets "
             "what its server's metadata asks for, whatever this is")
+FRAME_CODEC_HELP = ("how replay stores camera frames (--obs image): none (raw uint8, snappy-compressed chunks) or "
+                    "jpeg (quality 95, lossy: ~1.5/255 mean pixel error, ~0.4x the replay memory; decoded by "
+                    "parallel tf.data workers on the learner side)")
 EVAL_VIDEOS_HELP = ("MP4s of the first N episodes of each evaluation: <logdir>/videos/, TensorBoard (as GIFs) and W&B; "
                     "0: none")
 VIDEO_STRIDE_HELP = "film every k-th env step (1: real time at 20 fps; rendering costs ~40 ms a step on a CPU core)"
@@ -67,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, TrainConfig, "size", choices=SIZES, help=SIZE_HELP)
     field(p, TrainConfig, "action_mode", choices=ACTION_MODES, help=MODE_HELP)
     field(p, TrainConfig, "obs_mode", "--obs", choices=OBS_MODES, help=OBS_HELP)
+    field(p, TrainConfig, "frame_codec", choices=FRAME_CODECS, help=FRAME_CODEC_HELP)
     field(p, TrainConfig, "env_steps", type=at_least(1), help="online env steps")
     field(p, TrainConfig, "warmup", type=at_least(1), help="online transitions collected by the BC-initialised policy before updates")
     field(p, TrainConfig, "num_envs", type=at_least(1), help="envs stepped in lockstep")

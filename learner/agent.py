@@ -131,7 +131,9 @@ class CSILAgent:
         self.policy_opt = optax.adam(actor_lr)
         self.critic_opt = optax.adam(cfg.critic_lr)
         self.critic_pretrain_opt = optax.adam(cfg.critic_pretrain_lr)  # same state layout as critic_opt
-        self.reward_opt = optax.sgd(cfg.reward_lr)
+        # CSIL's plain SGD, its gradient's global norm clipped first when reward_grad_clip > 0 (see AgentConfig)
+        self.reward_opt = optax.sgd(cfg.reward_lr) if not cfg.reward_grad_clip else optax.chain(
+            optax.clip_by_global_norm(cfg.reward_grad_clip), optax.sgd(cfg.reward_lr))
         self.alpha_opt = optax.adam(cfg.actor_lr)
         self.unroll_utd = bool(spec.cameras) if cfg.unroll_utd is None else cfg.unroll_utd
         if cfg.encoder.policy_encoder not in ("bc", "critic"):
@@ -335,12 +337,6 @@ class CSILAgent:
         half = batch.action.shape[0] // 2  # [online; demo]
         next_action, next_penalty, _ = self._regularised_sample(state.policy, state, batch.next_obs, sample_key)
 
-        def reward_loss(reward_params):
-            ratio = self.log_ratio(reward_params, batch.obs, batch.action)
-            x = jnp.maximum(ratio[:half], -5.0)
-            kl_estimate = jnp.mean(jnp.exp(-x) - 1.0 + x)  # Schulman's non-negative KL estimator (online half)
-            return -jnp.mean(ratio[half:]) + cfg.reward_kl_scale * kl_estimate, kl_estimate
-
         rewards = jax.lax.stop_gradient(self.rewards(state.reward, batch.obs, batch.action, batch.discount))
         target, clipped = self._td_target(state.target_critic, state.atoms, batch, rewards, next_action,
                                           next_penalty)
@@ -351,11 +347,25 @@ class CSILAgent:
                    "reward_online": rewards[:half].mean(), "reward_demo": rewards[half:].mean(),
                    "target_clipped": clipped, "next_penalty": next_penalty.mean()}
         if cfg.refine_reward and cfg.reward == "coherent":
-            (r_loss, kl_est), r_grads = jax.value_and_grad(reward_loss, has_aux=True)(state.reward)
-            updates, reward_opt = self.reward_opt.update(r_grads, state.reward_opt, state.reward)
-            state = state._replace(reward=optax.apply_updates(state.reward, updates), reward_opt=reward_opt)
-            metrics.update(reward_loss=r_loss, reward_kl_estimate=kl_est)
+            state, reward_metrics = self.reward_step(state, batch, half)
+            metrics.update(reward_metrics)
         return state, metrics
+
+    def reward_step(self, state: AgentState, batch: Batch, half: int) -> tuple[AgentState, dict]:
+        """CSIL's online reward refinement on a [online; demo] batch: raise π_R's likelihood of the demo half,
+        keep its log-ratio on the online half near 0 (Schulman's non-negative KL estimator, online half)."""
+
+        def reward_loss(reward_params):
+            ratio = self.log_ratio(reward_params, batch.obs, batch.action)
+            x = jnp.maximum(ratio[:half], -5.0)
+            kl_estimate = jnp.mean(jnp.exp(-x) - 1.0 + x)
+            return -jnp.mean(ratio[half:]) + self.cfg.reward_kl_scale * kl_estimate, kl_estimate
+
+        (loss, kl_estimate), grads = jax.value_and_grad(reward_loss, has_aux=True)(state.reward)
+        updates, reward_opt = self.reward_opt.update(grads, state.reward_opt, state.reward)
+        state = state._replace(reward=optax.apply_updates(state.reward, updates), reward_opt=reward_opt)
+        return state, {"reward_loss": loss, "reward_kl_estimate": kl_estimate,
+                       "reward_grad_norm": optax.global_norm(grads)}
 
     def _actor_loss(self, policy_params: PyTree, state: AgentState, obs: Obs, key: jax.Array):
         # no actor gradient into an encoder: the critic-trained one (DrQ) or the policy's frozen BC one

@@ -176,7 +176,7 @@ class System:
     def _start_replay(self, restore: bool) -> None:
         """The replay service (restored from its checkpoint with ``restore``), its address told to the coordinator."""
         replay_cfg = ReplayConfig(samples_per_insert=self.cfg.agent.utd * self.cfg.agent.batch_size,
-                                  min_size=self.cfg.warmup)
+                                  min_size=self.cfg.warmup, frame_codec=self.cfg.frame_codec)
         self.replay = ROLES["replay"].options(resources=role_resources("head")).remote(
             replay_cfg, self.spec.to_json(), self.num_demo_transitions, str(self.logdir / "checkpoints" / "replay"),
             restore)

@@ -87,7 +87,8 @@ class Trainer:
         start = time.time()
         self.log({"phase": "pretrain", **learner.pretrain(progress=self.progress)})
         replay = ReplayServer(ReplayConfig(samples_per_insert=cfg.agent.utd * cfg.agent.batch_size,
-                                           min_size=cfg.warmup), self.spec, num_demo_transitions=len(learner.demos))
+                                           min_size=cfg.warmup, frame_codec=cfg.frame_codec),
+                              self.spec, num_demo_transitions=len(learner.demos))
         with TransitionWriter(replay.address, table=DEMO_TABLE) as demo_writer:
             demo_writer.write_batch(learner.demos.replay_items())
         writer = TransitionWriter(replay.address, table=ONLINE_TABLE)

@@ -11,7 +11,8 @@ import reverb
 import tensorflow as tf
 
 from csil.specs import ObsSpec
-from replay.signature import transition_signature
+from csil.config import FRAME_CODECS
+from replay.signature import decode_jpeg, jpeg_frames, transition_signature
 
 CONNECT_TIMEOUT_S = 5
 GRACE_S = 5.0  # beyond timeout_ms before the watchdog gives up on a stream that Reverb's own timeout did not end
@@ -21,7 +22,9 @@ _END = object()
 class BatchIterator:
     """Yields nested dicts of numpy arrays shaped (utd, batch_size, ...) sampled uniformly from ``table``.
 
-    Sampling waits at most ``timeout_ms`` on the rate limiter (Reverb's default waits forever once writers are
+    The table may store camera frames raw or JPEG-encoded (``replay.signature``): either matches
+    ``signature_obs_spec``, and encoded frames are decoded by parallel tf.data workers before batching, off the
+    learner's thread. Sampling waits at most ``timeout_ms`` on the rate limiter (Reverb's default waits forever once writers are
     gone) and then raises TimeoutError. Reverb's timeout does not cover a server that stopped or died: its
     stream then retries forever, so a daemon thread pulls the batches and ``next()`` waits at most
     ``timeout_ms + GRACE_S`` (ConnectionError if the server no longer answers). After either error the next
@@ -34,14 +37,23 @@ class BatchIterator:
         self._pump: _Pump | None = None
         self._client = reverb.Client(address)
         info = self._server_info(table)
-        expected = transition_signature(signature_obs_spec)
-        if info.signature != expected:
+        expected = [transition_signature(signature_obs_spec, codec) for codec in FRAME_CODECS]
+        if info.signature not in expected:
             raise ValueError(f"table {table!r} at {address} stores {info.signature}, not the transitions of "
-                             f"{signature_obs_spec} ({expected})")
+                             f"{signature_obs_spec} ({expected[0]}, frames raw or as JPEG)")
         n = batch_size * utd
         dataset = reverb.TrajectoryDataset.from_table_signature(
             address, table, max_in_flight_samples_per_worker=2 * n, rate_limiter_timeout_ms=timeout_ms,
             get_signature_timeout_secs=CONNECT_TIMEOUT_S)
+        if jpeg := jpeg_frames(info.signature):
+            def decode(sample: reverb.ReplaySample) -> reverb.ReplaySample:
+                data = dict(sample.data)
+                for field in ("obs", "next_obs"):
+                    data[field] = {key: decode_jpeg(x, jpeg[key]) if key in jpeg else x
+                                   for key, x in data[field].items()}
+                return sample._replace(data=data)
+
+            dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
 
         def split(sample: reverb.ReplaySample) -> dict:
             return tf.nest.map_structure(lambda x: tf.reshape(x, [utd, batch_size, *x.shape[1:]]), sample.data)

@@ -70,7 +70,7 @@ class ReplayServer:
         elif restore:
             raise ValueError("restore=True needs a checkpoint_dir")
 
-        signature = transition_signature(obs_spec)
+        signature = transition_signature(obs_spec, cfg.frame_codec)
         tables = [
             reverb.Table(name=ONLINE_TABLE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
                          max_size=cfg.online_size, rate_limiter=rate_limiter(cfg), signature=signature),

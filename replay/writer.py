@@ -8,7 +8,8 @@ step t+1 as ``next_obs``, so consecutive items share the frames' chunks and the 
 transition of an episode appends its ``next_obs`` (the terminal or truncated observation) as a step of its
 own, closed with zeros in the other fields, and no item starts there. The stream goes on with the slot's next
 episode: a chunk may hold the end of one episode and the start of the next, an item never does (Reverb's
-``end_episode`` is not used because it blocks on the rate limiter like a full flush).
+``end_episode`` is not used because it blocks on the rate limiter like a full flush). Tables whose signature
+stores frames as JPEG (``replay.signature``) get each frame encoded once, when its step is appended.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import reverb
 import tree
 
 from csil.specs import Transition
-from replay.signature import conform, layout
+from replay.signature import conform, encode_jpeg, jpeg_frames, layout
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,9 @@ class TransitionWriter:
         if table not in info:
             raise ValueError(f"the Reverb server at {address} has no table {table!r}; it has {sorted(info)}")
         self._expected = layout(info[table].signature)
+        self._jpeg = jpeg_frames(info[table].signature)
+        for key, shape in self._jpeg.items():  # callers give raw frames; they are encoded on append
+            self._expected["obs"][key] = self._expected["next_obs"][key] = (shape, np.dtype(np.uint8))
         self._filler = {key: np.zeros(*self._expected[key]) for key in STEP_FIELDS if key != "obs"}
         # Column path -> chunk length; camera frames are the (H, W, 3) observations.
         self._chunk_lengths = {("obs", key): image_chunk_length if len(shape) == 3 else chunk_length
@@ -120,9 +124,9 @@ class TransitionWriter:
         if not stream.continues(arrays):
             if stream.open_obs is not None:
                 writer.append(self._filler)  # closes the previous episode's final step; no item starts there
-            writer.append({"obs": arrays["obs"]}, partial_step=True)
+            writer.append({"obs": self._stored(arrays["obs"])}, partial_step=True)
         writer.append({key: arrays[key] for key in self._filler})
-        writer.append({"obs": arrays["next_obs"]}, partial_step=True)
+        writer.append({"obs": self._stored(arrays["next_obs"])}, partial_step=True)
         stream.open_obs, stream.episode_id = arrays["next_obs"], int(arrays["episode_id"])
         history = writer.history
         item = {key: history[key][-2] for key in self._filler}
@@ -130,6 +134,11 @@ class TransitionWriter:
         item["next_obs"] = tree.map_structure(lambda column: column[-1], history["obs"])
         writer.create_item(self.table, priority=1.0, trajectory=item)
         self._flush([stream], self._backlog, self.timeout_ms)
+
+    def _stored(self, obs: dict) -> dict:
+        """An observation as the table stores it (JPEG bytes for the encoded camera columns)."""
+        return {key: encode_jpeg(value) if key in self._jpeg else value for key, value in obs.items()} \
+            if self._jpeg else obs
 
     @property
     def _backlog(self) -> int:

@@ -134,14 +134,15 @@ def test_image_launch_stops_on_sigterm_in_pretraining_and_in_acting(lift_image_s
                                                                     tmp_path):
     """The paper's setting (image small policy, image base policy served by the inference server), stopped twice
     by the user's Ctrl-C: during pretraining, which answers within a step and keeps nothing of it, then, after
-    --resume pretrained again, while acting, which checkpoints learner and replay. --resume from acting
-    checkpoints is the state run's above; image replay checkpoints restore in tests/test_replay.py; killed
-    components are tests/test_chaos.py's."""
+    --resume pretrained again, while acting, which checkpoints learner and replay. Replay stores the frames as
+    JPEG here (``--frame-codec jpeg``: the actors encode, the learner's input pipeline decodes). --resume from
+    acting checkpoints is the state run's above; image replay checkpoints (raw and JPEG) restore in
+    tests/test_replay.py; killed components are tests/test_chaos.py's."""
     _, demos, base = lift_image_setup
     port = free_port()
     # few updates: an image update takes seconds on a CPU (results/learner.md)
-    cfg = LaunchConfig(task="Lift", obs_mode="image", actors=1, envs_per_actor=2, env_steps=64, warmup=32,
-                       eval_every=10**6, eval_episodes=0, eval_videos=0, publish_every=2, num_demos=2,
+    cfg = LaunchConfig(task="Lift", obs_mode="image", frame_codec="jpeg", actors=1, envs_per_actor=2, env_steps=64,
+                       warmup=32, eval_every=10**6, eval_episodes=0, eval_videos=0, publish_every=2, num_demos=2,
                        demos=str(demos), base_checkpoint=str(base), serve_port=port,
                        logdir=str(tmp_path / "run"), agent=dataclasses.replace(tiny_image_agent, bc_steps=10**7))
     system = System(cfg, progress=False)

@@ -5,6 +5,7 @@ Every test runs a real Reverb server on loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -323,3 +324,56 @@ def test_frames_stored_once_across_slots_episodes_and_restore(tmp_path, table):
     with ReplayServer(UNLIMITED, SMALL_IMAGES, num_demo_transitions=len(written), checkpoint_dir=ckpt,
                       restore=True) as server:
         check_items(server.address, table, written, SMALL_IMAGES)
+
+
+def smooth_episode(spec: ObsSpec, length: int) -> list[dict]:
+    """One episode whose frames look like renders (smooth shading that moves a little each step)."""
+    y, x = np.mgrid[:spec.image_size, :spec.image_size] / spec.image_size
+    frames = []
+    for t in range(length + 1):
+        obs = {"state": np.full(spec.state_dim, t, np.float32)}
+        for i, key in enumerate(spec.image_keys):
+            shade = [np.sin(3 * x + 2 * y + 0.1 * t + c + i) for c in range(3)]
+            obs[key] = (127.5 + 100 * np.stack(shade, axis=-1)).astype(np.uint8)
+        frames.append(obs)
+    return [{"obs": frames[t], "action": np.full(7, t, np.float32), "base_action": np.zeros(7, np.float32),
+             "reward": np.float32(t), "discount": np.float32(1.0), "next_obs": frames[t + 1],
+             "next_action": np.zeros(7, np.float32), "policy_version": np.int64(t), "episode_id": np.int64(0)}
+            for t in range(length)]
+
+
+def test_jpeg_frames_are_decoded_close_to_the_written_ones_smaller_and_restored(tmp_path):
+    """``frame_codec="jpeg"``: the signature says how frames are stored, the writer takes raw frames and
+    encodes them, sampled batches carry decoded uint8 frames of the spec's shape within JPEG's error and every
+    other field exactly; the server holds no raw frame, and a fraction of the frames' raw bytes; a checkpoint
+    restores only into a server with the same codec. (Bytes on real renders: ``csil-bench replay``.)"""
+    written = smooth_episode(IMAGES, 12)
+    jpeg = dataclasses.replace(UNLIMITED, frame_codec="jpeg")
+    with ReplayServer(jpeg, IMAGES, num_demo_transitions=1, checkpoint_dir=str(tmp_path / "jpeg")) as server:
+        with TransitionWriter(server.address) as writer:
+            for t in written:
+                writer.write(t)
+        path = server.checkpoint()
+    raw_frame_bytes = (len(written) + 1) * sum(written[0]["obs"][key].nbytes for key in IMAGES.image_keys)
+    assert stored_frames(path, IMAGES) == 0
+    assert sum(map(len, checkpoint_chunks(path))) < raw_frame_bytes / 4
+
+    with ReplayServer(jpeg, IMAGES, num_demo_transitions=1, checkpoint_dir=str(tmp_path / "jpeg"),
+                      restore=True) as server:
+        assert server.sizes()["online"] == len(written)
+        batches = BatchIterator(server.address, "online", batch_size=len(written), utd=4, signature_obs_spec=IMAGES)
+        batch = next(batches)
+        batches.close()
+        for i in range(4 * len(written)):
+            got = tree.map_structure(lambda x: x.reshape(-1, *x.shape[2:])[i], batch)
+            want = written[int(got["policy_version"])]
+            for field in ("obs", "next_obs"):
+                for key in IMAGES.image_keys:
+                    assert got[field][key].dtype == np.uint8 and got[field][key].shape == (84, 84, 3)
+                    error = np.abs(got[field][key].astype(int) - want[field][key])
+                    assert error.mean() < 2.0 and error.max() <= 40, (field, key, error.mean(), error.max())
+                np.testing.assert_array_equal(got[field]["state"], want[field]["state"])
+            for key in ("action", "reward", "episode_id"):
+                np.testing.assert_array_equal(got[key], want[key])
+    with pytest.raises(ValueError, match="not the transitions of this run"):
+        ReplayServer(UNLIMITED, IMAGES, num_demo_transitions=1, checkpoint_dir=str(tmp_path / "jpeg"), restore=True)

@@ -5,7 +5,7 @@ Both layouts hold the same transitions in the same table signature (the learner 
 - ``naive``: the layout before shared frames, one single-step item per transition carrying ``obs`` and
   ``next_obs`` (every frame stored twice), written as the old writer did (Reverb still compresses each chunk).
 - ``shared``: ``replay.writer.TransitionWriter``, each frame stored once, with the given chunk lengths (small
-  columns, camera columns).
+  columns, camera columns) and frame codec (raw frames, or JPEG as ``ReplayConfig.frame_codec="jpeg"``).
 
 The transitions come from real robosuite episodes (the task's scripted expert with its default noise, rendered
 through ``CsilEnv``), cycled with fresh episode ids to reach ``transitions`` and written round-robin from
@@ -81,9 +81,10 @@ def interleaved(streams: list[list[Transition]]) -> Iterator[tuple[int, Transiti
         yield from ((slot, t) for slot, t in enumerate(step) if t is not None)
 
 
-def _serve(spec_json: str, capacity: int, checkpoint_dir: str, conn) -> None:
+def _serve(spec_json: str, capacity: int, checkpoint_dir: str, frame_codec: str, conn) -> None:
     """Child process: a ReplayServer whose limiter never blocks; sends its address, stops when told."""
-    cfg = ReplayConfig(online_size=capacity, samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e12)
+    cfg = ReplayConfig(online_size=capacity, samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e12,
+                       frame_codec=frame_codec)
     with ReplayServer(cfg, ObsSpec.from_json(spec_json), 1, checkpoint_dir=checkpoint_dir) as server:
         conn.send(server.address)
         conn.recv()
@@ -92,10 +93,11 @@ def _serve(spec_json: str, capacity: int, checkpoint_dir: str, conn) -> None:
 class ChildServer:
     """A ReplayServer alone in a child process, so that its memory can be measured."""
 
-    def __init__(self, spec: ObsSpec, capacity: int, checkpoint_dir: str):
+    def __init__(self, spec: ObsSpec, capacity: int, checkpoint_dir: str, frame_codec: str = "none"):
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(spec.to_json(), capacity, checkpoint_dir, child), daemon=True)
+        self._process = ctx.Process(target=_serve, args=(spec.to_json(), capacity, checkpoint_dir, frame_codec, child),
+                                    daemon=True)
         self._process.start()
         self.address = self._conn.recv()
 
@@ -145,21 +147,23 @@ def fill(server: ChildServer, streams: list[list[Transition]], write: Callable) 
 
 def bench_replay(task: str, obs_mode: str, transitions: int, chunk_lengths: list[int], image_chunk_lengths: list[int],
                  episodes: int = 4, slots: int = 4, batch_size: int = 256, batches: int = 10, rounds: int = 5,
-                 seed: int = 0) -> list[dict]:
-    """One record per pair of chunk lengths (``image_chunk_lengths`` only in image mode), each against the naive
-    layout measured in the same run; every layout has its own live server and the sampling rounds are
-    interleaved across them (medians reported)."""
+                 seed: int = 0, frame_codecs: tuple[str, ...] = ("none",)) -> list[dict]:
+    """One record per (chunk length, camera chunk length, frame codec) layout (the last two only in image mode),
+    each against the naive layout measured in the same run; every layout has its own live server and the
+    sampling rounds are interleaved across them (medians reported)."""
     spec, rollouts = expert_episodes(task, obs_mode, episodes, seed)
     streams = slot_streams(rollouts, transitions, slots)
     raw = sum(x.nbytes for x in tree.flatten(streams[0][0]._asdict()))
-    pairs = list(itertools.product(chunk_lengths, image_chunk_lengths if obs_mode == "image" else [IMAGE_CHUNK_LENGTH]))
+    image = obs_mode == "image"
+    layouts = list(itertools.product(chunk_lengths, image_chunk_lengths if image else [IMAGE_CHUNK_LENGTH],
+                                     frame_codecs if image else ["none"]))
     writers = {"naive": write_naive} | {
-        pair: functools.partial(write_shared, chunk_length=pair[0], image_chunk_length=pair[1]) for pair in pairs}
+        lay: functools.partial(write_shared, chunk_length=lay[0], image_chunk_length=lay[1]) for lay in layouts}
     with contextlib.ExitStack() as stack:
         results, iterators = {}, {}
         for name, write in writers.items():
             server = stack.enter_context(ChildServer(spec, transitions, stack.enter_context(
-                tempfile.TemporaryDirectory())))
+                tempfile.TemporaryDirectory()), "none" if name == "naive" else name[2]))
             results[name] = fill(server, streams, write)
             iterators[name] = BatchIterator(server.address, ONLINE_TABLE, batch_size, 1, spec)
             stack.callback(iterators[name].close)
@@ -176,12 +180,13 @@ def bench_replay(task: str, obs_mode: str, transitions: int, chunk_lengths: list
     frames = (f"{task} scripted expert (noise {DEFAULT_NOISE}), {sum(map(len, rollouts))} steps in {episodes} "
               "episodes, cycled")
     records = []
-    for pair in pairs:
-        shared = results[pair]
+    for lay in layouts:
+        shared = results[lay]
         per = shared["rss_bytes_per_transition"]
         records.append({
             "bench": "replay", "task": task, "obs": obs_mode, "transitions": transitions, "slots": slots,
-            "frames": frames, "chunk_length": pair[0], "image_chunk_length": pair[1] if obs_mode == "image" else None,
+            "frames": frames, "chunk_length": lay[0], "image_chunk_length": lay[1] if image else None,
+            "frame_codec": lay[2] if image else None,
             "raw_bytes_per_transition": raw,
             **{f"naive_{k}": round(v, 1) for k, v in naive.items()},
             **{f"shared_{k}": round(v, 1) for k, v in shared.items()},
