@@ -25,6 +25,9 @@ def add_system_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--obs", choices=OBS_MODES, default="state",
                    help="the small policy's observations (image: actors render both cameras at 84x84; the raw env "
                         "baseline renders too) (default %(default)s)")
+    p.add_argument("--frame-codec", choices=FRAME_CODECS, default="none",
+                   help="how replay stores camera frames (image): raw or JPEG, decoded on the learner's side "
+                        "(default %(default)s)")
     p.add_argument("--envs-per-actor", type=at_least(1), default=4, help="envs per actor (default %(default)s)")
     p.add_argument("--seconds", type=at_least(1, float), default=120.0,
                    help="seconds of acting, from the first env step (warmup fill included) (default %(default)s)")
@@ -111,8 +114,8 @@ def system_config(args: argparse.Namespace, actors: int) -> LaunchConfig:
     batch = {"batch_size": args.batch_size, "bc_batch_size": args.batch_size} if args.batch_size else {}
     agent = agent_config("csil++", args.size, bc_steps=args.pretrain_steps, critic_pretrain_steps=args.pretrain_steps,
                          **batch, **({"utd": args.utd} if args.utd else {}))
-    return LaunchConfig(task=args.task, obs_mode=args.obs, size=args.size, actors=actors, envs_per_actor=args.envs_per_actor,
-                        env_steps=10**12, duration_s=args.seconds, warmup=args.warmup, eval_episodes=0,
+    return LaunchConfig(task=args.task, obs_mode=args.obs, frame_codec=args.frame_codec, size=args.size,
+                        actors=actors, envs_per_actor=args.envs_per_actor, env_steps=10**12, duration_s=args.seconds, warmup=args.warmup, eval_episodes=0,
                         num_demos=args.num_demos, seed=args.seed, agent=agent)
 
 

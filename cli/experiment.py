@@ -11,8 +11,8 @@ import sys
 
 from cli import emit_json
 from cli.flags import at_least, build, field
-from cli.train import BETA_UNITS_HELP, EVAL_VIDEOS_HELP, OBS_HELP, WANDB_HELP
-from csil.config import BETA_UNITS, METHODS, SIZES, ExperimentConfig
+from cli.train import BETA_UNITS_HELP, EVAL_VIDEOS_HELP, FRAME_CODEC_HELP, OBS_HELP, WANDB_HELP
+from csil.config import BETA_UNITS, FRAME_CODECS, METHODS, SIZES, ExperimentConfig
 from csil.specs import OBS_MODES
 from csil.tasks import UnknownTaskError, get_task
 from orchestration.experiment import run_experiment
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="each run's best parameters (and the base) re-evaluated this many times x --eval-episodes on fresh "
                "scenes at the end: the paper's protocol, the table's main number")
     field(p, E, "obs_mode", "--obs", choices=OBS_MODES, help=OBS_HELP)
+    field(p, E, "frame_codec", choices=FRAME_CODECS, help=FRAME_CODEC_HELP)
     field(p, E, "eval_videos", type=at_least(0), help=EVAL_VIDEOS_HELP)
     field(p, E, "wandb", metavar="PROJECT",
           help=WANDB_HELP + " (one W&B run per task, method and seed, grouped by --name)")

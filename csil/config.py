@@ -441,6 +441,7 @@ class ExperimentConfig:
     eval_episodes: int = 20
     final_eval_rounds: int = 5  # the paper's protocol: each run's best parameters re-evaluated 5 x eval_episodes
     obs_mode: str = "state"  # what the small policy sees (the base policy gets what it asks for)
+    frame_codec: str = "none"  # how replay stores camera frames (ReplayConfig.frame_codec; JPEG is lossy)
     warmup: int = 1_000
     size: str = "cpu"
     # Demos per task for BC, the reward, the critic pretraining and the demo table. None: the ones the task's

@@ -35,7 +35,8 @@ from orchestration.trainer import Trainer
 
 DROP_TOLERANCE = 0.05  # "no initial drop": every evaluation >= base - 5 pp
 # What a run finished before a budget field existed was run with (results/table1: β = 0.3 per nat, no warmup).
-PRE_OPTION_BUDGET = {"actor_warmup": 0, "beta": 0.3, "beta_units": "nats", "final_eval_rounds": 0, "obs_mode": "state"}
+PRE_OPTION_BUDGET = {"actor_warmup": 0, "beta": 0.3, "beta_units": "nats", "final_eval_rounds": 0, "obs_mode": "state",
+                     "frame_codec": "none"}
 IMPROVEMENT = 0.10  # "improves the base": best parameters re-evaluated >= paired base + 10 pp
 FAILED = "failed.json"  # in a run directory: that run's learner diverged (the error); removed once it finishes
 
@@ -49,7 +50,7 @@ def runs_root(cfg: ExperimentConfig) -> Path:
 def run_budget(cfg: ExperimentConfig) -> dict:
     """The settings a finished run must share with the experiment that reuses it."""
     fields = ("env_steps", "eval_every", "eval_episodes", "warmup", "size", "num_demos", "bc_steps", "critic_steps",
-              "actor_warmup", "beta", "beta_units", "final_eval_rounds", "obs_mode")
+              "actor_warmup", "beta", "beta_units", "final_eval_rounds", "obs_mode", "frame_codec")
     return {f: getattr(cfg, f) for f in fields}
 
 
@@ -97,7 +98,7 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
                              critic_pretrain_steps=cfg.critic_steps, actor_warmup_steps=cfg.actor_warmup,
                              beta=cfg.beta, beta_units=cfg.beta_units)
         trainer = Trainer(TrainConfig(task=task, algo=algo, size=cfg.size, action_mode=action_mode,
-                                      obs_mode=cfg.obs_mode,
+                                      obs_mode=cfg.obs_mode, frame_codec=cfg.frame_codec,
                                       env_steps=cfg.env_steps, warmup=cfg.warmup, eval_every=cfg.eval_every,
                                       eval_episodes=cfg.eval_episodes, final_eval_rounds=cfg.final_eval_rounds,
                                       num_demos=cfg.demos_of(task), seed=seed, eval_videos=cfg.eval_videos,
