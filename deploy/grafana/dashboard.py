@@ -69,6 +69,10 @@ ROWS = [
             ('max by (key) (ray_csil_learner_stat{key=~"reward_(online|demo|mean)"})', "{{key}}")]),
         ("Regularisation: KL to BC / alpha, entropy", "short", False, "", [
             ('max by (key) (ray_csil_learner_stat{key=~"kl_to_bc|alpha|entropy|reward_kl_estimate"})', "{{key}}")]),
+        ("Reward refinement gradient norm", "short", False,
+         "Global norm of the reward network's gradient before its clip (AgentConfig.reward_grad_clip, 75): a norm "
+         "that stays above the clip means π_R's likelihood is too sharp for its SGD step.", [
+            ('max by (key) (ray_csil_learner_stat{key="reward_grad_norm"})', "{{key}}")]),
         ("Seconds per update", "s", True, "Mean over each 100-update window, sample waits excluded.", [
             ("sum(rate(ray_csil_learner_update_seconds_sum[5m])) / sum(rate(ray_csil_learner_update_seconds_count[5m]))",
              "mean"),
