@@ -10,8 +10,8 @@ import numpy as np
 import reverb
 import tensorflow as tf
 
-from csil.specs import ObsSpec
 from csil.config import FRAME_CODECS
+from csil.specs import ObsSpec
 from replay.signature import decode_jpeg, jpeg_frames, transition_signature
 
 CONNECT_TIMEOUT_S = 5
@@ -24,7 +24,9 @@ class BatchIterator:
 
     The table may store camera frames raw or JPEG-encoded (``replay.signature``): either matches
     ``signature_obs_spec``, and encoded frames are decoded by parallel tf.data workers before batching, off the
-    learner's thread. Sampling waits at most ``timeout_ms`` on the rate limiter (Reverb's default waits forever once writers are
+    learner's thread.
+
+    Sampling waits at most ``timeout_ms`` on the rate limiter (Reverb's default waits forever once writers are
     gone) and then raises TimeoutError. Reverb's timeout does not cover a server that stopped or died: its
     stream then retries forever, so a daemon thread pulls the batches and ``next()`` waits at most
     ``timeout_ms + GRACE_S`` (ConnectionError if the server no longer answers). After either error the next

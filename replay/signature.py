@@ -36,15 +36,10 @@ def transition_signature(obs_spec: ObsSpec, frame_codec: str = "none") -> dict:
                       next_obs=dict(obs), next_action=action, policy_version=counter, episode_id=counter)._asdict()
 
 
-def frame_codec(signature: dict) -> str:
-    """The codec a table's signature stores its camera frames with."""
-    return "jpeg" if jpeg_frames(signature) else "none"
-
-
 def jpeg_frames(signature: dict) -> dict[str, tuple[int, ...]]:
     """{obs key: frame shape} of the JPEG-encoded camera columns of a signature."""
-    return {key: tuple(int(n) for n in spec.name[len(_JPEG):].split("x"))
-            for key, spec in signature["obs"].items() if spec.dtype == tf.string and (spec.name or "").startswith(_JPEG)}
+    return {key: tuple(int(n) for n in spec.name[len(_JPEG):].split("x")) for key, spec in signature["obs"].items()
+            if spec.dtype == tf.string and (spec.name or "").startswith(_JPEG)}
 
 
 def encode_jpeg(frame: np.ndarray) -> np.ndarray:
