@@ -115,8 +115,8 @@ def system_config(args: argparse.Namespace, actors: int) -> LaunchConfig:
     agent = agent_config("csil++", args.size, bc_steps=args.pretrain_steps, critic_pretrain_steps=args.pretrain_steps,
                          **batch, **({"utd": args.utd} if args.utd else {}))
     return LaunchConfig(task=args.task, obs_mode=args.obs, frame_codec=args.frame_codec, size=args.size,
-                        actors=actors, envs_per_actor=args.envs_per_actor, env_steps=10**12, duration_s=args.seconds, warmup=args.warmup, eval_episodes=0,
-                        num_demos=args.num_demos, seed=args.seed, agent=agent)
+                        actors=actors, envs_per_actor=args.envs_per_actor, env_steps=10**12, duration_s=args.seconds,
+                        warmup=args.warmup, eval_episodes=0, num_demos=args.num_demos, seed=args.seed, agent=agent)
 
 
 def main(argv: list[str] | None = None) -> None:
