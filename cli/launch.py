@@ -21,8 +21,8 @@ from pathlib import Path
 
 from cli import emit_json
 from cli.flags import at_least, base_policy_target, build, field, values
-from cli.train import (ALGO_HELP, EVAL_VIDEOS_HELP, FRAME_CODEC_HELP, MODE_HELP, OBS_HELP, SIZE_HELP, VIDEO_STRIDE_HELP, WANDB_HELP,
-                       add_agent_flags)
+from cli.train import (ALGO_HELP, EVAL_VIDEOS_HELP, FRAME_CODEC_HELP, MODE_HELP, OBS_HELP, SIZE_HELP,
+                       VIDEO_STRIDE_HELP, WANDB_HELP, add_agent_flags)
 from csil.acting import ACTION_MODES
 from csil.config import ALGORITHMS, FRAME_CODECS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
 from csil.ray_utils import python_env
