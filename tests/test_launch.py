@@ -214,7 +214,7 @@ def test_actor_waits_for_an_unreachable_base_policy_server(lift_setup, tiny_agen
         policy = LocalBasePolicy(base)
         server = WebsocketPolicyServer(policy, "127.0.0.1", port, metadata=policy.metadata)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # reconnecting, then the first act's compile: minutes on a loaded machine
         while ray.get(coordinator.stats.remote())["env_steps"] == 0 and time.time() < deadline:
             time.sleep(0.5)
         coordinator.stop.remote()

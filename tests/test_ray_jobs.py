@@ -53,6 +53,11 @@ def _tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def _raylet_logs(temp: Path) -> str:
+    """The tails of the cluster's raylet logs (every node's, in the head's temp dir): why a raylet did not register."""
+    return "\n".join(f"--- {log.name}\n{_tail(log, 15)}" for log in sorted(temp.glob("session_*/logs/raylet*")))
+
+
 @pytest.fixture
 def ray_cluster(free_port):
     """The Jobs API address of a fresh three-node Ray cluster, and its node ids by role."""
@@ -84,21 +89,24 @@ def ray_cluster(free_port):
             return _ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=1", f"--resources={json.dumps(ROLES[role])}"],
                               env, free_port, logs[role])
 
-        nodes |= {role: join(role) for role in ("actor", "inference")}
-        # Their own deadline: on a loaded 2-core machine the head alone can take most of the first one. A joining
-        # node's `ray start` has exited under load (once in CI, output unseen): such a node gets one more start,
-        # with fresh ports, and a second exit fails with its output.
-        deadline, restarts = time.time() + 180, {"actor": 0, "inference": 0}
-        while len(alive := [n for n in list_nodes(address=address) if n.state == "ALIVE"]) < 3:
-            assert nodes["head"].poll() is None, "ray start --head exited:\n" + _tail(logs["head"])
-            for role in restarts:
+        # One node at a time, each with its own deadline: a joining `ray start` gives its raylet a hard-coded 30 s
+        # to register with the GCS and exits otherwise (ray/_private/node.py), taking its raylet with it. In CI,
+        # with two raylets and their agents starting at once beside the session's own Ray on 2 cores, that
+        # happened twice in a row to one node. Such a node gets up to two more starts, with fresh ports.
+        for role in ("actor", "inference"):
+            nodes[role], starts, deadline = join(role), 1, time.time() + 240
+            while not any(n.state == "ALIVE" and set(ROLES[role]) <= set(n.resources_total)
+                          for n in list_nodes(address=address)):
+                assert nodes["head"].poll() is None, "ray start --head exited:\n" + _tail(logs["head"])
                 if nodes[role].poll() is not None:
-                    assert restarts[role] < 1, f"ray start of the {role} node exited twice:\n" + _tail(logs[role])
-                    restarts[role] += 1
+                    assert starts < 3, (f"ray start of the {role} node exited {starts} times:\n"
+                                          + _tail(logs[role]) + "\n" + _raylet_logs(temp))
                     _stop(nodes[role])
-                    nodes[role] = join(role)
-            assert time.time() < deadline, f"3 Ray nodes did not come up in 180 s: {alive}"
-            time.sleep(1)
+                    nodes[role], starts = join(role), starts + 1
+                assert time.time() < deadline, (f"the {role} node did not join in 240 s:\n" + _tail(logs[role])
+                                                   + "\n" + _raylet_logs(temp))
+                time.sleep(1)
+        alive = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
         by_role = {role: next(n.node_id for n in alive if set(resources) <= set(n.resources_total))
                    for role, resources in ROLES.items()}
         yield address, by_role
