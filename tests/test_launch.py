@@ -199,27 +199,33 @@ def test_actor_waits_for_an_unreachable_base_policy_server(lift_setup, tiny_agen
     replay_cfg = ReplayConfig(samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e9)
     with ReplayServer(replay_cfg, spec, num_demo_transitions=1) as replay:
         coordinator = ROLES["coordinator"].remote()
-        coordinator.publish.remote(0, [ray.put(agent.init_policy(jax.random.PRNGKey(0)))])
-        actor = ROLES["actor"].remote(0, cfg, replay.address, coordinator, agent.policy_net)
-        run = actor.run.remote()
-        deadline = time.time() + 120
-        while not _worker_logs_contain(f"base policy {target} unreachable") and time.time() < deadline:
-            time.sleep(0.5)
-        assert _worker_logs_contain("the actor keeps waiting")
-        time.sleep(3)  # several more timeouts: still waiting, not restarted, no steps
-        stats = ray.get(coordinator.stats.remote())
-        assert stats["env_steps"] == 0 and stats["restarts"] == {0: 0} and not ray.wait([run], timeout=0)[0]
+        actor = None
+        try:  # the session's Ray has 2 CPUs: a failure here must not leave the actor holding one
+            coordinator.publish.remote(0, [ray.put(agent.init_policy(jax.random.PRNGKey(0)))])
+            actor = ROLES["actor"].remote(0, cfg, replay.address, coordinator, agent.policy_net)
+            run = actor.run.remote()
+            deadline = time.time() + 120
+            while not _worker_logs_contain(f"base policy {target} unreachable") and time.time() < deadline:
+                time.sleep(0.5)
+            assert _worker_logs_contain("the actor keeps waiting")
+            time.sleep(3)  # several more timeouts: still waiting, not restarted, no steps
+            stats = ray.get(coordinator.stats.remote())
+            assert stats["env_steps"] == 0 and stats["restarts"] == {0: 0} and not ray.wait([run], timeout=0)[0]
 
-        # openpi's own server, announcing what the model needs (a stock server without it gets LIBERO's layout)
-        policy = LocalBasePolicy(base)
-        server = WebsocketPolicyServer(policy, "127.0.0.1", port, metadata=policy.metadata)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        deadline = time.time() + 300  # reconnecting, then the first act's compile: minutes on a loaded machine
-        while ray.get(coordinator.stats.remote())["env_steps"] == 0 and time.time() < deadline:
-            time.sleep(0.5)
-        coordinator.stop.remote()
-        assert ray.get(run, timeout=60) > 0
-        assert ray.get(coordinator.stats.remote())["restarts"] == {0: 0}
+            # openpi's own server, announcing what the model needs (a stock server without it gets LIBERO's layout)
+            policy = LocalBasePolicy(base)
+            server = WebsocketPolicyServer(policy, "127.0.0.1", port, metadata=policy.metadata)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            deadline = time.time() + 300  # reconnecting, then the first act's compile: minutes on a loaded machine
+            while ray.get(coordinator.stats.remote())["env_steps"] == 0 and time.time() < deadline:
+                time.sleep(0.5)
+            coordinator.stop.remote()
+            assert ray.get(run, timeout=60) > 0
+            assert ray.get(coordinator.stats.remote())["restarts"] == {0: 0}
+        finally:
+            for handle in (actor, coordinator):
+                if handle is not None:
+                    ray.kill(handle)
 
 
 def _worker_logs_contain(text: str) -> bool:
