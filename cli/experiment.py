@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     command = "csil-experiment " + shlex.join(a for a in argv if a != "--report")
-    emit_json(run_experiment(build(ExperimentConfig, args), command, report_only=args.report))
+    try:
+        emit_json(run_experiment(build(ExperimentConfig, args), command, report_only=args.report))
+    except KeyboardInterrupt as e:
+        raise SystemExit(f"csil-experiment: stopped{f' ({e})' if str(e) else ''}; the same command goes on from "
+                         "there (finished runs are kept, a checkpointed run resumes)") from None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
+from pathlib import Path
+
+from csil.config import from_dict
 
 _NOTHING = object()
 
@@ -44,6 +48,20 @@ def values(args: argparse.Namespace, cls, skip_none: bool = False) -> dict:
 def build(cls, args: argparse.Namespace, **extra):
     """``cls`` from its parsed fields, plus ``extra`` fields computed by the command."""
     return cls(**{**values(args, cls), **extra})
+
+
+def resumed(cls, args: argparse.Namespace, prog: str, *changeable: str):
+    """``--resume``: the saved ``config.json`` of the run in ``--logdir`` (a ``cls``), with ``resume`` set and the
+    ``changeable`` fields the command line gave (flags whose default is None)."""
+    run = values(args, cls)
+    if not run["logdir"]:
+        raise SystemExit(f"{prog}: --resume needs --logdir (the run directory to continue)")
+    saved = Path(run["logdir"]) / "config.json"
+    if not saved.exists():
+        raise SystemExit(f"{prog}: --resume: {saved} does not exist")
+    changes = {name: run[name] for name in changeable if run[name] is not None}
+    return dataclasses.replace(from_dict(cls, json.loads(saved.read_text())), resume=True, logdir=run["logdir"],
+                               **changes)
 
 
 def at_least(minimum: int, kind=int):

@@ -12,19 +12,16 @@ evaluation videos.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import time
-from pathlib import Path
 
 from cli import emit_json
-from cli.flags import at_least, base_policy_target, build, field, values
+from cli.flags import at_least, base_policy_target, build, field, resumed, values
 from cli.train import (ALGO_HELP, EVAL_VIDEOS_HELP, FRAME_CODEC_HELP, MODE_HELP, OBS_HELP, SIZE_HELP,
                        VIDEO_STRIDE_HELP, WANDB_HELP, add_agent_flags)
 from csil.acting import ACTION_MODES
-from csil.config import ALGORITHMS, FRAME_CODECS, SIZES, AgentConfig, LaunchConfig, agent_config, from_dict
+from csil.config import ALGORITHMS, FRAME_CODECS, SIZES, AgentConfig, LaunchConfig, agent_config
 from csil.ray_utils import python_env
 from csil.specs import OBS_MODES
 from orchestration.launcher import System
@@ -94,27 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     run = values(args, LaunchConfig)
+    if run["resume"]:
+        return resumed(LaunchConfig, args, "csil-launch", "env_steps", "duration_s")
     return build(LaunchConfig, args, env_steps=run["env_steps"] or LaunchConfig.env_steps,
                  logdir=run["logdir"] or f"runs/{run['task']}-{time.strftime('%Y%m%d-%H%M%S')}",
                  agent=agent_config(run["algo"], run["size"], run["action_mode"],
                                     **values(args, AgentConfig, skip_none=True)))
-
-
-def resumed_config(args: argparse.Namespace) -> LaunchConfig:
-    """The saved config of the run in ``--logdir``, with ``--env-steps``/``--seconds`` if given."""
-    run = values(args, LaunchConfig)
-    if not run["logdir"]:
-        raise SystemExit("csil-launch: --resume needs --logdir (the run directory to continue)")
-    saved = Path(run["logdir"]) / "config.json"
-    if not saved.exists():
-        raise SystemExit(f"csil-launch: --resume: {saved} does not exist")
-    cfg = from_dict(LaunchConfig, json.loads(saved.read_text()))
-    changes = {"resume": True, "logdir": run["logdir"]}
-    if run["env_steps"] is not None:
-        changes["env_steps"] = run["env_steps"]
-    if run["duration_s"] is not None:
-        changes["duration_s"] = run["duration_s"]
-    return dataclasses.replace(cfg, **changes)
 
 
 # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default 3): too soon for the
@@ -134,8 +116,7 @@ def warn_about_ray_job_stop() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     warn_about_ray_job_stop()
-    resume = values(args, LaunchConfig)["resume"]
-    summary = System(resumed_config(args) if resume else config_from_args(args)).run()
+    summary = System(config_from_args(args)).run()
     emit_json(summary)
     if "failed" in summary:  # a component that cannot go on (crash loop, non-finite loss): say so by the exit code
         raise SystemExit(1)

@@ -7,7 +7,7 @@ import argparse
 import time
 
 from cli import emit_json
-from cli.flags import at_least, build, field, fraction, values
+from cli.flags import at_least, build, field, fraction, resumed, values
 from csil.acting import ACTION_MODES
 from csil.config import ALGORITHMS, BETA_UNITS, FRAME_CODECS, MODE_PRESETS, SIZES, AgentConfig, TrainConfig, agent_config
 from csil.specs import OBS_MODES
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, TrainConfig, "action_mode", choices=ACTION_MODES, help=MODE_HELP)
     field(p, TrainConfig, "obs_mode", "--obs", choices=OBS_MODES, help=OBS_HELP)
     field(p, TrainConfig, "frame_codec", choices=FRAME_CODECS, help=FRAME_CODEC_HELP)
-    field(p, TrainConfig, "env_steps", type=at_least(1), help="online env steps")
+    field(p, TrainConfig, "env_steps", default=None, type=at_least(1),
+          help=f"online env steps (default {TrainConfig.env_steps:,}; with --resume: the resumed run's)")
     field(p, TrainConfig, "warmup", type=at_least(1), help="online transitions collected by the BC-initialised policy before updates")
     field(p, TrainConfig, "num_envs", type=at_least(1), help="envs stepped in lockstep")
     field(p, TrainConfig, "eval_every", type=at_least(1), help="env steps between evaluations")
@@ -88,13 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
           help="the local base policy: a csil-base checkpoint dir (default: the cached one)")
     add_agent_flags(p)
     field(p, TrainConfig, "logdir", default=None, help="run directory (default runs/<task>-<time>)")
+    field(p, TrainConfig, "checkpoint_every_s", type=at_least(1, float),
+          help="seconds between learner + replay checkpoints (they are also written after pretraining, after each "
+               "evaluation and on Ctrl-C/SIGTERM)")
+    field(p, TrainConfig, "resume", action="store_true",
+          help="continue the run in --logdir from its checkpoints, with its saved config.json (only --env-steps may "
+               "change); the first Ctrl-C stops a run after its current step with a checkpoint, a second at once")
     field(p, TrainConfig, "seed", help="seed")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     run = values(args, TrainConfig)
-    return build(TrainConfig, args, logdir=run["logdir"] or f"runs/{run['task']}-{time.strftime('%Y%m%d-%H%M%S')}",
+    if run["resume"]:
+        return resumed(TrainConfig, args, "csil-train", "env_steps")
+    return build(TrainConfig, args, env_steps=run["env_steps"] or TrainConfig.env_steps,
+                 logdir=run["logdir"] or f"runs/{run['task']}-{time.strftime('%Y%m%d-%H%M%S')}",
                  agent=agent_config(run["algo"], run["size"], run["action_mode"],
                                     **values(args, AgentConfig, skip_none=True)))
 

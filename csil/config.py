@@ -348,6 +348,8 @@ class TrainConfig:
     base_checkpoint: str | None = None  # the local base policy's csil-base dir (None: the cached default of the task)
     logdir: str = "runs/latest"
     seed: int = 0
+    checkpoint_every_s: float = 600.0  # learner + replay checkpoints (also after each evaluation and on Ctrl-C)
+    resume: bool = False  # continue the run in ``logdir`` from its checkpoints
     agent: AgentConfig = AgentConfig()
 
 

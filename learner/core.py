@@ -6,6 +6,7 @@ wraps it with Reverb input, weight publishing and metrics. Both pretrain, update
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -122,9 +123,13 @@ class LearnerCore:
 
     def save(self, directory: str | Path, **counters) -> Path:
         """``<directory>/<updates>``: the whole agent state, ``updates`` and ``counters``; keeps the newest two."""
-        path = Path(directory) / str(self.updates)
-        if not (path / "record.json").exists():
-            save_checkpoint(path, self.state, {"updates": self.updates, **counters})
+        path, record = Path(directory) / str(self.updates), {"updates": self.updates, **counters}
+        if (path / "record.json").exists():  # no update since: the same state, newer counters (e.g. in warmup)
+            partial = path / "record.json.partial"
+            partial.write_text(json.dumps(record))
+            partial.rename(path / "record.json")
+        else:
+            save_checkpoint(path, self.state, record)
         for old in numbered_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
         return path

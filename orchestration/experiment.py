@@ -5,8 +5,9 @@ one process: on a 2-core machine the distributed system would only add Ray overh
 evaluation of the base policy alone. Training seed ``k`` is evaluated on scenes ``csil.seeds.eval_scene(k)``
 and so is the base policy for seed ``k``: the comparison with the base is paired, scene for scene.
 
-A run is done when its ``summary.json`` exists; done runs are never redone, so the experiment can be spread
-over several sessions (an interrupted run starts again from its beginning: the trainer has no checkpoints).
+A run is done when its ``summary.json`` exists; done runs are never redone, and a run stopped part-way (Ctrl-C,
+SIGTERM, a killed process) continues from its newest checkpoint, so the experiment can be spread over several
+sessions. Ctrl-C stops the grid after checkpointing the run in progress.
 Each run directory is one TensorBoard run (``tensorboard --logdir <runs_dir>`` compares the grid) and, with
 ``--wandb``, one W&B run grouped by the experiment's name. Outputs in ``<out_dir>/<name>/``: ``table.md`` (the
 exact command on top, the budget vs the paper's 500k steps, median [25th, 75th] over seeds of the best parameters
@@ -31,7 +32,7 @@ from orchestration.evaluator import evaluate_policy
 from orchestration.plotting import plt
 from orchestration.pipeline import ensure_base_policy
 from orchestration.tracking import RunTracker
-from orchestration.trainer import Trainer
+from orchestration.trainer import Trainer, resumable
 
 DROP_TOLERANCE = 0.05  # "no initial drop": every evaluation >= base - 5 pp
 # What a run finished before a budget field existed was run with (results/table1: β = 0.3 per nat, no warmup).
@@ -102,9 +103,13 @@ def run_one(cfg: ExperimentConfig, task: str, method: str, seed: int, progress: 
                                       env_steps=cfg.env_steps, warmup=cfg.warmup, eval_every=cfg.eval_every,
                                       eval_episodes=cfg.eval_episodes, final_eval_rounds=cfg.final_eval_rounds,
                                       num_demos=cfg.demos_of(task), seed=seed, eval_videos=cfg.eval_videos,
-                                      wandb=cfg.wandb, logdir=str(run_dir), agent=agent),
+                                      wandb=cfg.wandb, logdir=str(run_dir), agent=agent,
+                                      resume=resumable(run_dir)),
                           progress=progress, wandb_group=cfg.name, wandb_name=wandb_name)
         summary = trainer.train()
+        if summary.get("interrupted"):
+            raise KeyboardInterrupt(f"{run_dir} stopped at {summary['env_steps']:,} env steps"
+                                    + (", checkpointed" if resumable(run_dir) else ""))
         evals = trainer.evals
     result = {"task": task, "method": method, "seed": seed, "budget": run_budget(cfg), "summary": summary,
               "evals": [{"env_steps": e["env_steps"], "success_rate": e["success_rate"]} for e in evals],
@@ -252,7 +257,7 @@ def _table(cfg: ExperimentConfig, stats: dict, command: str, missing: int = 0, d
                   f"`{FAILED}` and `diverged/` in the run directory say more): {', '.join(diverged)}.", ""]
     header = ["| method | " + " | ".join(cfg.tasks) + " |", "|---|" + "---|" * len(cfg.tasks)]
     if any("reevaluated" in e for t in stats.values() for e in t.values()):
-        lines += [f"## Best parameters re-evaluated (the paper's protocol)", "",
+        lines += ["## Best parameters re-evaluated (the paper's protocol)", "",
                   f"Each run's best-evaluated parameters, re-evaluated {cfg.final_eval_rounds} × {cfg.eval_episodes} "
                   "episodes on fresh scenes (mean over the rounds); base: the base alone on the same scenes.", "",
                   *header]

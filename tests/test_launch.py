@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import ray
 
-from csil.config import LaunchConfig, ReplayConfig
+from csil.config import LaunchConfig, ReplayConfig, TrainConfig
 from csil.envs import simulator_versions
 from csil.video import expected_frames, read_frames
 from orchestration.launcher import System
@@ -234,12 +234,15 @@ def _worker_logs_contain(text: str) -> bool:
                if f.startswith("worker-") and f.endswith((".err", ".out")))
 
 
-def test_resume_uses_the_saved_config(tmp_path, tiny_agent):
-    from cli.launch import build_parser, resumed_config
-
-    saved = LaunchConfig(task="Square", actors=3, env_steps=1000, agent=tiny_agent, logdir=str(tmp_path))
+@pytest.mark.parametrize("command", ["launch", "train"])
+def test_resume_uses_the_saved_config(command, tmp_path, tiny_agent):
+    """csil-launch --resume and csil-train --resume: the run's saved config, only --env-steps changed."""
+    cli = importlib.import_module(f"cli.{command}")
+    cls = {"launch": LaunchConfig, "train": TrainConfig}[command]
+    saved = cls(task="Square", num_demos=7, env_steps=1000, agent=tiny_agent, logdir=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(saved), default=str))
-    cfg = resumed_config(build_parser().parse_args(["--resume", "--logdir", str(tmp_path), "--env-steps", "5000"]))
-    assert cfg == dataclasses.replace(saved, env_steps=5000, resume=True)
+    args = ["--resume", "--logdir", str(tmp_path), "--env-steps", "5000"]
+    assert cli.config_from_args(cli.build_parser().parse_args(args)) == dataclasses.replace(
+        saved, env_steps=5000, resume=True)
     with pytest.raises(SystemExit, match="does not exist"):
-        resumed_config(build_parser().parse_args(["--resume", "--logdir", str(tmp_path / "nope")]))
+        cli.config_from_args(cli.build_parser().parse_args(["--resume", "--logdir", str(tmp_path / "nope")]))

@@ -1,6 +1,12 @@
-"""The single-process trainer end to end on a tiny budget: pretraining, Reverb-fed fused updates, evaluation."""
+"""The single-process trainer end to end on a tiny budget: pretraining, Reverb-fed fused updates, evaluation,
+Ctrl-C and resume."""
 
+import dataclasses
 import json
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,14 +16,31 @@ from csil.video import FRAME_SIZE, expected_frames, read_frames
 from orchestration.trainer import Trainer
 
 
-def test_short_csil_training_run_logs_evals_and_keeps_utd(lift_setup, tiny_agent, tensorboard_scalars):
+def test_short_csil_training_run_logs_evals_keeps_utd_and_resumes_after_ctrl_c(lift_setup, tiny_agent,
+                                                                               tensorboard_scalars):
+    """A short run, stopped by Ctrl-C right after its first updates (the signal lands during the evaluation at 30
+    env steps: the run checkpoints and ends after it), then ``resume``d to the end of its budget."""
     root, demos, base = lift_setup
     cfg = TrainConfig(task="Lift", env_steps=60, warmup=30, num_envs=2, eval_every=30, eval_episodes=1,
                       final_eval_rounds=2, eval_videos=1, video_stride=50, num_demos=3, demos=str(demos),
                       base_checkpoint=str(base), logdir=str(root / "run"), agent=tiny_agent)
-    summary = Trainer(cfg, progress=False).train()
+    trainer = Trainer(cfg, progress=False)
+
+    def ctrl_c_after_the_first_updates() -> None:
+        while trainer.learner.updates < 2:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_after_the_first_updates, daemon=True).start()
+    first = trainer.train()
+    assert first["interrupted"] and first["env_steps"] == 30 and first["updates"] == 2
+    assert "best_reevaluated" not in first and first["replay_sizes"]["online"] > 0
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(cfg, progress=False)
+    summary = Trainer(dataclasses.replace(cfg, resume=True), progress=False).train()
+    assert summary["replay_restored"] == first["replay_sizes"]  # the tables as checkpointed
     assert summary["env_steps"] == 60
-    # One fused update (UTD critic updates) per env step once warmup is reached.
+    # One fused update (UTD critic updates) per env step once warmup is reached, across the resume.
     assert summary["updates"] == 60 - 30 + 2
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["phase"] == "eval"]
@@ -53,8 +76,6 @@ def test_residual_mode_bc_targets_are_what_the_small_policy_must_add_to_the_base
     """Residual BC on raw demo actions would execute base + demo-like action (twice the motion); the targets are
     a_demo − a_base, so that base + target gives back the demo action, with a_base what the base plays at that
     step while acting: action t mod 10 of the chunk it was asked for at step 10 * (t // 10) of the episode."""
-    import dataclasses
-
     from csil.acting import base_observation, combine_actions
     from csil.base_policy import LocalBasePolicy
 

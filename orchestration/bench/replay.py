@@ -37,7 +37,7 @@ from csil.experts import DEFAULT_NOISE, make_expert
 from csil.specs import ONLINE_TABLE, ObsSpec, Transition
 from replay.server import BatchIterator, ReplayServer, checkpoint_chunks
 from replay.signature import conform, layout
-from replay.writer import CHUNK_LENGTH, IMAGE_CHUNK_LENGTH, MAX_IN_FLIGHT, TransitionWriter
+from replay.writer import IMAGE_CHUNK_LENGTH, MAX_IN_FLIGHT, TransitionWriter
 
 GIB = 2**30
 
