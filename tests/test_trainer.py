@@ -22,7 +22,7 @@ def test_short_csil_training_run_logs_evals_keeps_utd_and_resumes_after_ctrl_c(l
     env steps: the run checkpoints and ends after it), then ``resume``d to the end of its budget."""
     root, demos, base = lift_setup
     cfg = TrainConfig(task="Lift", env_steps=60, warmup=30, num_envs=2, eval_every=30, eval_episodes=1,
-                      final_eval_rounds=2, eval_videos=1, video_stride=50, num_demos=3, demos=str(demos),
+                      final_eval_rounds=1, eval_videos=1, video_stride=50, num_demos=3, demos=str(demos),
                       base_checkpoint=str(base), logdir=str(root / "run"), agent=tiny_agent)
     trainer = Trainer(cfg, progress=False)
 
@@ -46,7 +46,7 @@ def test_short_csil_training_run_logs_evals_keeps_utd_and_resumes_after_ctrl_c(l
     evals = [r for r in records if r["phase"] == "eval"]
     assert [e["env_steps"] for e in evals] == [0, 30, 60]
     # the paper's protocol: the best evaluation's parameters re-evaluated on fresh scenes
-    assert summary["best_env_steps"] in (0, 30, 60) and len(summary["best_reevaluated"]) == 2
+    assert summary["best_env_steps"] in (0, 30, 60) and len(summary["best_reevaluated"]) == 1
     assert summary["best_eval"] == max(e["success_rate"] for e in evals)
     assert [r for r in records if r["phase"] == "reevaluate"][0]["best_reevaluated"] == summary["best_reevaluated"]
     train = [r for r in records if r["phase"] == "train"]
