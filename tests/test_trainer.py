@@ -18,13 +18,30 @@ from orchestration.trainer import Trainer
 
 def test_short_csil_training_run_logs_evals_keeps_utd_and_resumes_after_ctrl_c(lift_setup, tiny_agent,
                                                                                tensorboard_scalars):
-    """A short run, stopped by Ctrl-C right after its first updates (the signal lands during the evaluation at 30
-    env steps: the run checkpoints and ends after it), then ``resume``d to the end of its budget."""
+    """A short run stopped by Ctrl-C twice: during pretraining (it returns within seconds and keeps nothing, so
+    ``resume`` starts afresh), then right after its first updates (the signal lands during the evaluation at 30
+    env steps: the run checkpoints and ends after it); ``resume`` then runs it to the end of its budget."""
     root, demos, base = lift_setup
     cfg = TrainConfig(task="Lift", env_steps=60, warmup=30, num_envs=2, eval_every=30, eval_episodes=1,
                       final_eval_rounds=1, eval_videos=1, video_stride=50, num_demos=3, demos=str(demos),
                       base_checkpoint=str(base), logdir=str(root / "run"), agent=tiny_agent)
-    trainer = Trainer(cfg, progress=False)
+    endless_bc = Trainer(dataclasses.replace(cfg, agent=dataclasses.replace(tiny_agent, bc_steps=10**7)),
+                         progress=False)
+    signalled = {}
+
+    def ctrl_c_in_pretraining() -> None:
+        while signal.getsignal(signal.SIGINT) != endless_bc._request_stop:  # train() has not started yet
+            time.sleep(0.05)
+        time.sleep(1)
+        signalled["at"] = time.time()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_in_pretraining, daemon=True).start()
+    pretraining = endless_bc.train()
+    assert pretraining["interrupted"] and pretraining["phase"] == "pretraining"
+    assert time.time() - signalled["at"] < 10 and not (root / "run" / "checkpoints").exists()
+
+    trainer = Trainer(dataclasses.replace(cfg, resume=True), progress=False)  # nothing to resume: afresh
 
     def ctrl_c_after_the_first_updates() -> None:
         while trainer.learner.updates < 2:
