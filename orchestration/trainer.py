@@ -178,9 +178,9 @@ class Trainer:
         self.key = jax.random.fold_in(self.key, env_steps)
         writer = TransitionWriter(replay.address, table=ONLINE_TABLE)
         online = demos = None
+        episode_seed = lambda episode: seeds.trainer_episode_seed(cfg.seed, first_episode + episode)  # noqa: E731
         runner = EnvRunner(self.task.name, cfg.obs_mode, cfg.num_envs, self.base_policy, learner.agent.policy_net,
-                           cfg.action_mode, lambda episode: seeds.trainer_episode_seed(cfg.seed, first_episode + episode),
-                           env_seed=cfg.seed + env_steps)
+                           cfg.action_mode, episode_seed, env_seed=cfg.seed + env_steps)
         num_envs = len(runner.envs)
         if not self.evals:
             self.evaluate(0)
