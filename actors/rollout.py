@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from collections import deque
 from typing import Collection, Iterator, Protocol, Sequence
 
@@ -214,6 +215,10 @@ class RolloutWorker:
 WORKER_RETRIES = 3
 
 
+class RolloutsCancelled(Exception):
+    """``run_episodes``' ``stop`` event was set: its episodes were abandoned (their workers killed)."""
+
+
 def default_workers() -> int:
     """One per local core, but no more than the cluster's unreserved CPUs (a worker reserves one: a worker
     that cannot be placed would hold its share of the seeds forever)."""
@@ -223,7 +228,7 @@ def default_workers() -> int:
 def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[int] | Sequence[int], *, prompt: str,
                  workers: int = 0, envs_per_worker: int = 1, record: bool = False, noise: float | None = None,
                  stats: dict | None = None, film: Collection[int] = (), video_stride: int = 1,
-                 runtime_env: dict | None = None) -> Iterator[EpisodeResult]:
+                 runtime_env: dict | None = None, stop: threading.Event | None = None) -> Iterator[EpisodeResult]:
     """Yield episode results as Ray workers finish them; ``seeds`` may be endless (stop iterating to stop).
 
     The episodes of the seeds in ``film`` come with an MP4 (``EpisodeResult.video``). Each worker gets up to
@@ -232,7 +237,12 @@ def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[i
     restarted by Ray and its calls re-run on the same seeds (episodes are deterministic given their seed), up to
     ``WORKER_RETRIES`` times; ``stats["worker_restarts"]`` then counts the workers that were restarted.
     ``runtime_env``: where the workers run (``csil.ray_utils.python_env``: another Python environment).
+    Setting ``stop`` abandons the episodes within half a second (a user's Ctrl-C must not wait for an
+    evaluation): the workers are killed and ``RolloutsCancelled`` is raised.
     """
+    stop = stop or threading.Event()
+    if stop.is_set():
+        raise RolloutsCancelled
     ensure_ray()
     workers = workers or default_workers()
     remote_cls = ray.remote(num_cpus=1, max_restarts=WORKER_RETRIES, max_task_retries=WORKER_RETRIES,
@@ -251,7 +261,11 @@ def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[i
             submit(actor)
             submit(actor)
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            if stop.is_set():
+                raise RolloutsCancelled
+            if not done:
+                continue
             actor = pending.pop(done[0])
             results = ray.get(done[0])
             submit(actor)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from actors.rollout import run_episodes
+from actors.rollout import RolloutsCancelled, run_episodes
 from csil import seeds
 from learner.checkpoint import restore_checkpoint, save_checkpoint
 from orchestration.plotting import plt
@@ -35,9 +36,12 @@ from orchestration.tracking import RunTracker
 # episodes on one worker: 143 s and 2.7 GB with 10 envs, 148 s and 4.4 GB with 25 (the former episodes // 2).
 EVAL_ENVS_PER_WORKER = 10
 
-# (params or None for the base alone, first scene, episodes, videos) -> {"success_rate", "mean_length",
-# "mean_return", "videos": [{"scene", "success", "length", "mp4", "gif"}] of the first ``videos`` scenes}
-EvaluateFn = Callable[[object, int, int, int], dict]
+log = logging.getLogger(__name__)
+
+# (params or None for the base alone, first scene, episodes, videos, stop) -> {"success_rate", "mean_length",
+# "mean_return", "videos": [{"scene", "success", "length", "mp4", "gif"}] of the first ``videos`` scenes};
+# raises ``RolloutsCancelled`` once ``stop`` (a threading.Event) is set
+EvaluateFn = Callable[[object, int, int, int, threading.Event], dict]
 
 
 def crossed(value: int, previous: int, every: int) -> bool:
@@ -46,11 +50,13 @@ def crossed(value: int, previous: int, every: int) -> bool:
 
 
 def evaluate_policy(task, obs_mode: str, base: str, params, network, action_mode: str, episodes: int,
-                    first_scene: int, videos: int = 0, video_stride: int = 1, runtime_env: dict | None = None) -> dict:
+                    first_scene: int, videos: int = 0, video_stride: int = 1, runtime_env: dict | None = None,
+                    stop: threading.Event | None = None) -> dict:
     """Success rate, mean length and return over ``episodes`` seeded episodes; ``params=None`` evaluates the base
     alone. ``worker_restarts``: rollout workers that died and were retried on the same scenes. ``videos``: MP4s of
     the first that many episodes (every ``video_stride``-th step), rendered only for those; ``runtime_env``: the
-    workers' Python environment (the launcher's ``--actor-env``)."""
+    workers' Python environment (the launcher's ``--actor-env``); ``stop``: abandons the episodes when set
+    (``RolloutsCancelled``)."""
     if params is None:
         policy = f"base:{base}"
     else:
@@ -60,7 +66,7 @@ def evaluate_policy(task, obs_mode: str, base: str, params, network, action_mode
     results = list(run_episodes(task.name, obs_mode, policy, range(first_scene, first_scene + episodes),
                                 prompt=task.prompt, envs_per_worker=envs_per_worker, stats=stats,
                                 film=range(first_scene, first_scene + videos), video_stride=video_stride,
-                                runtime_env=runtime_env))
+                                runtime_env=runtime_env, stop=stop))
     return {"success_rate": float(np.mean([r.success for r in results])),
             "mean_length": float(np.mean([r.length for r in results])),
             "mean_return": float(np.mean([r.env_return for r in results])), "worker_restarts": stats["worker_restarts"],
@@ -83,6 +89,7 @@ class Evaluator:
         self._best: tuple[dict, object] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="evaluator")
         self._pending: list[concurrent.futures.Future] = []
+        self._stop = threading.Event()
 
     # --- reading (any thread) -------------------------------------------------------------------------
 
@@ -104,7 +111,9 @@ class Evaluator:
 
     def evaluate(self, env_steps: int, version: int, params) -> dict:
         """Evaluate one snapshot now (round-0 scenes); record it, and keep it if it is the best so far."""
-        result = self.evaluate_fn(params, seeds.eval_scene(self.seed), self.episodes, self.videos)
+        if self._stop.is_set():
+            raise RolloutsCancelled
+        result = self.evaluate_fn(params, seeds.eval_scene(self.seed), self.episodes, self.videos, self._stop)
         videos = result.pop("videos", [])
         record = {"env_steps": env_steps, "updates": version, **result}
         if self.tracker is not None:
@@ -126,18 +135,32 @@ class Evaluator:
         self._pending.append(self._executor.submit(self.evaluate, env_steps, version, params))
 
     def collect(self, wait: bool = False) -> None:
-        """Re-raise a failed background evaluation; with ``wait``, finish all pending ones first."""
+        """Re-raise a failed background evaluation; with ``wait``, finish all pending ones first (after
+        ``cancel``, that is at once: they are dropped)."""
         for future in list(self._pending):
             if wait or future.done():
-                future.result()
+                try:
+                    future.result()
+                except RolloutsCancelled:
+                    pass
                 self._pending.remove(future)
+
+    def cancel(self) -> None:
+        """Abandon the evaluation in progress and every later one (a stop request: the user's Ctrl-C must not
+        wait for episodes). Nothing of a cancelled evaluation is recorded; ``evaluate`` and ``reevaluate_best``
+        raise ``RolloutsCancelled`` from then on. A resumed run evaluates at its start."""
+        if not self._stop.is_set():
+            log.warning("stopping: the evaluation in progress, if any, is abandoned")
+        self._stop.set()
 
     def reevaluate_best(self, rounds: int) -> dict:
         """The paper's protocol: the best parameters re-evaluated ``rounds`` times on fresh scenes."""
         self.collect(wait=True)
+        if self._stop.is_set():
+            raise RolloutsCancelled
         record, params = self.best
-        scores = [self.evaluate_fn(params, seeds.eval_scene(self.seed, r), self.episodes, 0)["success_rate"]
-                  for r in range(1, rounds + 1)]
+        scores = [self.evaluate_fn(params, seeds.eval_scene(self.seed, r), self.episodes, 0,
+                                   self._stop)["success_rate"] for r in range(1, rounds + 1)]
         if self.tracker is not None and scores:
             self.tracker.scalars(self.history[-1]["env_steps"], {"eval/best_reevaluated": float(np.mean(scores))})
         return {"final_eval": self.history[-1]["success_rate"], "best_eval": record["success_rate"],

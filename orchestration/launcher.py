@@ -53,6 +53,7 @@ import ray
 from tqdm import tqdm
 
 from actors.actor import EnvActor
+from actors.rollout import RolloutsCancelled
 from csil.acting import small_policy_spec
 from csil.config import InferenceServerConfig, LaunchConfig, ReplayConfig
 from csil.demos import read_demos, spec_from_demos
@@ -119,9 +120,9 @@ class System:
         self.faults: list[dict] = []  # what happened, for the summary
         self.learner_updates = 0
 
-    def _evaluate(self, base: str, params, first_scene: int, episodes: int, videos: int) -> dict:
+    def _evaluate(self, base: str, params, first_scene: int, episodes: int, videos: int, stop) -> dict:
         result = evaluate_policy(self.task, self.cfg.obs_mode, base, params, self.network, self.cfg.action_mode,
-                                 episodes, first_scene, videos, self.cfg.video_stride, self.actor_env)
+                                 episodes, first_scene, videos, self.cfg.video_stride, self.actor_env, stop)
         for _ in range(result["worker_restarts"]):  # on the evaluator's thread; the coordinator serialises
             self._record("evaluation", "a rollout worker died; Ray restarted it and re-ran its scenes", "nothing")
         return result
@@ -409,8 +410,11 @@ class System:
         if failure is not None:
             summary["failed"] = str(failure)
         elif not self.stop_requested and cfg.eval_episodes:
-            self.evaluate(env_steps)
-            summary.update(self.evaluator.reevaluate_best(cfg.final_eval_rounds))
+            try:
+                self.evaluate(env_steps)
+                summary.update(self.evaluator.reevaluate_best(cfg.final_eval_rounds))
+            except RolloutsCancelled:  # stopped during the final evaluations: checkpointed all the same
+                summary["interrupted"] = True
         self.evaluator.collect(wait=True)
         if self.evaluator.history:
             write_eval_results(self.logdir, self.evaluator.history, f"{cfg.algo} ({cfg.action_mode})",
@@ -439,3 +443,4 @@ class System:
         log.warning("signal %d: stopping (pretraining is discarded; after it, learner and replay are "
                     "checkpointed)", signum)
         self.stop_requested = True
+        self.evaluator.cancel()

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from actors.env_runner import EnvRunner
+from actors.rollout import RolloutsCancelled
 from csil import seeds
 from csil.acting import small_policy_spec
 from csil.base_policy import LocalBasePolicy
@@ -103,9 +104,9 @@ class Trainer:
     def evals(self) -> list[dict]:
         return self.evaluator.history
 
-    def _evaluate(self, network, params, first_scene: int, episodes: int, videos: int) -> dict:
+    def _evaluate(self, network, params, first_scene: int, episodes: int, videos: int, stop) -> dict:
         return evaluate_policy(self.task, self.cfg.obs_mode, self.base_dir, params, network, self.cfg.action_mode,
-                               episodes, first_scene, videos, self.cfg.video_stride)
+                               episodes, first_scene, videos, self.cfg.video_stride, stop=stop)
 
     def log(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
@@ -113,10 +114,13 @@ class Trainer:
 
     def evaluate(self, env_steps: int) -> dict | None:
         """Deterministic evaluation of base + small policy on this seed's fixed evaluation scenes (None with
-        ``eval_episodes=0``: no evaluation at all)."""
+        ``eval_episodes=0``, or when a stop request cancelled it)."""
         if not self.cfg.eval_episodes:
             return None
-        record = self.evaluator.evaluate(env_steps, self.learner.updates, self.learner.policy_params())
+        try:
+            record = self.evaluator.evaluate(env_steps, self.learner.updates, self.learner.policy_params())
+        except RolloutsCancelled:
+            return None
         self.log({"phase": "eval", **record})
         return record
 
@@ -131,6 +135,7 @@ class Trainer:
         log.warning("signal %d: stopping after this step (after pretraining, learner and replay are checkpointed; "
                     "--resume continues); again to stop at once", signum)
         self.stop_requested = True
+        self.evaluator.cancel()
 
     def train(self) -> dict:
         """The run; SIGINT/SIGTERM end it early with ``interrupted`` in the summary (on the main thread)."""
@@ -182,8 +187,9 @@ class Trainer:
         runner = EnvRunner(self.task.name, cfg.obs_mode, cfg.num_envs, self.base_policy, learner.agent.policy_net,
                            cfg.action_mode, episode_seed, env_seed=cfg.seed + env_steps)
         num_envs = len(runner.envs)
-        if not self.evals:
-            self.evaluate(0)
+        last_eval = self.evals[-1]["env_steps"] if self.evals else None
+        if last_eval is None or (last_eval != env_steps and crossed(env_steps, env_steps - num_envs, cfg.eval_every)):
+            self.evaluate(env_steps)  # the step-0 evaluation, or the one a stop request cancelled
         if not self.resuming:
             self.checkpoint(replay, 0, 0)  # pretraining is kept from here on
         successes, returns = deque(maxlen=20), deque(maxlen=20)
@@ -245,8 +251,11 @@ class Trainer:
             summary["interrupted"] = True
         elif self.evals:
             summary["first_eval"] = self.evals[0]["success_rate"]
-            summary.update(self.evaluator.reevaluate_best(cfg.final_eval_rounds))
-            self.log({"phase": "reevaluate", **summary})
+            try:
+                summary.update(self.evaluator.reevaluate_best(cfg.final_eval_rounds))
+                self.log({"phase": "reevaluate", **summary})
+            except RolloutsCancelled:  # stopped during the re-evaluation
+                summary["interrupted"] = True
         if self.evals:
             write_eval_results(self.logdir, self.evals, f"{cfg.algo} ({cfg.action_mode})", self.task.name)
         return {**summary, "wall_s": round(time.time() - start, 1), "logdir": str(self.logdir)}

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from actors.rollout import RolloutsCancelled
 from csil import seeds
 from orchestration.evaluator import Evaluator
 
@@ -17,7 +18,7 @@ SCORES = {0: 0.5, 1: 0.8, 2: 0.6, 3: 0.8}  # params version -> success rate
 
 
 def scored(calls: list, delay_s: float = 0.0):
-    def evaluate(params, first_scene: int, episodes: int, videos: int) -> dict:
+    def evaluate(params, first_scene: int, episodes: int, videos: int, stop: threading.Event) -> dict:
         time.sleep(delay_s)
         calls.append((int(params["v"]), first_scene, episodes))
         return {"success_rate": SCORES[int(params["v"])], "mean_length": 100.0}
@@ -83,13 +84,38 @@ def test_background_evaluations_run_in_order_while_readers_poll():
 
 
 def test_a_failed_background_evaluation_is_raised_by_collect():
-    def broken(params, first_scene, episodes, videos):
+    def broken(params, first_scene, episodes, videos, stop):
         raise RuntimeError("rollout worker died")
 
     ev = Evaluator(broken, episodes=1, seed=0)
     ev.submit(0, 0, params(0))
     with pytest.raises(RuntimeError, match="rollout worker died"):
         ev.collect(wait=True)
+
+
+def test_a_stop_request_abandons_the_evaluation_in_progress_and_records_nothing(tmp_path):
+    """A user's Ctrl-C must not wait for episodes: ``cancel`` reaches the running evaluation through its stop
+    event, the queued one never starts, nothing is recorded, and the final re-evaluation refuses to run."""
+    started, calls = threading.Event(), []
+
+    def slow(params, first_scene, episodes, videos, stop):
+        calls.append(int(params["v"]))
+        started.set()
+        if stop.wait(60):
+            raise RolloutsCancelled
+        return {"success_rate": 1.0, "mean_length": 1.0}
+
+    ev = Evaluator(slow, episodes=1, seed=0, logdir=tmp_path)
+    ev.submit(0, 0, params(0))
+    ev.submit(10, 1, params(1))
+    assert started.wait(10)
+    begin = time.monotonic()
+    ev.cancel()
+    ev.collect(wait=True)
+    assert time.monotonic() - begin < 5
+    assert calls == [0] and ev.history == [] and ev.best is None and not (tmp_path / "evals.jsonl").exists()
+    with pytest.raises(RolloutsCancelled):
+        ev.reevaluate_best(rounds=1)
 
 
 def test_the_restart_budget_ends_a_crash_loop():

@@ -20,7 +20,8 @@ def test_short_csil_training_run_logs_evals_keeps_utd_and_resumes_after_ctrl_c(l
                                                                                tensorboard_scalars):
     """A short run stopped by Ctrl-C twice: during pretraining (it returns within seconds and keeps nothing, so
     ``resume`` starts afresh), then right after its first updates (the signal lands during the evaluation at 30
-    env steps: the run checkpoints and ends after it); ``resume`` then runs it to the end of its budget."""
+    env steps: the evaluation is abandoned and the run checkpoints); ``resume`` evaluates at 30 again and runs it
+    to the end of its budget."""
     root, demos, base = lift_setup
     cfg = TrainConfig(task="Lift", env_steps=60, warmup=30, num_envs=2, eval_every=30, eval_episodes=1,
                       final_eval_rounds=1, eval_videos=1, video_stride=50, num_demos=3, demos=str(demos),
@@ -52,6 +53,7 @@ def test_short_csil_training_run_logs_evals_keeps_utd_and_resumes_after_ctrl_c(l
     first = trainer.train()
     assert first["interrupted"] and first["env_steps"] == 30 and first["updates"] == 2
     assert "best_reevaluated" not in first and first["replay_sizes"]["online"] > 0
+    assert [e["env_steps"] for e in trainer.evals] == [0]  # the one at 30 was cancelled, not recorded
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(cfg, progress=False)
     summary = Trainer(dataclasses.replace(cfg, resume=True), progress=False).train()
