@@ -126,9 +126,12 @@ class SmallPolicy(nn.Module):
     encoder: EncoderConfig = EncoderConfig()
 
     @nn.compact
-    def __call__(self, obs: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        enc = self.encoder
-        features = MultiCameraEncoder(self.cameras, enc.channels, enc.out_dim, name="encoder")(obs)
+    def __call__(self, obs: dict[str, jax.Array] | None,
+                 features: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``features`` (the encoder's output, e.g. computed once and shared with the critic) skip the encoder."""
+        if features is None:
+            enc = self.encoder
+            features = MultiCameraEncoder(self.cameras, enc.channels, enc.out_dim, name="encoder")(obs)
         return HetStatPolicy(self.config, name="head")(features)
 
 

@@ -50,7 +50,7 @@ import optax
 
 from csil import hetstat
 from csil.config import AgentConfig, kl_coefficient
-from csil.encoders import random_shift
+from csil.encoders import MultiCameraEncoder, random_shift
 from csil.hetstat import SmallPolicy
 from csil.specs import ObsSpec, Transition
 from learner import critic as C
@@ -123,6 +123,7 @@ class CSILAgent:
         self.action_dim = cfg.policy.action_dim
         self.policy_net = SmallPolicy(cfg.policy, spec.cameras, cfg.encoder)
         self.critic_net = Critic(cfg.critic, spec.cameras, cfg.encoder)
+        self.encoder_net = MultiCameraEncoder(spec.cameras, cfg.encoder.channels, cfg.encoder.out_dim)
         self.categorical = cfg.critic.kind == "categorical"
         self.shift = reward_shift(cfg)
         self.beta = kl_coefficient(cfg)  # per nat of KL(π‖π_BC), in the units of cfg.beta_units
@@ -185,6 +186,33 @@ class CSILAgent:
         source = source["params"] if "params" in source else source
         return {**params, "encoder": source["encoder"]}
 
+    def encode(self, params: PyTree, obs: Obs) -> jax.Array:
+        """The features the heads of ``params`` (a policy's or a critic's) see: its encoder applied to ``obs``
+        (the state itself, without cameras). The update encodes each batch once per encoder and shares the result
+        between the heads that read it."""
+        params = params["params"] if "params" in params else params
+        return self.encoder_net.apply({"params": params["encoder"]} if "encoder" in params else {}, obs)
+
+    def _policy_features(self, state: AgentState, obs: Obs, critic_features: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the policy's, π_BC's) features of ``obs``. With the shared (DrQ) encoder the policy's encoder is the
+        critic's, copied after every critic step, so its features are ``critic_features`` (no gradient); with the
+        frozen BC encoder they are π_BC's. Either way one encoder pass serves two heads."""
+        bc = self.encode(state.bc, obs)
+        return (jax.lax.stop_gradient(critic_features), bc) if self.shared_encoder else (bc, bc)
+
+    def _critic_features(self, critic_params: PyTree, batch: Batch) -> tuple[jax.Array, Any, jax.Array]:
+        """The online critic's input features, encoded once per critic step: [s; s'] for the categorical critic
+        (its joint BN batch), s for the MSE one; the function taking their gradient to the encoder's (``jax.vjp``),
+        and the features of s' (the policy's next action reads them when it shares the critic's encoder)."""
+        encoder = critic_params.get("encoder", {})
+        apply = lambda e, obs: self.encoder_net.apply({"params": e} if e else {}, obs)  # noqa: E731
+        if self.categorical:
+            joint = jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y], axis=0), batch.obs, batch.next_obs)
+            features, vjp = jax.vjp(lambda e: apply(e, joint), encoder)
+            return features, vjp, features[batch.action.shape[0]:]
+        features, vjp = jax.vjp(lambda e: apply(e, batch.obs), encoder)
+        return features, vjp, apply(encoder, batch.next_obs)
+
     def augment(self, key: jax.Array, obs: Obs) -> Obs:
         """DrQ random shift of every camera image (a no-op for state observations)."""
         keys = jax.random.split(key, max(1, len(self.spec.image_keys)))
@@ -202,8 +230,10 @@ class CSILAgent:
 
     def reward(self, params: PyTree, obs: Obs, action: jax.Array) -> jax.Array:
         """The coherent reward, ≤ 0 everywhere, ≈ −(1−γ)B far from the demonstrations."""
-        r = (1.0 - self.cfg.discount) * (self.log_ratio(params, obs, action) - self.shift)
-        return jnp.minimum(r, 0.0)
+        return self._coherent_reward(self.log_ratio(params, obs, action))
+
+    def _coherent_reward(self, log_ratio: jax.Array) -> jax.Array:
+        return jnp.minimum((1.0 - self.cfg.discount) * (log_ratio - self.shift), 0.0)
 
     def rewards(self, reward_params: PyTree, obs: Obs, action: jax.Array, discount: jax.Array) -> jax.Array:
         """The training reward of the configured variant (sparse: −(1−γ) until the success transition)."""
@@ -214,23 +244,28 @@ class CSILAgent:
     def _values(self, out: jax.Array, atoms: jax.Array) -> jax.Array:
         return C.expected_value(out, atoms) if self.categorical else out[..., 0]
 
-    def q_values(self, critic: PyTree, obs: Obs, action: jax.Array, atoms: jax.Array) -> jax.Array:
-        """(num_critics, B) values with running BN statistics (actor loss, diagnostics)."""
-        return self._values(self.critic_net.apply(critic, obs, action, train=False), atoms)
+    def q_values(self, critic: PyTree, obs: Obs | None, action: jax.Array, atoms: jax.Array,
+                 features: jax.Array | None = None) -> jax.Array:
+        """(num_critics, B) values with running BN statistics (actor loss, diagnostics); ``features``: the
+        critic encoder's output for ``obs``, if already computed."""
+        return self._values(self.critic_net.apply(critic, obs, action, train=False, features=features), atoms)
 
-    def _regularised_sample(self, policy: PyTree, state: AgentState, obs: Obs,
-                            key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def _regularised_sample(self, policy: PyTree, state: AgentState, obs: Obs | None, key: jax.Array,
+                            features: tuple[jax.Array, jax.Array] | None = None
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(a ~ π(·|s), the per-sample penalty subtracted from Q, log π(a|s)).
 
         ``kl_bc``: β·KL(π‖π_BC) with β = ``self.beta`` (``kl_coefficient``), exact, or the one-sample
         ``log π(a|s) − log π_BC(a|s)`` (π_BC's density is Acme's clipped one, as in CSIL). ``entropy``:
-        α·log π(a|s), α not differentiated here.
+        α·log π(a|s), α not differentiated here. ``features``: (the policy's, π_BC's) encoded ``obs``
+        (``_policy_features``), if already computed.
         """
-        mu, sigma = self.policy_net.apply(policy, obs)
+        policy_features, bc_features = features if features is not None else (None, None)
+        mu, sigma = self.policy_net.apply(policy, obs, policy_features)
         action, logp = hetstat.sample(key, mu, sigma)
         if self.cfg.regularizer == "entropy":
             return action, jax.lax.stop_gradient(jnp.exp(state.log_alpha)) * logp, logp
-        bc_mu, bc_sigma = self.policy_net.apply(state.bc, obs)
+        bc_mu, bc_sigma = self.policy_net.apply(state.bc, obs, bc_features)
         if self.cfg.kl_estimator == "exact":
             kl = hetstat.gaussian_kl(mu, sigma, bc_mu, bc_sigma)
         else:
@@ -238,7 +273,7 @@ class CSILAgent:
         return action, self.beta * kl, logp
 
     def _demo_q(self, critic: PyTree, batch: Batch, next_action: jax.Array, demo_action: jax.Array,
-                atoms: jax.Array) -> jax.Array:
+                atoms: jax.Array, features: jax.Array) -> jax.Array:
         """Σ over demo rows of min_k Q_k(s, a) with the demo half's actions replaced by ``demo_action``.
 
         The categorical critic is evaluated in train-mode BN on the same joint batch as the TD loss: an eval-mode
@@ -248,17 +283,17 @@ class CSILAgent:
         """
         half = demo_action.shape[0]
         if not self.categorical:
-            demo_obs = jax.tree_util.tree_map(lambda x: x[-half:], batch.obs)
-            return self.q_values(critic, demo_obs, demo_action, atoms).min(0).sum()
+            return self.q_values(critic, None, demo_action, atoms, features[-half:]).min(0).sum()
         action = batch.action.at[-half:].set(demo_action)
-        out, _, _ = C.joint_forward(self.critic_net.apply, critic, batch.obs, action, batch.next_obs,
-                                    next_action, train=True)
+        out, _, _ = C.joint_forward(self.critic_net.apply, critic, None, action, None, next_action, train=True,
+                                    features=features)
         return self._values(out[:, -half:], atoms).min(0).sum()
 
     def _grad_penalty(self, critic: PyTree, batch: Batch, next_action: jax.Array, atoms: jax.Array,
-                      demo_half: int) -> jax.Array:
+                      demo_half: int, features: jax.Array) -> jax.Array:
         """sqrt(mean ||∂ min_k Q_k / ∂a||²) at the demo (s, a): makes demo actions first-order optimal (CSIL)."""
-        grads = jax.grad(lambda a: self._demo_q(critic, batch, next_action, a, atoms))(batch.action[-demo_half:])
+        grads = jax.grad(lambda a: self._demo_q(critic, batch, next_action, a, atoms, features))(
+            batch.action[-demo_half:])
         return jnp.sqrt(jnp.mean(jnp.sum(grads**2, axis=-1)) + 1e-12)
 
     def _td_target(self, target_critic: PyTree, atoms: jax.Array, batch: Batch, rewards: jax.Array,
@@ -278,21 +313,35 @@ class CSILAgent:
         outside = jnp.mean((target < cfg.critic.v_min) | (target > cfg.critic.v_max))
         return jax.lax.stop_gradient(target), outside
 
-    def _critic_loss(self, critic_params: PyTree, state: AgentState, batch: Batch, next_action: jax.Array,
-                     target: jax.Array, demo_half: int, penalty_weight: float) -> tuple[jax.Array, tuple]:
+    def _critic_loss(self, critic_params: PyTree, features: jax.Array, state: AgentState, batch: Batch,
+                     next_action: jax.Array, target: jax.Array, demo_half: int,
+                     penalty_weight: float) -> tuple[jax.Array, tuple]:
+        """The TD loss (+ CSIL's penalty) on the encoded batch (``_critic_features``); differentiated with respect
+        to the heads' parameters and the features, whose gradient the encoder's vjp then takes."""
         critic = {"params": critic_params, "batch_stats": state.critic["batch_stats"]}
         if self.categorical:
-            out, _, batch_stats = C.joint_forward(self.critic_net.apply, critic, batch.obs, batch.action,
-                                                  batch.next_obs, next_action, train=True)
+            out, _, batch_stats = C.joint_forward(self.critic_net.apply, critic, None, batch.action, None,
+                                                  next_action, train=True, features=features)
             td = C.cross_entropy(out, target[None]).mean(axis=1).sum()
         else:
-            out, batch_stats = self.critic_net.apply(critic, batch.obs, batch.action, train=False), critic["batch_stats"]
+            out = self.critic_net.apply(critic, None, batch.action, train=False, features=features)
+            batch_stats = critic["batch_stats"]
             td = jnp.mean((out[..., 0] - target[None]) ** 2, axis=1).sum()
         penalty = jnp.zeros(())
         if penalty_weight:
-            penalty = self._grad_penalty(critic, batch, next_action, state.atoms, demo_half)
+            penalty = self._grad_penalty(critic, batch, next_action, state.atoms, demo_half, features)
         q = self._values(out, state.atoms).min(0)
         return td + penalty_weight * penalty, (batch_stats, td, penalty, q)
+
+    def _critic_grads(self, state: AgentState, batch: Batch, features: jax.Array, encoder_vjp: Any,
+                      next_action: jax.Array, target: jax.Array, demo_half: int, penalty_weight: float
+                      ) -> tuple[PyTree, tuple]:
+        """The critic loss's gradient: the heads' directly, the encoder's through ``encoder_vjp``."""
+        (_, aux), (grads, feature_grads) = jax.value_and_grad(self._critic_loss, argnums=(0, 1), has_aux=True)(
+            state.critic["params"], features, state, batch, next_action, target, demo_half, penalty_weight)
+        if "encoder" in grads:
+            grads = {**grads, "encoder": encoder_vjp(feature_grads)[0]}
+        return grads, aux
 
     def _apply_critic_grads(self, state: AgentState, grads: PyTree, batch_stats: PyTree, tau: float,
                             opt: optax.GradientTransformation, online: bool = True) -> AgentState:
@@ -319,9 +368,9 @@ class CSILAgent:
         zeros = jnp.zeros(demos.action.shape[0])
         target, clipped = self._td_target(state.target_critic, state.atoms, demos, rewards, demos.next_action,
                                           zeros)
-        (loss, (stats, td, penalty, q)), grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
-            state.critic["params"], state, demos, demos.next_action, target, demos.action.shape[0],
-            self.cfg.grad_penalty_pretrain)
+        features, encoder_vjp, _ = self._critic_features(state.critic["params"], demos)
+        grads, (stats, td, penalty, q) = self._critic_grads(state, demos, features, encoder_vjp, demos.next_action,
+                                                            target, demos.action.shape[0], self.cfg.grad_penalty_pretrain)
         state = self._apply_critic_grads(state, grads, stats, self.cfg.critic_pretrain_tau, self.critic_pretrain_opt,
                                          online=False)
         state = state._replace(step=state.step + 1)
@@ -335,44 +384,50 @@ class CSILAgent:
         obs_key, next_key, sample_key = jax.random.split(key, 3)
         batch = batch._replace(obs=self.augment(obs_key, batch.obs), next_obs=self.augment(next_key, batch.next_obs))
         half = batch.action.shape[0] // 2  # [online; demo]
-        next_action, next_penalty, _ = self._regularised_sample(state.policy, state, batch.next_obs, sample_key)
+        features, encoder_vjp, next_features = self._critic_features(state.critic["params"], batch)
+        next_action, next_penalty, _ = self._regularised_sample(
+            state.policy, state, batch.next_obs, sample_key, self._policy_features(state, batch.next_obs, next_features))
 
-        rewards = jax.lax.stop_gradient(self.rewards(state.reward, batch.obs, batch.action, batch.discount))
+        reward_metrics = {}
+        if cfg.refine_reward and cfg.reward == "coherent":
+            # π_R's pass over the batch gives the reward (at π_R before this step) and its refinement's gradient
+            state, reward_metrics, log_ratio = self.reward_step(state, batch, half)
+            rewards = self._coherent_reward(log_ratio)
+        else:
+            rewards = self.rewards(state.reward, batch.obs, batch.action, batch.discount)
+        rewards = jax.lax.stop_gradient(rewards)
         target, clipped = self._td_target(state.target_critic, state.atoms, batch, rewards, next_action,
                                           next_penalty)
-        (loss, (stats, td, penalty, q)), grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
-            state.critic["params"], state, batch, next_action, target, half, cfg.grad_penalty_online)
+        grads, (stats, td, penalty, q) = self._critic_grads(state, batch, features, encoder_vjp, next_action, target,
+                                                            half, cfg.grad_penalty_online)
         state = self._apply_critic_grads(state, grads, stats, cfg.tau, self.critic_opt)
         metrics = {"critic_loss": td, "grad_penalty": penalty, "q_online": q[:half].mean(), "q_demo": q[half:].mean(),
                    "reward_online": rewards[:half].mean(), "reward_demo": rewards[half:].mean(),
-                   "target_clipped": clipped, "next_penalty": next_penalty.mean()}
-        if cfg.refine_reward and cfg.reward == "coherent":
-            state, reward_metrics = self.reward_step(state, batch, half)
-            metrics.update(reward_metrics)
+                   "target_clipped": clipped, "next_penalty": next_penalty.mean(), **reward_metrics}
         return state, metrics
 
-    def reward_step(self, state: AgentState, batch: Batch, half: int) -> tuple[AgentState, dict]:
+    def reward_step(self, state: AgentState, batch: Batch, half: int) -> tuple[AgentState, dict, jax.Array]:
         """CSIL's online reward refinement on a [online; demo] batch: raise π_R's likelihood of the demo half,
-        keep its log-ratio on the online half near 0 (Schulman's non-negative KL estimator, online half)."""
+        keep its log-ratio on the online half near 0 (Schulman's non-negative KL estimator, online half). Also
+        returns the log-ratio before the step, which is what the TD target's reward is made of."""
 
         def reward_loss(reward_params):
             ratio = self.log_ratio(reward_params, batch.obs, batch.action)
             x = jnp.maximum(ratio[:half], -5.0)
             kl_estimate = jnp.mean(jnp.exp(-x) - 1.0 + x)
-            return -jnp.mean(ratio[half:]) + self.cfg.reward_kl_scale * kl_estimate, kl_estimate
+            return -jnp.mean(ratio[half:]) + self.cfg.reward_kl_scale * kl_estimate, (kl_estimate, ratio)
 
-        (loss, kl_estimate), grads = jax.value_and_grad(reward_loss, has_aux=True)(state.reward)
+        (loss, (kl_estimate, ratio)), grads = jax.value_and_grad(reward_loss, has_aux=True)(state.reward)
         updates, reward_opt = self.reward_opt.update(grads, state.reward_opt, state.reward)
         state = state._replace(reward=optax.apply_updates(state.reward, updates), reward_opt=reward_opt)
         return state, {"reward_loss": loss, "reward_kl_estimate": kl_estimate,
-                       "reward_grad_norm": optax.global_norm(grads)}
+                       "reward_grad_norm": optax.global_norm(grads)}, ratio
 
-    def _actor_loss(self, policy_params: PyTree, state: AgentState, obs: Obs, key: jax.Array):
-        # no actor gradient into an encoder: the critic-trained one (DrQ) or the policy's frozen BC one
-        source = state.critic["params"] if self.shared_encoder else policy_params
-        policy_params = self._with_encoder(policy_params, jax.lax.stop_gradient(source))
-        action, penalty, logp = self._regularised_sample(policy_params, state, obs, key)
-        q = self.q_values(state.critic, obs, action, state.atoms).min(0)
+    def _actor_loss(self, policy_params: PyTree, state: AgentState, critic_features: jax.Array,
+                    policy_features: tuple[jax.Array, jax.Array], key: jax.Array):
+        # on features encoded outside: no actor gradient into an encoder (the critic's, DrQ, or the frozen BC one)
+        action, penalty, logp = self._regularised_sample(policy_params, state, None, key, policy_features)
+        q = self.q_values(state.critic, None, action, state.atoms, critic_features).min(0)
         return jnp.mean(penalty - q), (penalty, logp, q)
 
     def _temperature_step(self, state: AgentState, logp: jax.Array) -> tuple[AgentState, jax.Array]:
@@ -406,12 +461,13 @@ class CSILAgent:
         state, metrics = self._scan(body, state, (batches, keys[:-2]))
         last = jax.tree_util.tree_map(lambda x: x[-1], batches)
         obs = self.augment(keys[-2], last.obs)
+        critic_features = jax.lax.stop_gradient(self.encode(state.critic, obs))
         (actor_loss, (penalty, logp, q)), grads = jax.value_and_grad(self._actor_loss, has_aux=True)(
-            state.policy, state, obs, keys[-1])
+            state.policy, state, critic_features, self._policy_features(state, obs, critic_features), keys[-1])
         # Diagnostics (eval-mode BN, the actor's view): how much better the critic rates the policy's sample than
         # the stored action, on the online half (replay's a_pi) and on the demo half (the demonstrator's action).
         half = online.action.shape[1]
-        q_stored = self.q_values(state.critic, obs, last.action, state.atoms).min(0)
+        q_stored = self.q_values(state.critic, None, last.action, state.atoms, critic_features).min(0)
         gap = q - q_stored
         updates, policy_opt = self.policy_opt.update(grads, state.policy_opt, state.policy)
         state = state._replace(policy=optax.apply_updates(state.policy, updates), policy_opt=policy_opt,

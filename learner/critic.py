@@ -81,12 +81,15 @@ class Critic(nn.Module):
     encoder: EncoderConfig = EncoderConfig()
 
     @nn.compact
-    def __call__(self, obs: dict[str, jax.Array], action: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, obs: dict[str, jax.Array] | None, action: jax.Array, train: bool,
+                 features: jax.Array | None = None) -> jax.Array:
+        """``features`` (the encoder's output for ``obs``, computed once and shared) skip the encoder."""
         kinds = {"categorical": _Critic, "mse": _LNCritic}
         if self.config.kind not in kinds:
             raise ValueError(f"unknown critic kind {self.config.kind!r}; use one of {sorted(kinds)}")
-        enc = self.encoder
-        features = MultiCameraEncoder(self.cameras, enc.channels, enc.out_dim, name="encoder")(obs)
+        if features is None:
+            enc = self.encoder
+            features = MultiCameraEncoder(self.cameras, enc.channels, enc.out_dim, name="encoder")(obs)
         ensemble = nn.vmap(
             kinds[self.config.kind],
             variable_axes={"params": 0, "batch_stats": 0},
@@ -106,18 +109,22 @@ def joint_forward(
     next_obs: dict[str, jax.Array],
     next_action: jax.Array,
     train: bool,
+    features: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, PyTree]:
     """Run [(s, a); (s', a')] in one BN batch; return (out_sa, out_next, batch_stats after the call).
 
-    ``apply_fn`` is ``Critic(...).apply``. In eval mode the batch statistics come back unchanged.
+    ``apply_fn`` is ``Critic(...).apply``. In eval mode the batch statistics come back unchanged. ``features``:
+    the encoder's output for [s; s'], already computed (the observations are then not encoded again).
     """
-    joint_obs = jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y], axis=0), obs, next_obs)
+    joint_obs = None if features is not None else jax.tree_util.tree_map(
+        lambda x, y: jnp.concatenate([x, y], axis=0), obs, next_obs)
     joint_action = jnp.concatenate([action, next_action], axis=0)
     if train:
-        out, updates = apply_fn(variables, joint_obs, joint_action, train=True, mutable=["batch_stats"])
+        out, updates = apply_fn(variables, joint_obs, joint_action, train=True, mutable=["batch_stats"],
+                                features=features)
         batch_stats = updates["batch_stats"]
     else:
-        out = apply_fn(variables, joint_obs, joint_action, train=False)
+        out = apply_fn(variables, joint_obs, joint_action, train=False, features=features)
         batch_stats = variables["batch_stats"]
     n = action.shape[0]
     return out[:, :n], out[:, n:], batch_stats

@@ -10,12 +10,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from csil import hetstat
 from csil.config import AgentConfig, CriticConfig, HetStatConfig, algo_config
 from csil.specs import ObsSpec
-from learner.agent import CSILAgent
+from learner.agent import Batch, CSILAgent
 from learner.pretrain import DemoTransitions, pretrain_bc, pretrain_critic
 
 OBS_DIM, LATENT, EP_LEN = 10, 3, 40
@@ -243,6 +244,35 @@ def test_image_agent_encoders_online(policy_encoder):
     assert hetstat.sample(jax.random.PRNGKey(0), mu, sigma)[0].shape == (2, 7)
 
 
+@pytest.mark.parametrize("kind", ["categorical", "mse"])
+def test_critic_gradient_from_features_encoded_once_is_the_gradient_through_the_encoder(kind):
+    """The update encodes each batch once per encoder and shares the features between heads; the critic's encoder
+    gradient then comes from ``jax.vjp`` of those features. It must be the critic loss's gradient through the whole
+    critic, encoder included (CSIL's action-gradient penalty on, so that its path is covered too)."""
+    from csil.config import EncoderConfig
+
+    cfg = dataclasses.replace(SMALL, batch_size=8, critic=dataclasses.replace(SMALL.critic, kind=kind),
+                              encoder=EncoderConfig(channels=(4, 8), out_dim=8, shift=2))
+    agent = CSILAgent(cfg, IMAGE_SPEC)
+    rng = np.random.default_rng(0)
+    demos = image_demos(rng)
+    state = agent.init_state(jax.random.PRNGKey(1), agent.init_policy(jax.random.PRNGKey(0)))
+    batch = Batch.concat(demos.sample(rng, (8,)), demos.sample(rng, (8,)))
+    next_action = jnp.asarray(np.tanh(rng.normal(size=(16, 7))), jnp.float32)
+    if kind == "categorical":
+        target = jax.nn.softmax(jnp.asarray(rng.normal(size=(16, cfg.critic.num_atoms)), jnp.float32))
+    else:
+        target = jnp.asarray(rng.uniform(-4, 0, 16), jnp.float32)
+    args = (state, batch, next_action, target, 8, 1.0)
+
+    features, encoder_vjp, _ = agent._critic_features(state.critic["params"], batch)
+    shared, _ = agent._critic_grads(state, batch, features, encoder_vjp, *args[2:])
+    direct = jax.grad(lambda p: agent._critic_loss(p, agent._critic_features(p, batch)[0], *args)[0])(
+        state.critic["params"])
+    assert float(optax.global_norm(direct["encoder"])) > 0
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), shared, direct)
+
+
 def test_image_critic_pretraining_leaves_the_policy_at_bc():
     """Coherence at the switch to online training: critic pretraining (SARSA on demos) must not move the policy's
     encoder, or online training would start from a policy that is not π_BC while the KL anchor keeps BC's."""
@@ -430,10 +460,6 @@ def test_reward_refinement_steps_are_bounded_by_the_gradient_clip(pretrained):
     """π_R's likelihood is sharp where BC's σ is near its floor (Lift: σ ≈ 0.01 in 6 of 7 dims), and CSIL's plain
     SGD at lr 1e-3 then oscillates into NaN (results/reward-refinement). With ``reward_grad_clip`` one step moves
     π_R by at most lr × clip, whatever the gradient; unclipped it moves by lr × the gradient's norm."""
-    import optax
-
-    from learner.agent import Batch
-
     _, state, demos, _, _ = pretrained
     rng = np.random.default_rng(11)
     online, demo = demos.sample(rng, (SMALL.batch_size,)), demos.sample(rng, (SMALL.batch_size,))
@@ -442,7 +468,7 @@ def test_reward_refinement_steps_are_bounded_by_the_gradient_clip(pretrained):
     def moved(clip: float) -> tuple[float, float]:
         agent = CSILAgent(dataclasses.replace(SMALL, reward_grad_clip=clip), SPEC)
         start = state._replace(reward_opt=agent.reward_opt.init(state.reward))
-        after, metrics = agent.reward_step(start, batch, SMALL.batch_size)
+        after, metrics, _ = agent.reward_step(start, batch, SMALL.batch_size)
         delta = jax.tree_util.tree_map(lambda a, b: a - b, after.reward, start.reward)
         return float(optax.global_norm(delta)), float(metrics["reward_grad_norm"])
 

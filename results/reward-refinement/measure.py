@@ -46,7 +46,7 @@ def main() -> None:
         def step(state, online, demo, key):
             mu, sigma = agent.policy_net.apply(state.bc, online.obs)
             online = online._replace(action=hetstat.sample(key, mu, sigma)[0])
-            return agent.reward_step(state, Batch.concat(online, demo), half)
+            return agent.reward_step(state, Batch.concat(online, demo), half)[:2]
 
         rng, norms, trace, first_bad = np.random.default_rng(args.seed), [], [], None
         for i in range(args.steps):
