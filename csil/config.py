@@ -110,6 +110,10 @@ class EncoderConfig:
     # episodes within 200 updates either way, with KL(pi||pi_BC) after 100 updates 0.91 nats ("critic") vs 1.06
     # ("bc"): the shared encoder is not the cause (results/image-first-run: nor is critic pretraining alone).
     policy_encoder: str = "critic"
+    # The convolutions' compute dtype: "float32", or "bfloat16" (mixed precision: bf16 convolutions and group
+    # norms, float32 parameters, spatial softmax, head and losses). On this CPU bf16 is slower (XLA:CPU has no fast
+    # bf16 convolutions, results/learner.md); what it buys on a GPU is measured by `python -m learner.throughput`.
+    compute_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from csil.config import EncoderConfig
+
 
 def random_shift(key: jax.Array, images: jax.Array, pad: int) -> jax.Array:
     """DrQ augmentation: edge-pad (B, H, W, C) images by ``pad`` and crop back at a random offset per image."""
@@ -53,19 +55,20 @@ class ResNetEncoder(nn.Module):
     channels: Sequence[int] = (16, 32, 64, 128)
     out_dim: int = 64
     group_norm: bool = True
+    dtype: str = "float32"  # the convolutions' (and norms') compute dtype; parameters and the head stay float32
 
     def _norm(self, x: jax.Array) -> jax.Array:
-        return nn.GroupNorm(num_groups=math.gcd(8, x.shape[-1]))(x) if self.group_norm else x
+        return nn.GroupNorm(num_groups=math.gcd(8, x.shape[-1]), dtype=self.dtype)(x) if self.group_norm else x
 
     @nn.compact
     def __call__(self, image: jax.Array) -> jax.Array:
-        x = image.astype(jnp.float32) / 127.5 - 1.0
+        x = image.astype(self.dtype) / 127.5 - 1.0
         for c in self.channels:
-            x = nn.relu(self._norm(nn.Conv(c, (3, 3), strides=(2, 2))(x)))
-            y = nn.relu(self._norm(nn.Conv(c, (3, 3))(x)))
-            y = self._norm(nn.Conv(c, (3, 3))(y))
+            x = nn.relu(self._norm(nn.Conv(c, (3, 3), strides=(2, 2), dtype=self.dtype)(x)))
+            y = nn.relu(self._norm(nn.Conv(c, (3, 3), dtype=self.dtype)(x)))
+            y = self._norm(nn.Conv(c, (3, 3), dtype=self.dtype)(y))
             x = nn.relu(x + y)
-        x = SpatialSoftmax()(x)
+        x = SpatialSoftmax()(x.astype(jnp.float32))
         return jnp.tanh(nn.LayerNorm()(nn.Dense(self.out_dim)(x)))
 
 
@@ -76,11 +79,16 @@ class MultiCameraEncoder(nn.Module):
     cameras: Sequence[str]
     channels: Sequence[int] = (16, 32, 64, 128)
     out_dim: int = 64
+    dtype: str = "float32"
+
+    @staticmethod
+    def from_config(cameras: Sequence[str], cfg: EncoderConfig, name: str | None = None) -> "MultiCameraEncoder":
+        return MultiCameraEncoder(tuple(cameras), cfg.channels, cfg.out_dim, cfg.compute_dtype, name=name)
 
     @nn.compact
     def __call__(self, obs: Mapping[str, jax.Array]) -> jax.Array:
         feats = [
-            ResNetEncoder(self.channels, self.out_dim, name=f"encoder_{cam}")(obs[f"{cam}_image"])
+            ResNetEncoder(self.channels, self.out_dim, dtype=self.dtype, name=f"encoder_{cam}")(obs[f"{cam}_image"])
             for cam in self.cameras
         ]
         plan = [obs["base_plan"]] if "base_plan" in obs else []  # residual mode: the base action and its phase

@@ -130,8 +130,7 @@ class SmallPolicy(nn.Module):
                  features: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """``features`` (the encoder's output, e.g. computed once and shared with the critic) skip the encoder."""
         if features is None:
-            enc = self.encoder
-            features = MultiCameraEncoder(self.cameras, enc.channels, enc.out_dim, name="encoder")(obs)
+            features = MultiCameraEncoder.from_config(self.cameras, self.encoder, name="encoder")(obs)
         return HetStatPolicy(self.config, name="head")(features)
 
 

@@ -123,7 +123,7 @@ class CSILAgent:
         self.action_dim = cfg.policy.action_dim
         self.policy_net = SmallPolicy(cfg.policy, spec.cameras, cfg.encoder)
         self.critic_net = Critic(cfg.critic, spec.cameras, cfg.encoder)
-        self.encoder_net = MultiCameraEncoder(spec.cameras, cfg.encoder.channels, cfg.encoder.out_dim)
+        self.encoder_net = MultiCameraEncoder.from_config(spec.cameras, cfg.encoder)
         self.categorical = cfg.critic.kind == "categorical"
         self.shift = reward_shift(cfg)
         self.beta = kl_coefficient(cfg)  # per nat of KL(π‖π_BC), in the units of cfg.beta_units

@@ -88,8 +88,7 @@ class Critic(nn.Module):
         if self.config.kind not in kinds:
             raise ValueError(f"unknown critic kind {self.config.kind!r}; use one of {sorted(kinds)}")
         if features is None:
-            enc = self.encoder
-            features = MultiCameraEncoder(self.cameras, enc.channels, enc.out_dim, name="encoder")(obs)
+            features = MultiCameraEncoder.from_config(self.cameras, self.encoder, name="encoder")(obs)
         ensemble = nn.vmap(
             kinds[self.config.kind],
             variable_axes={"params": 0, "batch_stats": 0},

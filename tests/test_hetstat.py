@@ -296,6 +296,22 @@ def test_resnet_encoder_output(group_norm):
     assert not any("BatchNorm" in k for k in params["params"])
 
 
+def test_bf16_encoder_keeps_float32_parameters_and_matches_float32_features():
+    """Mixed precision (``EncoderConfig.compute_dtype="bfloat16"``): the same parameters (float32, so checkpoints
+    and optimiser states do not change), features in float32 within bf16's rounding of the float32 ones, and finite
+    float32 gradients."""
+    images = jax.random.randint(jax.random.PRNGKey(0), (4, 84, 84, 3), 0, 256).astype(jnp.uint8)
+    fp32, bf16 = (ResNetEncoder(channels=(8, 16), out_dim=16, dtype=d) for d in ("float32", "bfloat16"))
+    params = fp32.init(jax.random.PRNGKey(1), images)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(bf16.init(jax.random.PRNGKey(1), images))
+    ref, out = fp32.apply(params, images), bf16.apply(params, images)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=0.05)
+    assert float(jnp.abs(out - ref).max()) > 0  # it did compute in bf16
+    grads = jax.grad(lambda p: jnp.sum(bf16.apply(p, images) ** 2))(params)
+    assert all(g.dtype == jnp.float32 and bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
+
+
 def test_multi_camera_encoder_has_separate_params_per_camera():
     cams = ("agentview", "robot0_eye_in_hand")
     enc = MultiCameraEncoder(cams, channels=(8, 16), out_dim=16)

@@ -17,7 +17,6 @@ UTD control (in training the limiter deliberately holds the learner back to the 
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import sys
 import time
@@ -27,61 +26,14 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from csil import compile_cache
 from csil.config import SIZES as PRESET_SIZES
-from csil.config import AgentConfig, ReplayConfig, agent_config
-from csil.specs import CAMERAS, DEMO_TABLE, ONLINE_TABLE, PROPRIO_KEYS, STATE_KEYS, ObsSpec, Transition
+from csil.config import ReplayConfig
+from csil.specs import DEMO_TABLE, ONLINE_TABLE
 from learner.agent import Batch, CSILAgent
+from learner.throughput import bench_agent_config, obs_spec, random_transitions, random_update_inputs
 from replay.server import BatchIterator, ReplayServer, TransitionWriter
 
-# Lift's state layout (eef pos, eef quat, gripper qpos, 10-d object state: 19-d); image mode keeps the proprio part.
-WIDTHS = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10}
 SIZES = (*PRESET_SIZES, "tiny")  # tiny: smoke tests only
-
-
-def obs_spec(obs_mode: str) -> ObsSpec:
-    """State: Lift's 19-d low-dim vector. Image: proprio state plus both cameras at 84x84."""
-    if obs_mode == "state":
-        return ObsSpec("state", tuple((k, WIDTHS[k]) for k in STATE_KEYS))
-    if obs_mode == "image":
-        return ObsSpec("image", tuple((k, WIDTHS[k]) for k in PROPRIO_KEYS), cameras=CAMERAS)
-    raise ValueError(f"unknown obs mode {obs_mode!r}; use 'state' or 'image'")
-
-
-def bench_agent_config(size: str, algo: str = "csil++", batch_size: int | None = None, utd: int | None = None,
-                       unroll_utd: bool | None = None) -> AgentConfig:
-    """``csil.config.agent_config`` (sizes paper, cpu or tiny); ``batch_size``, ``utd`` and ``unroll_utd``
-    override the preset (so ``--utd`` also applies to vanilla CSIL's UTD 1)."""
-    cfg = agent_config(algo, size)
-    overrides = {"batch_size": batch_size, "utd": utd, "unroll_utd": unroll_utd}
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def random_transitions(spec: ObsSpec, n: int, rng: np.random.Generator) -> Transition:
-    """``n`` transitions in the replay signature's layout; actions stay inside (-1, 1) where tanh policies have
-    finite log-densities, and about 2% are terminal so both branches of the TD target are exercised."""
-
-    def obs() -> dict[str, np.ndarray]:
-        out = {"state": rng.standard_normal((n, spec.state_dim), np.float32)}
-        for key in spec.image_keys:
-            out[key] = rng.integers(0, 256, (n, spec.image_size, spec.image_size, 3), np.uint8)
-        return out
-
-    def actions() -> np.ndarray:
-        return rng.uniform(-0.9, 0.9, (n, 7)).astype(np.float32)
-
-    discount = (rng.random(n) > 0.02).astype(np.float32)
-    return Transition(obs=obs(), action=actions(), base_action=actions(), reward=1.0 - discount, discount=discount,
-                      next_obs=obs(), next_action=actions(), policy_version=np.zeros(n, np.int64),
-                      episode_id=np.arange(n, dtype=np.int64))
-
-
-def _batch(transitions: Transition, utd: int, batch_size: int) -> Batch:
-    """The first utd x batch_size transitions as a Batch with leading (utd, batch_size) dims."""
-    def shape(x: np.ndarray) -> np.ndarray:
-        return x[:utd * batch_size].reshape(utd, batch_size, *x.shape[1:])
-
-    return Batch.from_sample(jax.tree_util.tree_map(shape, transitions))
 
 
 def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", batch_size: int | None = None,
@@ -106,16 +58,14 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
     if items < n:
         raise ValueError(f"items={items} is less than one update's utd x batch_size = {n} samples per table")
     stack = lambda batches: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)  # noqa: E731
-    synthetic = jax.device_put(tuple(stack([_batch(random_transitions(spec, n, rng), cfg.utd, cfg.batch_size)
-                                            for _ in range(fuse)]) for _ in range(2)))
+    synthetic = jax.device_put(random_update_inputs(spec, cfg, rng, fuse))
     fused_keys = [jax.random.split(k, fuse) for k in keys]
 
     def update(online_batch: Batch, demo_batch: Batch, i: int) -> dict:
         """One call: ``fuse`` env steps' worth (stacked batches) or one update."""
         nonlocal state
         if fuse == 1:
-            state, metrics = agent.update(state, jax.tree_util.tree_map(lambda x: x[0], online_batch),
-                                          jax.tree_util.tree_map(lambda x: x[0], demo_batch), keys[i])
+            state, metrics = agent.update(state, online_batch, demo_batch, keys[i])
         else:
             state, metrics = agent.update_many(state, online_batch, demo_batch, fused_keys[i])
         return metrics
@@ -147,6 +97,8 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
             return update(*synthetic, i)
 
         def sampled() -> tuple[Batch, Batch]:
+            if fuse == 1:
+                return tuple(Batch.from_sample(next(it)) for it in (online, demos))
             return tuple(stack([Batch.from_sample(next(it)) for _ in range(fuse)]) for it in (online, demos))
 
         def reverb_step(i: int) -> dict:
@@ -179,27 +131,3 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
             "synthetic": throughput(med["synthetic"]), "reverb": throughput(med["reverb"]),
             "input_only": {"batches_per_s": round(med["input_only"], 3)},
             "ratio": round(med["reverb"] / med["synthetic"], 4), "device": jax.devices()[0].platform}
-
-
-def bare_update_rate(cfg: AgentConfig, spec: ObsSpec, updates: int = 50, warmup: int = 3, seed: int = 0,
-                     max_s: float = 60.0) -> float:
-    """Fused updates per second on one device-resident random batch: the learner with nothing else to do.
-    ``updates`` timed updates, or as many (at least 2) as fit in ``max_s`` seconds (image updates on a CPU take
-    seconds each). Compiled through the persistent cache, so a learner started next with the same config loads
-    it instead of compiling again (an image update takes minutes to compile on a CPU)."""
-    compile_cache.enable()
-    agent = CSILAgent(cfg, spec)
-    rng = np.random.default_rng(seed)
-    key = jax.random.PRNGKey(seed)
-    state = agent.init_state(key, agent.init_policy(key))
-    batches = jax.device_put(tuple(_batch(random_transitions(spec, cfg.utd * cfg.batch_size, rng), cfg.utd,
-                                          cfg.batch_size) for _ in range(2)))
-    for _ in range(warmup):
-        state, _ = agent.update(state, *batches, key)
-    jax.block_until_ready(state)
-    start, done = time.perf_counter(), 0
-    while done < updates and (done < 2 or time.perf_counter() - start < max_s):
-        state, _ = agent.update(state, *batches, key)
-        jax.block_until_ready(state)
-        done += 1
-    return done / (time.perf_counter() - start)

@@ -26,7 +26,7 @@ from pathlib import Path
 from csil.config import LaunchConfig
 from csil.demos import read_demos, spec_from_demos
 from orchestration.bench.env import bench_env
-from orchestration.bench.learner import bare_update_rate
+from learner.throughput import bare_update_rate
 from orchestration.launcher import System
 from orchestration.pipeline import ensure_demos
 from orchestration.plotting import plt
