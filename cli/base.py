@@ -10,7 +10,7 @@ from cli.flags import at_least
 from csil.demos import read_demos
 from csil.tasks import get_task
 from orchestration import pipeline
-from csil.config import BASE_POLICY_DEFAULTS, BaseTrainConfig
+from csil.config import BaseTrainConfig, base_policy_defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "setting)")
     train.add_argument("--steps", type=at_least(1), default=None,
                        help="gradient steps (default: the task's documented setting, else %d)" % d.steps)
-    train.add_argument("--batch-size", type=at_least(1), default=d.batch_size, help="batch size (default %(default)s)")
+    train.add_argument("--batch-size", type=at_least(1), default=None,
+                       help="batch size (default: the task's documented setting, else %d)" % d.batch_size)
     train.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate, cosine decay")
     train.add_argument("--obs", choices=("state", "image"), default="state",
                        help="state: low-dim obs; image: agentview + wrist cameras + proprioception")
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Generate demos and train with the task's documented settings, "
                                          "under $CSIL_CACHE; does nothing if they are cached already.")
     prepare.add_argument("--task", required=True, help="Lift, Can or Square")
+    prepare.add_argument("--obs", choices=("state", "image"), default="state",
+                         help="the base policy's observations: state, or both cameras + proprioception "
+                              "(IMAGE_BASE_POLICY_DEFAULTS; renders its demos) (default %(default)s)")
     return parser
 
 
@@ -43,15 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
     if args.command == "prepare":
-        emit_json({"task": args.task, "base_policy": str(pipeline.ensure_base_policy(args.task))})
+        emit_json({"task": args.task, "obs": args.obs,
+                   "base_policy": str(pipeline.ensure_base_policy(args.task, obs_mode=args.obs))})
         return
     task = get_task(read_demos(args.demos, num_demos=1, load_next_obs=False).env_meta["env_name"]).name
-    default = BASE_POLICY_DEFAULTS.get(task, BaseTrainConfig())
+    default = base_policy_defaults(task, args.obs)
     cfg = dataclasses.replace(
         default,
         num_demos=args.num_demos,  # None: every demo of the file given (the task's preset is for `prepare`)
         steps=args.steps if args.steps is not None else default.steps,
-        batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+        batch_size=args.batch_size if args.batch_size is not None else default.batch_size,
+        learning_rate=args.lr, seed=args.seed,
     )
     emit_json(pipeline.train_base_from_file(args.demos, args.out, cfg, obs_mode=args.obs))
 

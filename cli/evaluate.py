@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     E = EvalConfig
     parser = argparse.ArgumentParser(prog="csil-eval", description=__doc__)
     field(parser, E, "task", required=True, help="task name (Lift, Can, Square, NutAssembly, Stack)")
-    field(parser, E, "policy", help="base:DIR (a csil-base checkpoint), base (the task's cached default base policy, "
-                                    "built on first use), base:ws://HOST:PORT or base:grpc://HOST:PORT (a served "
+    field(parser, E, "policy", help="base:DIR (a csil-base checkpoint), base (the task's cached default base policy "
+                                    "for --obs, built on first use), base:ws://HOST:PORT or base:grpc://HOST:PORT (a served "
                                     "base policy) or expert (the scripted expert)")
     field(parser, E, "episodes", type=at_least(1), help="episodes")
     field(parser, E, "seed", help="episode i uses seed SEED+i, whatever the parallelism")
@@ -35,11 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_policy(policy: str, task) -> str:
-    """``base`` -> the cached default base policy (built if absent); checkpoint dirs are checked here, before any
-    worker starts."""
+def resolve_policy(policy: str, task, obs_mode: str = "state") -> str:
+    """``base`` -> the cached default base policy for ``obs_mode`` (built if absent); checkpoint dirs are checked
+    here, before any worker starts."""
     if policy == "base":
-        return f"base:{ensure_base_policy(task.name)}"
+        return f"base:{ensure_base_policy(task.name, obs_mode=obs_mode)}"
     kind, _, target = policy.partition(":")
     if kind == "base" and target and "://" not in target and not (Path(target) / "base_policy.json").exists():
         raise SystemExit(f"csil-eval: --policy {policy}: {target} is not a csil-base checkpoint (no "
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = values(args, EvalConfig)
     task = get_task(cfg["task"])
     check_available(task)  # e.g. a MimicGen task: say what it needs before building anything
-    policy = resolve_policy(cfg["policy"], task)
+    policy = resolve_policy(cfg["policy"], task, cfg["obs_mode"])
     start = time.time()
     results = []
     with tqdm(total=cfg["episodes"], desc=f"eval {task.name}", unit="ep") as bar:

@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "--env-steps)")
     field(p, L, "num_demos", type=at_least(1), help="demos for BC, reward and the demo table")
     field(p, L, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
-    field(p, L, "base_checkpoint", help="local base policy dir (default: the cached one)")
+    field(p, L, "base_checkpoint", help="local base policy dir (default: the cached one, see --base-obs)")
+    field(p, L, "base_obs", choices=("state", "image"),
+          help="without --base-checkpoint: the task's cached default base policy on state, or on both cameras + "
+               "proprioception like pi0.5 (built on first use: csil-base prepare --obs image)")
     add_agent_flags(p)
     field(p, L, "address", help="Ray cluster address, e.g. auto (default: start Ray locally)")
     field(p, L, "actor_env", type=_actor_env, help="run env actors and the evaluator in this Python environment (a venv dir or its "

@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, TrainConfig, "num_demos", type=at_least(1), help="demos for BC, reward and the demo table")
     field(p, TrainConfig, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
     field(p, TrainConfig, "base_checkpoint", "--base-checkpoint", "--base-policy",
-          help="the local base policy: a csil-base checkpoint dir (default: the cached one)")
+          help="the local base policy: a csil-base checkpoint dir (default: the cached one, see --base-obs)")
+    field(p, TrainConfig, "base_obs", choices=("state", "image"),
+          help="without --base-checkpoint: the task's cached default base policy on state, or on both cameras + "
+               "proprioception like pi0.5 (built on first use: csil-base prepare --obs image)")
     add_agent_flags(p)
     field(p, TrainConfig, "logdir", default=None, help="run directory (default runs/<task>-<time>)")
     field(p, TrainConfig, "checkpoint_every_s", type=at_least(1, float),

@@ -44,6 +44,21 @@ BASE_POLICY_DEFAULTS: dict[str, BaseTrainConfig] = {
     "NutAssembly": BaseTrainConfig(num_demos=None, steps=20_000),  # every demo of the file (200)
 }
 
+# The image base policy (π0.5's case: it sees both cameras at 84x84 + proprioception, no object state), measured
+# like the state ones (results/base_policy.md). Rendered demos cost ~7 s each and image BC ~0.45 s a step at
+# batch 64 on a CPU core, so the budgets are smaller than the state ones.
+IMAGE_BASE_POLICY_DEFAULTS: dict[str, BaseTrainConfig] = {
+    "Lift": BaseTrainConfig(num_demos=25, steps=3_000, batch_size=64),
+}
+
+
+def base_policy_defaults(task: str, obs_mode: str = "state") -> BaseTrainConfig:
+    """The documented base-policy settings of a task for the base's observations ("state" or "image")."""
+    if obs_mode not in ("state", "image"):
+        raise ValueError(f"unknown base observation mode {obs_mode!r}; use 'state' or 'image'")
+    table = IMAGE_BASE_POLICY_DEFAULTS if obs_mode == "image" else BASE_POLICY_DEFAULTS
+    return table.get(task, BaseTrainConfig())
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
@@ -350,6 +365,7 @@ class TrainConfig:
     num_demos: int = 200
     demos: str | None = None  # None: the cached scripted demos of the task
     base_checkpoint: str | None = None  # the local base policy's csil-base dir (None: the cached default of the task)
+    base_obs: str = "state"  # without base_checkpoint: the cached default base policy on state or on images
     logdir: str = "runs/latest"
     seed: int = 0
     checkpoint_every_s: float = 600.0  # learner + replay checkpoints (also after each evaluation and on Ctrl-C)
@@ -410,6 +426,7 @@ class LaunchConfig:
     num_demos: int = 200
     demos: str | None = None
     base_checkpoint: str | None = None  # the local base policy's directory (None: the cached default)
+    base_obs: str = "state"  # without base_checkpoint: the cached default base policy on state or on images
     address: str | None = None  # None: start Ray locally; "auto": join the running cluster
     # A second Python environment (a venv dir, or its python) for the env actors and the evaluator, e.g. the
     # robosuite-1.4 one of deploy/actor-env-rs14.sh for MimicGen's tasks; None: the launcher's own.

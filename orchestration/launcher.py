@@ -100,7 +100,7 @@ class System:
         self.logdir.mkdir(parents=True, exist_ok=True)
         (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         self.demos_path = str(cfg.demos or ensure_demos(self.task.name, cfg.obs_mode, cfg.num_demos))
-        self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name))
+        self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name, obs_mode=cfg.base_obs))
         data = read_demos(self.demos_path, num_demos=cfg.num_demos)
         self.spec = small_policy_spec(spec_from_demos(self.demos_path, data.episodes[0].obs, cfg.obs_mode),
                                       cfg.action_mode)

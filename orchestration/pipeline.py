@@ -1,7 +1,7 @@
 """The embedded default: cached demos and a cached base policy per task, built on first use.
 
 Later commands (evaluation, and the trainer and launcher that build on this) ask for "the base policy of
-Lift" and get the documented configuration from ``BASE_POLICY_DEFAULTS``, built once under the cache dir.
+Lift" and get the documented configuration from ``BASE_POLICY_DEFAULTS`` (``IMAGE_BASE_POLICY_DEFAULTS`` for a base on images), built once under the cache dir.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from actors.rollout import run_episodes
 from csil.base_policy import ChunkDataset, save_base_policy, train_base_policy
-from csil.config import BASE_POLICY_DEFAULTS, BaseTrainConfig, DemoConfig, cache_dir
+from csil.config import BaseTrainConfig, DemoConfig, base_policy_defaults, cache_dir
 from csil.demos import DemoWriter, Episode, read_demos, spec_from_demos
 from csil.envs import robomimic_env_args, robosuite_kwargs
 from csil.experts import EXPERT_TASKS
@@ -92,15 +92,16 @@ def ensure_demos(task: str, obs_mode: str = "state", num: int = DemoConfig.num) 
     return path
 
 
-def ensure_base_policy(task: str, cfg: BaseTrainConfig | None = None) -> Path:
-    """Directory of the cached default base policy for a task, training it (with progress) if absent."""
+def ensure_base_policy(task: str, cfg: BaseTrainConfig | None = None, obs_mode: str = "state") -> Path:
+    """Directory of the cached default base policy for a task on state or image observations, training it (with
+    progress) if absent; image demos are rendered on first use, only as many as the base is trained on."""
     name = get_task(task).name
-    cfg = cfg or BASE_POLICY_DEFAULTS.get(name, BaseTrainConfig())
-    out = cache_dir() / "base_policy" / f"{name}_state_{_key(cfg)}"
+    cfg = cfg or base_policy_defaults(name, obs_mode)
+    out = cache_dir() / "base_policy" / f"{name}_{obs_mode}_{_key(cfg)}"
     if not (out / "base_policy.json").exists():
-        demos = ensure_demos(name, "state")
-        print(f"training the {name} base policy into {out} (cached for later runs)")
-        train_base_from_file(demos, out, cfg, obs_mode="state")
+        demos = ensure_demos(name, obs_mode, cfg.num_demos or DemoConfig.num)
+        print(f"training the {name} {obs_mode} base policy into {out} (cached for later runs)")
+        train_base_from_file(demos, out, cfg, obs_mode=obs_mode)
     return out
 
 

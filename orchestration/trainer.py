@@ -69,7 +69,7 @@ class Trainer:
         (self.logdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         demos_path = cfg.demos or ensure_demos(self.task.name, cfg.obs_mode, cfg.num_demos)
         # the base policy's observations are its own (its metadata): a state base under an image small policy works
-        self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name))
+        self.base_dir = str(cfg.base_checkpoint or ensure_base_policy(self.task.name, obs_mode=cfg.base_obs))
         data = read_demos(demos_path, num_demos=cfg.num_demos)
         self.spec = small_policy_spec(spec_from_demos(demos_path, data.episodes[0].obs, cfg.obs_mode), cfg.action_mode)
         demos = DemoTransitions.from_episodes(data.episodes, self.spec)

@@ -11,7 +11,7 @@ from csil.base_policy import LocalBasePolicy
 from csil.config import BaseTrainConfig, DemoConfig
 from csil.demos import read_demos
 from csil.envs import CsilEnv
-from orchestration.pipeline import generate_demos, train_base_from_file
+from orchestration.pipeline import ensure_base_policy, generate_demos, train_base_from_file
 
 TINY = BaseTrainConfig(steps=300, batch_size=64, hidden=(64, 64))
 
@@ -102,13 +102,18 @@ def test_expert_eval_succeeds(capsys, ray_local):
     assert summary["success_rate"] == 1.0 and summary["mean_episode_length"] < 100
 
 
-def test_image_base_policy_trains_and_infers(tmp_path, ray_local):
-    path = tmp_path / "lift_image.hdf5"
-    generate_demos(DemoConfig(task="Lift", num=1, obs_mode="image", workers=1), path, progress=False)
-    data = read_demos(path)
-    assert data.episodes[0].obs["agentview_image"].shape[1:] == (84, 84, 3)
-    out = tmp_path / "base_image"
-    train_base_from_file(path, out, dataclasses.replace(TINY, steps=20), obs_mode="image", progress=False)
+def test_image_base_policy_is_built_once_in_the_cache_and_infers(ray_local):
+    """`csil-base prepare --obs image` / `--base-obs image`: the task's base policy on both cameras (π0.5's case),
+    its demos rendered on first use, cached, and reused by the next call."""
+    cfg = dataclasses.replace(TINY, steps=20, num_demos=1)
+    out = ensure_base_policy("Lift", cfg, obs_mode="image")
+    assert out.name.startswith("Lift_image_")
+    meta = json.loads((out / "base_policy.json").read_text())
+    assert meta["num_demos"] == 1 and meta["obs_spec"]["cameras"]
+    assert read_demos(meta["demos"]).episodes[0].obs["agentview_image"].shape[1:] == (84, 84, 3)
+    built = (out / "base_policy.json").stat().st_mtime_ns
+    assert ensure_base_policy("Lift", cfg, obs_mode="image") == out
+    assert (out / "base_policy.json").stat().st_mtime_ns == built
     policy = LocalBasePolicy(out)
     obs = base_observation(CsilEnv("Lift", "image").reset(seed=0), "lift")
     assert set(obs) == {"observation/state", "observation/image", "observation/wrist_image", "prompt"}
