@@ -186,7 +186,6 @@ PRESETS: dict[str, tuple[Variant, ...]] = {
         Variant("state, K=50 per call", fuse=50),
         Variant("image fp32, one call per env step", obs="image"),
         Variant("image bf16 convolutions", obs="image", compute_dtype="bfloat16"),
-        Variant("image bf16, K=4 per call", obs="image", compute_dtype="bfloat16", fuse=4),
         Variant("image bf16, UTD loop in lax.scan", obs="image", compute_dtype="bfloat16", unroll_utd=False),
     ),
     # What a 2-core CPU can answer in minutes: K for the state update, bf16 for a small image update.
