@@ -165,6 +165,10 @@ class AgentConfig:
     # lax.scan(unroll=True) keeps a one-trip loop: cpu size, batch 32, UTD 1, one core: 54 s per update in the
     # scan, 5.0 s unrolled at trace time (results/learner.md).
     unroll_utd: bool | None = None
+    # How an update that came out non-finite is dropped: "cond" (one lax.cond on the state: on XLA CPU half the
+    # image update's compile time of a select per leaf) or "select" (a select per leaf: no branch, so nothing on a
+    # GPU waits for the predicate to reach the host; what that buys is `learner.throughput --preset gpu`'s question).
+    nonfinite_guard: str = "cond"
     batch_size: int = 128  # online samples per critic update (plus as many demo samples)
     # KL(pi||pi_BC) coefficient (actor loss and soft value in the TD target), in the units ``beta_units`` names.
     # "reward" (default): beta multiplies the coherent reward's own coefficient per nat of log-ratio,

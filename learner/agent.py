@@ -137,6 +137,8 @@ class CSILAgent:
             optax.clip_by_global_norm(cfg.reward_grad_clip), optax.sgd(cfg.reward_lr))
         self.alpha_opt = optax.adam(cfg.actor_lr)
         self.unroll_utd = bool(spec.cameras) if cfg.unroll_utd is None else cfg.unroll_utd
+        if cfg.nonfinite_guard not in ("cond", "select"):
+            raise ValueError(f"AgentConfig.nonfinite_guard={cfg.nonfinite_guard!r}; choose cond or select")
         if cfg.encoder.policy_encoder not in ("bc", "critic"):
             raise ValueError(f"EncoderConfig.policy_encoder={cfg.encoder.policy_encoder!r}; choose bc or critic")
         self.shared_encoder = cfg.encoder.policy_encoder == "critic"
@@ -446,7 +448,10 @@ class CSILAgent:
         new, metrics = self._update_unguarded(state, online, demos, key)
         leaves = jax.tree_util.tree_leaves((new.policy, new.critic, new.reward, new.log_alpha, metrics))
         applied = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-        state = jax.lax.cond(applied, lambda: new, lambda: state)  # one select, not one per leaf
+        if self.cfg.nonfinite_guard == "select":
+            state = jax.tree_util.tree_map(lambda a, b: jnp.where(applied, a, b), new, state)
+        else:
+            state = jax.lax.cond(applied, lambda: new, lambda: state)  # one branch, not a select per leaf
         return state, {**metrics, "skipped": 1.0 - applied.astype(jnp.float32)}
 
     def _update_unguarded(self, state: AgentState, online: Batch, demos: Batch, key: jax.Array

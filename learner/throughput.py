@@ -174,6 +174,7 @@ class Variant:
     fuse: int = 1
     unroll_utd: bool | None = None
     compute_dtype: str = "float32"
+    nonfinite_guard: str = "cond"
 
 
 # Issue 16's questions at paper size, batch 128, UTD 4: the first variant of each observation mode is the
@@ -184,6 +185,7 @@ PRESETS: dict[str, tuple[Variant, ...]] = {
         Variant("state, K=10 per call", fuse=10),
         Variant("state, K=10, UTD loop unrolled", fuse=10, unroll_utd=True),
         Variant("state, K=50 per call", fuse=50),
+        Variant("state, K=10, non-finite guard as selects", fuse=10, nonfinite_guard="select"),
         Variant("image fp32, one call per env step", obs="image"),
         Variant("image bf16 convolutions", obs="image", compute_dtype="bfloat16"),
         Variant("image bf16, UTD loop in lax.scan", obs="image", compute_dtype="bfloat16", unroll_utd=False),
@@ -200,6 +202,8 @@ PRESETS: dict[str, tuple[Variant, ...]] = {
     "smoke": (
         Variant("state, tiny, one call per env step", size="tiny", batch_size=8, utd=2),
         Variant("state, tiny, K=3 per call", size="tiny", batch_size=8, utd=2, fuse=3),
+        Variant("state, tiny, K=3, guard as selects", size="tiny", batch_size=8, utd=2, fuse=3,
+                nonfinite_guard="select"),
     ),
 }
 
@@ -207,6 +211,7 @@ PRESETS: dict[str, tuple[Variant, ...]] = {
 def measure(variant: Variant, updates: int, max_s: float) -> dict:
     cfg = bench_agent_config(variant.size, "csil++", variant.batch_size, variant.utd, variant.unroll_utd,
                              variant.compute_dtype)
+    cfg = dataclasses.replace(cfg, nonfinite_guard=variant.nonfinite_guard)
     bare = BareUpdate(cfg, obs_spec(variant.obs), fuse=variant.fuse)
     rate = bare.rate(max(1, updates // variant.fuse), max_s=max_s)
     finite = all(bool(np.isfinite(np.asarray(v)).all()) for v in jax.tree_util.tree_leaves(bare.step()))

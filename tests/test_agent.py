@@ -411,6 +411,27 @@ def test_k_fused_updates_equal_k_chained_ones_image():
     _chained_vs_fused(cfg, IMAGE_SPEC, image_demos(np.random.default_rng(0)), bc, k=2)
 
 
+def test_both_forms_of_the_non_finite_guard_drop_the_same_updates(pretrained):
+    """``nonfinite_guard`` "select" (no branch, for GPUs) keeps a finite update and drops a poisoned one exactly as
+    the default "cond" does."""
+    _, state, demos, _, _ = pretrained
+    rng = np.random.default_rng(6)
+    online, demo = (demos.sample(rng, (SMALL.utd, SMALL.batch_size)) for _ in range(2))
+    obs = online.obs["state"].copy()
+    obs[0, 3, 0] = np.nan
+    poisoned = online._replace(obs={"state": obs})
+    agents = [CSILAgent(dataclasses.replace(SMALL, nonfinite_guard=g), SPEC) for g in ("cond", "select")]
+    (good_cond, m1), (good_select, m2) = (a.update(state, online, demo, jax.random.PRNGKey(0)) for a in agents)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, good_cond, good_select)
+    assert float(m1["skipped"]) == float(m2["skipped"]) == 0.0
+    for agent in agents:
+        after, metrics = agent.update(state, poisoned, demo, jax.random.PRNGKey(0))
+        assert float(metrics["skipped"]) == 1.0
+        jax.tree_util.tree_map(np.testing.assert_array_equal, after, state)
+    with pytest.raises(ValueError, match="nonfinite_guard"):
+        CSILAgent(dataclasses.replace(SMALL, nonfinite_guard="where"), SPEC)
+
+
 def test_a_non_finite_update_is_dropped_and_a_diverging_learner_stops(pretrained, tmp_path):
     """One batch that makes the update non-finite (here a NaN observation; in a 20k-step Lift run something
     did after 3,100 good updates) must not reach the weights actors act with: the update is dropped and counted,
