@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, L, "wandb", metavar="PROJECT", help=WANDB_HELP)
     field(p, L, "publish_every", type=at_least(1), help="learner updates between weight publications")
     field(p, L, "fuse_updates", type=at_least(1),
-          help="learner updates per jit call: K env steps' worth of batches in one dispatch (same updates; GPU "
-               "learners want 8-16)")
+          help="learner updates per jit call: K env steps' worth of batches in one dispatch when the rate limiter "
+               "has admitted that many, else one by one as they come (same updates; GPU learners want 8-16)")
     field(p, L, "checkpoint_every_s", "--checkpoint-every",
           help="seconds between learner + replay checkpoints (also on SIGTERM and at the end)")
     field(p, L, "base_policy", type=base_policy_target, help="local: start the batched inference server (Ray Serve) with the local base "

@@ -419,8 +419,9 @@ class LaunchConfig:
     video_stride: int = 1  # film every k-th env step (k = 1: real time at 20 fps); rendering costs ~40 ms a step
     wandb: str | None = None  # W&B project to log to besides TensorBoard (needs csil[wandb]); None: TensorBoard only
     publish_every: int = 10  # learner updates between weight publications
-    # Learner updates per jit call (K): K env steps' worth of batches go through one ``CSILAgent.update_many``,
-    # the same updates as K calls with one dispatch instead of K (GPU learners are dispatch-bound; on a CPU 1).
+    # Learner updates per jit call (K): when the rate limiter has admitted K env steps' worth of batches, they go
+    # through one ``CSILAgent.update_many``, the same updates as K calls with one dispatch instead of K (GPU
+    # learners are dispatch-bound; on a CPU 1); fewer are updated one by one as they come (LearnerService.run).
     fuse_updates: int = 1
     checkpoint_every_s: float = 600.0  # learner + replay checkpoints (and always on SIGTERM / at the end)
     base_policy: str = "local"  # "local" (csil-launch starts the inference server) | "ws://host:port" | "grpc://..."

@@ -124,8 +124,8 @@ class LearnerService:
     def _batches(self) -> tuple[BatchIterator, BatchIterator]:
         """Online and demo batch streams from the replay at ``replay_address``."""
         n, utd = self.cfg.agent.batch_size, self.cfg.agent.utd
-        return tuple(BatchIterator(self.replay_address, table, n, utd, self.spec, timeout_ms=SAMPLE_TIMEOUT_MS)
-                     for table in (ONLINE_TABLE, DEMO_TABLE))
+        return tuple(BatchIterator(self.replay_address, table, n, utd, self.spec, timeout_ms=SAMPLE_TIMEOUT_MS,
+                                   ready_batches=self.cfg.fuse_updates) for table in (ONLINE_TABLE, DEMO_TABLE))
 
     def _reconnect(self, *streams: BatchIterator) -> tuple[BatchIterator, BatchIterator]:
         """Streams from the replay's current address (the coordinator's), once a server answers there."""
@@ -140,16 +140,20 @@ class LearnerService:
         return streams
 
     def run(self) -> dict:
-        """Fused updates until the coordinator says stop, ``fuse_updates`` per call; publishes every
-        ``publish_every`` updates."""
+        """Fused updates until the coordinator says stop; publishes every ``publish_every`` updates.
+
+        K = ``fuse_updates`` env steps' updates go in one call when the rate limiter has already admitted that many
+        batches (the learner is behind the actors: fewer dispatches); otherwise each batch is one update as it
+        comes (data trickles in: the actors get fresh weights). So only two programs are ever compiled.
+        """
         cfg = self.cfg
         online, demos = self._batches()
         stop = self.coordinator.stats.remote()
-        metrics_file = (self.logdir / "learner.jsonl").open("a")
+        self.metrics_file = (self.logdir / "learner.jsonl").open("a")
         pending: list[tuple[Batch, Batch]] = []  # batch pairs for the next fused call
         started = exported_at = time.perf_counter()
         self.exported = (self.updates, self.wait_s)
-        window = (started, self.updates, self.wait_s)  # start of the current window (since the last record)
+        self.window = (started, self.updates, self.wait_s)  # start of the current window (since the last record)
         while True:
             now = time.perf_counter()
             self.run_s = now - started
@@ -163,6 +167,8 @@ class LearnerService:
             waiting = time.perf_counter()
             try:
                 pending.append((Batch.from_sample(next(online)), Batch.from_sample(next(demos))))
+                while len(pending) < cfg.fuse_updates and online.ready() and demos.ready():
+                    pending.append((Batch.from_sample(next(online)), Batch.from_sample(next(demos))))
             except TimeoutError as e:  # actors are warming up, blocked or restarting: never give up, never hang
                 log.info("learner waiting for data: %s", e)
                 continue
@@ -173,30 +179,35 @@ class LearnerService:
                 continue
             finally:
                 self.wait_s += time.perf_counter() - waiting
-            if len(pending) < cfg.fuse_updates:
-                continue
-            start = time.perf_counter()
-            with self.lock:
-                metrics = self.core.step_many([p[0] for p in pending], [p[1] for p in pending])
-            done, pending = len(pending), []
-            if _crossed(self.updates, done, cfg.publish_every):
-                self.publish()
-            if _crossed(self.updates, done, 100) or self.updates == done:  # and the first call of a fresh learner
-                record = finite_metrics(metrics, self.updates)  # raises before anything is checkpointed
-                self.update_time_s = time.perf_counter() - start
-                self.metrics = record
-                metrics_file.write(json.dumps({"updates": self.updates, "time": time.time(), **record}) + "\n")
-                metrics_file.flush()
-                now = time.perf_counter()
-                prom.observe("csil_learner_update_seconds", max(
-                    (now - window[0] - (self.wait_s - window[2])) / (self.updates - window[1]), 1e-9))
-                window = (now, self.updates, self.wait_s)
-                for k, v in record.items():
-                    prom.set_gauge("csil_learner_stat", v, key=k)
-        metrics_file.close()
+            calls = [pending] if len(pending) == cfg.fuse_updates else [[pair] for pair in pending]
+            pending = []
+            for pairs in calls:
+                self._update(pairs)
+        self.metrics_file.close()
         self._export()
         self.publish()
         return {"updates": self.updates}
+
+    def _update(self, pairs: list[tuple[Batch, Batch]]) -> None:
+        """One call of ``len(pairs)`` fused updates; publishes and records metrics when their counts are crossed."""
+        start = time.perf_counter()
+        with self.lock:
+            metrics = self.core.step_many([p[0] for p in pairs], [p[1] for p in pairs])
+        done = len(pairs)
+        if _crossed(self.updates, done, self.cfg.publish_every):
+            self.publish()
+        if _crossed(self.updates, done, 100) or self.updates == done:  # and the first call of a fresh learner
+            record = finite_metrics(metrics, self.updates)  # raises before anything is checkpointed
+            self.update_time_s = time.perf_counter() - start
+            self.metrics = record
+            self.metrics_file.write(json.dumps({"updates": self.updates, "time": time.time(), **record}) + "\n")
+            self.metrics_file.flush()
+            now, (then, updates, wait_s) = time.perf_counter(), self.window
+            prom.observe("csil_learner_update_seconds", max(
+                (now - then - (self.wait_s - wait_s)) / (self.updates - updates), 1e-9))
+            self.window = (now, self.updates, self.wait_s)
+            for k, v in record.items():
+                prom.set_gauge("csil_learner_stat", v, key=k)
 
     # --- answered while run() loops -------------------------------------------------------------------
 

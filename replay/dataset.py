@@ -34,8 +34,9 @@ class BatchIterator:
     """
 
     def __init__(self, address: str, table: str, batch_size: int, utd: int, signature_obs_spec: ObsSpec,
-                 prefetch: int = 2, timeout_ms: int = 60_000):
+                 prefetch: int = 2, timeout_ms: int = 60_000, ready_batches: int = 1):
         self.address, self.table, self.timeout_ms = address, table, timeout_ms
+        self.ready_batches = ready_batches  # batches held ready (sampled, decoded) for next(); see ready()
         self._pump: _Pump | None = None
         self._client = reverb.Client(address)
         info = self._server_info(table)
@@ -74,9 +75,13 @@ class BatchIterator:
     def __iter__(self) -> BatchIterator:
         return self
 
+    def ready(self) -> bool:
+        """Whether ``next()`` would return at once: a batch the rate limiter admitted is already sampled."""
+        return self._pump is not None and not self._pump.batches.empty()
+
     def __next__(self) -> dict[str, np.ndarray | dict[str, np.ndarray]]:
         if self._pump is None:
-            self._pump = _Pump(self._dataset.as_numpy_iterator())
+            self._pump = _Pump(self._dataset.as_numpy_iterator(), self.ready_batches)
         try:
             item = self._pump.batches.get(timeout=self.timeout_ms / 1000 + GRACE_S)
         except queue.Empty:
@@ -114,10 +119,11 @@ class BatchIterator:
 
 
 class _Pump:
-    """Daemon thread moving batches from a tf.data iterator into a one-slot queue; ends with _END or an exception."""
+    """Daemon thread moving batches from a tf.data iterator into a queue of ``size`` slots; ends with _END or an
+    exception."""
 
-    def __init__(self, iterator: Iterator):
-        self.batches: queue.Queue = queue.Queue(maxsize=1)
+    def __init__(self, iterator: Iterator, size: int = 1):
+        self.batches: queue.Queue = queue.Queue(maxsize=size)
         self.stop = threading.Event()
         threading.Thread(target=self._run, args=(iterator,), daemon=True, name="replay-batches").start()
 

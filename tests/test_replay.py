@@ -114,6 +114,16 @@ def test_batches_shapes_dtypes_and_demo_isolation():
             check_consistent(demo_batch, STATE)
         online.close()
         demo.close()
+        # the learner's fused calls take what the rate limiter already admitted: up to ready_batches held sampled
+        ahead = BatchIterator(server.address, "demos", batch_size=16, utd=2, signature_obs_spec=STATE,
+                              ready_batches=3)
+        assert not ahead.ready()  # no stream before the first next()
+        next(ahead)
+        deadline = time.time() + 20
+        while ahead._pump.batches.qsize() < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert ahead.ready() and ahead._pump.batches.qsize() == 3
+        ahead.close()
 
 
 def test_image_transitions_round_trip():
