@@ -202,8 +202,6 @@ PRESETS: dict[str, tuple[Variant, ...]] = {
     "smoke": (
         Variant("state, tiny, one call per env step", size="tiny", batch_size=8, utd=2),
         Variant("state, tiny, K=3 per call", size="tiny", batch_size=8, utd=2, fuse=3),
-        Variant("state, tiny, K=3, guard as selects", size="tiny", batch_size=8, utd=2, fuse=3,
-                nonfinite_guard="select"),
     ),
 }
 
