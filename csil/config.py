@@ -422,6 +422,7 @@ class LaunchConfig:
     # Learner updates per jit call (K): when the rate limiter has admitted K env steps' worth of batches, they go
     # through one ``CSILAgent.update_many``, the same updates as K calls with one dispatch instead of K (GPU
     # learners are dispatch-bound; on a CPU 1); fewer are updated one by one as they come (LearnerService.run).
+    # The learner holds up to K sampled batches per table ready: with images ~87 MB each at batch 128 x UTD 4.
     fuse_updates: int = 1
     checkpoint_every_s: float = 600.0  # learner + replay checkpoints (and always on SIGTERM / at the end)
     base_policy: str = "local"  # "local" (csil-launch starts the inference server) | "ws://host:port" | "grpc://..."
