@@ -273,5 +273,7 @@ def run_episodes(task: str, obs_mode: str, policy: str | dict, seeds: Iterator[i
         if stats is not None:
             stats["worker_restarts"] = sum(ray.get([actor.reconstructed.remote() for actor in actors]))
     finally:
+        for ref in pending:  # episodes nobody will read: cancelled first, so Ray does not retry them on the kill
+            ray.cancel(ref)
         for actor in actors:
             ray.kill(actor)
