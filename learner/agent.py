@@ -96,6 +96,11 @@ class Batch(NamedTuple):
         return Batch(sample["obs"], sample["action"], sample["discount"], sample["next_obs"], sample["next_action"])
 
     @staticmethod
+    def stack(batches: list["Batch"]) -> "Batch":
+        """K batches as one with a leading K axis (on the host): the input of ``CSILAgent.update_many``."""
+        return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+
+    @staticmethod
     def concat(a: "Batch", b: "Batch", axis: int = 0) -> "Batch":
         return jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y], axis=axis), a, b)
 
@@ -195,7 +200,11 @@ class CSILAgent:
         (the state itself, without cameras). The update encodes each batch once per encoder and shares the result
         between the heads that read it."""
         params = params["params"] if "params" in params else params
-        return self.encoder_net.apply({"params": params["encoder"]} if "encoder" in params else {}, obs)
+        return self._apply_encoder(params.get("encoder", {}), obs)
+
+    def _apply_encoder(self, encoder: PyTree, obs: Obs) -> jax.Array:
+        """The encoder with parameters ``encoder`` (``{}`` without cameras: it then passes the state through)."""
+        return self.encoder_net.apply({"params": encoder} if encoder else {}, obs)
 
     def _policy_features(self, state: AgentState, obs: Obs, critic_features: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(the policy's, π_BC's) features of ``obs``. With the shared (DrQ) encoder the policy's encoder is the
@@ -209,13 +218,12 @@ class CSILAgent:
         (its joint BN batch), s for the MSE one; the function taking their gradient to the encoder's (``jax.vjp``),
         and the features of s' (the policy's next action reads them when it shares the critic's encoder)."""
         encoder = critic_params.get("encoder", {})
-        apply = lambda e, obs: self.encoder_net.apply({"params": e} if e else {}, obs)  # noqa: E731
         if self.categorical:
             joint = jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y], axis=0), batch.obs, batch.next_obs)
-            features, vjp = jax.vjp(lambda e: apply(e, joint), encoder)
+            features, vjp = jax.vjp(lambda e: self._apply_encoder(e, joint), encoder)
             return features, vjp, features[batch.action.shape[0]:]
-        features, vjp = jax.vjp(lambda e: apply(e, batch.obs), encoder)
-        return features, vjp, apply(encoder, batch.next_obs)
+        features, vjp = jax.vjp(lambda e: self._apply_encoder(e, batch.obs), encoder)
+        return features, vjp, self._apply_encoder(encoder, batch.next_obs)
 
     def augment(self, key: jax.Array, obs: Obs) -> Obs:
         """DrQ random shift of every camera image (a no-op for state observations)."""

@@ -79,8 +79,8 @@ class LearnerCore:
         for _ in online:
             self.key, key = jax.random.split(self.key)
             keys.append(key)
-        stack = lambda batches: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)  # noqa: E731
-        self.state, metrics = self.agent.update_many(self.state, stack(online), stack(demos), jnp.stack(keys))
+        self.state, metrics = self.agent.update_many(self.state, Batch.stack(online), Batch.stack(demos),
+                                                     jnp.stack(keys))
         self.updates += len(online)
         return self._count_skips(metrics, len(online),
                                  lambda: {"online": online[-1], "demos": demos[-1], "key": keys[-1]})

@@ -57,7 +57,6 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
     n = cfg.utd * cfg.batch_size
     if items < n:
         raise ValueError(f"items={items} is less than one update's utd x batch_size = {n} samples per table")
-    stack = lambda batches: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)  # noqa: E731
     synthetic = jax.device_put(random_update_inputs(spec, cfg, rng, fuse))
     fused_keys = [jax.random.split(k, fuse) for k in keys]
 
@@ -99,7 +98,7 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
         def sampled() -> tuple[Batch, Batch]:
             if fuse == 1:
                 return tuple(Batch.from_sample(next(it)) for it in (online, demos))
-            return tuple(stack([Batch.from_sample(next(it)) for _ in range(fuse)]) for it in (online, demos))
+            return tuple(Batch.stack([Batch.from_sample(next(it)) for _ in range(fuse)]) for it in (online, demos))
 
         def reverb_step(i: int) -> dict:
             return update(*sampled(), i)
