@@ -1,4 +1,7 @@
-"""Shared fixtures: a per-session cache dir (no test touches ~/.cache) and one local Ray instance."""
+"""Shared fixtures: a per-session cache dir (no test touches ~/.cache) and one local Ray instance.
+
+Under pytest-xdist (pyproject's addopts) "session" means one worker's session: each worker has its own cache dir,
+Ray instance and session-scoped demos."""
 
 import os
 import random
@@ -25,9 +28,12 @@ def free_port():
     Picked below the kernel's ephemeral range (``ip_local_port_range``, where outgoing connections take their
     local ports) and above Ray's worker ports (10002-19999): a port bound to 0 comes from the ephemeral range, and
     a Ray node started with it crashed with "bind: Address already in use" once another node's connections took
-    it between the pick and the bind."""
+    it between the pick and the bind. Each pytest-xdist worker picks from its own residue class, so two workers
+    never pick the same port."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    candidates = list(range(20000, low))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    candidates = [port for port in range(20000, low) if port % workers == worker]
     random.Random(os.getpid()).shuffle(candidates)
 
     def pick() -> int:
