@@ -140,16 +140,15 @@ def test_concurrent_clients_are_batched_and_health_answers_meanwhile(server):
         t.start()
     barrier.wait()
     time.sleep(0.03)  # a 100 ms model call is now running
-    start = time.perf_counter()
     assert get(f"{server.http_url}/healthz")[0] == 200
-    health_ms = 1000 * (time.perf_counter() - start)
+    waiting = sum(t.is_alive() for t in threads)  # clients still waiting for model calls when health answered
     for t in threads:
         t.join()
     assert len(replies) == 3 * n
     assert max(r["server_timing"]["batch_size"] for r in replies) > 1
     stats = json.loads(get(f"{server.http_url}/stats")[1])
     assert stats["max_batch_size"] > 1 and stats["mean_batch_size"] > 1
-    assert health_ms < MODEL_DELAY_MS / 2
+    assert waiting > 0
 
 
 def test_malformed_observation_gets_clear_error_and_server_keeps_serving(server):
