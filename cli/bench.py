@@ -39,7 +39,7 @@ def add_system_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=at_least(1), default=1000, help="rate limiter min size (default %(default)s)")
     p.add_argument("--pretrain-steps", type=at_least(1), default=200,
                    help="BC and critic pretraining steps (quality does not change throughput)")
-    p.add_argument("--num-demos", type=at_least(1), default=20, help="demos for pretraining and the demo table")
+    p.add_argument("--num-demos", type=at_least(1), default=20, help="demos for pretraining and the demo half of every batch")
     p.add_argument("--raw-env-steps", type=at_least(1), default=500, help="steps of the raw env baseline loop")
     p.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
 

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                "never give up while the run lasts)")
     field(p, L, "duration_s", "--seconds", help="also stop after this many seconds of acting (default: only "
                                                 "--env-steps)")
-    field(p, L, "num_demos", type=at_least(1), help="demos for BC, reward and the demo table")
+    field(p, L, "num_demos", type=at_least(1), help="demos for BC, the reward and the demo half of every batch")
     field(p, L, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
     field(p, L, "base_checkpoint", help="local base policy dir (default: the cached one, see --base-obs)")
     field(p, L, "base_obs", choices=("state", "image"),

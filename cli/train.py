@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, TrainConfig, "eval_videos", type=at_least(0), help=EVAL_VIDEOS_HELP)
     field(p, TrainConfig, "video_stride", type=at_least(1), help=VIDEO_STRIDE_HELP)
     field(p, TrainConfig, "wandb", metavar="PROJECT", help=WANDB_HELP)
-    field(p, TrainConfig, "num_demos", type=at_least(1), help="demos for BC, reward and the demo table")
+    field(p, TrainConfig, "num_demos", type=at_least(1), help="demos for BC, the reward and the demo half of every batch")
     field(p, TrainConfig, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
     field(p, TrainConfig, "base_checkpoint", "--base-checkpoint", "--base-policy",
           help="the local base policy: a csil-base checkpoint dir (default: the cached one, see --base-obs)")

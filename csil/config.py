@@ -473,7 +473,7 @@ class ExperimentConfig:
     frame_codec: str = "none"  # how replay stores camera frames (ReplayConfig.frame_codec; JPEG is lossy)
     warmup: int = 1_000
     size: str = "cpu"
-    # Demos per task for BC, the reward, the critic pretraining and the demo table. None: the ones the task's
+    # Demos per task for BC, the reward, the critic pretraining and the demo half of each update. None: the ones the task's
     # base policy was trained on (BASE_POLICY_DEFAULTS: the paper gives both policies the same demos).
     num_demos: int | None = None
     bc_steps: int = 5_000

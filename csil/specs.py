@@ -162,8 +162,8 @@ PI05_LIBERO = BaseObsSpec(
 )
 
 
-# The replay tables: online transitions (FIFO, rate-limited: the UTD control) and all demo transitions.
-ONLINE_TABLE, DEMO_TABLE = "online", "demos"
+# The replay table of online transitions (FIFO, rate-limited: the UTD control). The demos are on the learner's device.
+ONLINE_TABLE = "online"
 
 
 class Transition(NamedTuple):

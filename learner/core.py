@@ -1,4 +1,7 @@
-"""The learner without transport: pretraining, the fused update on a batch pair, parameters, checkpoints.
+"""The learner without transport: pretraining, the fused update, parameters, checkpoints.
+
+Updates take the online half of their batches from the caller; the demo half is drawn on the device from the demos
+it holds there (``learner.pretrain.sample_demos``).
 
 The single-process trainer (``csil-train``) calls it directly; the Ray learner service (``learner.service``)
 wraps it with Reverb input, weight publishing and metrics. Both pretrain, update and checkpoint the same way.
@@ -21,7 +24,7 @@ from csil.config import AgentConfig
 from csil.specs import ObsSpec
 from learner.agent import AgentState, Batch, CSILAgent
 from learner.checkpoint import numbered_checkpoints, restore_checkpoint, save_checkpoint
-from learner.pretrain import DemoTransitions, initial_atoms, pretrain_bc, pretrain_critic
+from learner.pretrain import DemoTransitions, initial_atoms, pretrain_bc, pretrain_critic, sample_demos
 
 KEEP_CHECKPOINTS = 2
 MAX_CONSECUTIVE_SKIPS = 50  # non-finite updates in a row (each dropped) before the learner gives up
@@ -33,13 +36,29 @@ class LearnerCore:
     def __init__(self, cfg: AgentConfig, spec: ObsSpec, demos: DemoTransitions, seed: int,
                  dump_dir: str | Path | None = None):
         compile_cache.enable()  # a restarted learner loads its compiled updates
-        self.cfg, self.spec, self.demos, self.seed = cfg, spec, demos, seed
+        self.cfg, self.spec, self.seed = cfg, spec, seed
+        self.demos = demos
         self.dump_dir = dump_dir  # where a diverged learner leaves what reproduces its failing update
         self.agent = CSILAgent(cfg, spec)
         self.key = jax.random.PRNGKey(seeds.learner_key_seed(seed))
         self.state: AgentState | None = None
         self.updates = 0
         self.skipped_updates, self.consecutive_skips, self.last_metrics = 0, 0, None
+
+    @property
+    def demos(self) -> DemoTransitions:
+        return self._demos
+
+    @demos.setter
+    def demos(self, demos: DemoTransitions) -> None:
+        """New demos (residual mode's targets) are put on the device at the next update."""
+        self._demos, self._demo_pool = demos, None
+
+    def _demo_batches(self, keys: jax.Array) -> Batch:
+        """One demo batch (utd, batch_size) per key, drawn on the device."""
+        if self._demo_pool is None:
+            self._demo_pool = self._demos.on_device()
+        return sample_demos(self._demo_pool, keys, (self.cfg.utd, self.cfg.batch_size))
 
     @property
     def pretrain_steps(self) -> int:
@@ -63,27 +82,30 @@ class LearnerCore:
                                                  should_stop=should_stop)
         return {"bc": bc_log[-1], "critic": critic_log[-1] if critic_log else None}
 
-    def step(self, online: Batch, demos: Batch) -> dict:
-        """One fused update (UTD critic steps + one actor step); its metrics stay on the device until read."""
-        self.key, key = jax.random.split(self.key)
+    def step(self, online: Batch) -> dict:
+        """One fused update (UTD critic steps + one actor step) on ``online`` (utd, batch_size) and a demo batch
+        drawn on the device; its metrics stay on the device until read."""
+        self.key, key, demo_key = jax.random.split(self.key, 3)
+        demos = self._demo_batches(demo_key)
         self.state, metrics = self.agent.update(self.state, online, demos, key)
         self.updates += 1
         return self._count_skips(metrics, 1, lambda: {"online": online, "demos": demos, "key": key})
 
-    def step_many(self, online: list[Batch], demos: list[Batch]) -> dict:
-        """``len(online)`` fused updates in one call (``CSILAgent.update_many``): the same updates, keys included,
-        as that many ``step`` calls; metrics are the last update's."""
+    def step_many(self, online: list[Batch]) -> dict:
+        """``len(online)`` fused updates in one call (``CSILAgent.update_many``): the same updates, keys and demo
+        batches included, as that many ``step`` calls; metrics are the last update's."""
         if len(online) == 1:
-            return self.step(online[0], demos[0])
-        keys = []
+            return self.step(online[0])
+        keys, demo_keys = [], []
         for _ in online:
-            self.key, key = jax.random.split(self.key)
+            self.key, key, demo_key = jax.random.split(self.key, 3)
             keys.append(key)
-        self.state, metrics = self.agent.update_many(self.state, Batch.stack(online), Batch.stack(demos),
-                                                     jnp.stack(keys))
+            demo_keys.append(demo_key)
+        demos = self._demo_batches(jnp.stack(demo_keys))
+        self.state, metrics = self.agent.update_many(self.state, Batch.stack(online), demos, jnp.stack(keys))
         self.updates += len(online)
-        return self._count_skips(metrics, len(online),
-                                 lambda: {"online": online[-1], "demos": demos[-1], "key": keys[-1]})
+        return self._count_skips(metrics, len(online), lambda: {
+            "online": online[-1], "demos": jax.tree_util.tree_map(lambda x: x[-1], demos), "key": keys[-1]})
 
     def _count_skips(self, metrics: dict, calls: int, last_update: Callable[[], dict]) -> dict:
         """Updates the agent dropped as non-finite (``CSILAgent._update``): counted (metric ``skipped_updates``),

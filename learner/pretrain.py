@@ -7,6 +7,7 @@ critic evaluates it, which is why fine-tuning starts at the BC policy's performa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -19,7 +20,7 @@ from tqdm import trange
 from csil import hetstat
 from csil.acting import ChunkSource, open_loop_base_actions, with_plan
 from csil.demos import flatten_obs
-from csil.specs import ACTION_DIM, BaseObsSpec, ObsSpec, Transition
+from csil.specs import ACTION_DIM, BaseObsSpec, ObsSpec
 from csil.tasks import is_success
 from learner.agent import AgentState, Batch, CSILAgent
 from learner.critic import make_atoms
@@ -118,13 +119,12 @@ class DemoTransitions:
                                    next_obs=with_plan(self.next_obs, next_plan), action=residual(self.action, plan),
                                    next_action=residual(self.next_action, next_plan))
 
-    def replay_items(self) -> Transition:
-        """All transitions for the demo table, with a leading axis."""
-        n = len(self)
-        return Transition(obs=self.obs, action=self.action, base_action=np.zeros_like(self.action),
-                          reward=(self.discount == 0).astype(np.float32), discount=self.discount,
-                          next_obs=self.next_obs, next_action=self.next_action,
-                          policy_version=np.zeros(n, np.int64), episode_id=np.full(n, -1, np.int64))
+    def on_device(self) -> Batch:
+        """Every transition as one device-resident ``Batch`` (leading axis: transition), for ``sample_demos``.
+
+        The demos never change during a run, so they cross to the device once; the demo half of each update is then
+        drawn there, and the host feeds only the online half (what keeps a GPU learner fed: issue 16)."""
+        return jax.device_put(Batch(self.obs, self.action, self.discount, self.next_obs, self.next_action))
 
     def discounted_returns(self, rewards: np.ndarray, discount: float) -> np.ndarray:
         """Per-step discounted return-to-go within each demo under ``rewards`` (for quantile atoms)."""
@@ -134,6 +134,16 @@ class DemoTransitions:
             running = rewards[t] + (0.0 if self.last[t] else discount * self.discount[t] * running)
             out[t] = running
         return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def sample_demos(pool: Batch, keys: jax.Array, shape: tuple[int, ...]) -> Batch:
+    """A batch of ``shape`` transitions drawn uniformly with replacement from ``pool`` (``DemoTransitions.on_device``)
+    per key: ``keys`` of shape (..., 2) give batches of shape (..., *shape), each from its own key."""
+    n = pool.action.shape[0]
+    draws = jax.vmap(lambda k: jax.random.randint(k, shape, 0, n))(keys.reshape(-1, keys.shape[-1]))
+    index = draws.reshape(keys.shape[:-1] + shape)
+    return jax.tree_util.tree_map(lambda x: x[index], pool)
 
 
 LOG_EVERY = 100  # pretraining steps between logged metrics (BC's held-out loss is computed at those steps)
@@ -225,16 +235,20 @@ def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions,
                     progress: bool = True, on_log: Callable[[dict], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> tuple[AgentState, list[dict]]:
     """SARSA policy evaluation of the demonstrator under the training reward (batch = 2 × batch_size); ``on_log``
-    and ``should_stop`` as in ``pretrain_bc``."""
-    rng = np.random.default_rng(seed)
+    and ``should_stop`` as in ``pretrain_bc``. Batches are drawn on the device (``sample_demos``)."""
     key = jax.random.PRNGKey(seed)
-    step = jax.jit(agent.pretrain_critic_step)
+    pool = demos.on_device()
     batch = 2 * agent.cfg.batch_size
+
+    @jax.jit
+    def step(state, pool, key):
+        sample_key, step_key = jax.random.split(key)
+        return agent.pretrain_critic_step(state, sample_demos(pool, sample_key, (batch,)), step_key)
 
     def critic_step() -> dict:
         nonlocal state, key
         key, sub = jax.random.split(key)
-        state, metrics = step(state, demos.sample(rng, (batch,)), sub)
+        state, metrics = step(state, pool, sub)
         return metrics
 
     log = _run("critic pretraining", steps, critic_step, {"critic_loss": ".3f", "q_mean": ".2f"}, progress, on_log,

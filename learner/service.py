@@ -1,5 +1,8 @@
 """The learner as a Ray actor: ``LearnerCore`` fed by Reverb, with weight publishing, checkpoints and metrics.
 
+Reverb feeds the online half of each update; the demo half is drawn on the device (``LearnerCore``), so the host's
+input cost per env step is one sampled online batch.
+
 The launcher makes it a threaded actor (``max_concurrency``): ``run`` loops in one thread while ``checkpoint`` and ``stats``
 answer from another (the launcher calls them on a timer and on SIGTERM). The loop never waits on a dead actor:
 sampling has a timeout, after which it re-checks the stop flag and tries again. A non-finite metric stops the
@@ -30,14 +33,13 @@ import ray
 
 from csil import metrics as prom
 from csil.demos import read_demos
-from csil.specs import DEMO_TABLE, ONLINE_TABLE, ObsSpec
+from csil.specs import ONLINE_TABLE, ObsSpec
 from csil.tasks import get_task
 from inference_server.client import PatientChunkSource, RunStopped
 from learner.agent import Batch
 from learner.core import LearnerCore, finite_metrics
 from learner.pretrain import DemoTransitions, PretrainingStopped
 from replay.dataset import BatchIterator
-from replay.writer import TransitionWriter
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +80,27 @@ class LearnerService:
     # --- start ----------------------------------------------------------------------------------------
 
     def pretrain(self) -> dict:
-        """Pretraining (``LearnerCore.pretrain``), the demo table, and weights version 0. ``interrupt`` (from
-        another thread) ends it within one step with ``PretrainingStopped``."""
-        if self.cfg.action_mode == "residual":  # demo actions become a_demo − a_base(s); the base-policy server
-            # may still be starting: wait for it like the actors do
-            source = PatientChunkSource(self.cfg.base_policy, stopped=self.stop_pretraining.is_set,
-                                        timeout_s=self.cfg.base_policy_timeout_s, actor_id="learner")
-            try:
-                self.core.demos = self.core.demos.as_residuals(source, get_task(self.cfg.task).prompt, self.spec)
-            except RunStopped as e:
-                raise PretrainingStopped("stopped while waiting for the base-policy server") from e
-            finally:
-                source.close()
+        """Pretraining (``LearnerCore.pretrain``) and weights version 0. ``interrupt`` (from another thread) ends
+        it within one step with ``PretrainingStopped``."""
+        self._residual_demos()
         logs = self.core.pretrain(on_step=lambda n: self.pretrain_progress.update(steps=n),
                                   should_stop=self.stop_pretraining.is_set)
-        with TransitionWriter(self.replay_address, table=DEMO_TABLE) as writer:
-            writer.write_batch(self.core.demos.replay_items())
         self.publish()
         return logs
+
+    def _residual_demos(self) -> None:
+        """Residual mode: the demo actions become a_demo − a_base(s) (``DemoTransitions.as_residuals``), fresh or
+        restored. The base-policy server may still be starting: wait for it like the actors do."""
+        if self.cfg.action_mode != "residual":
+            return
+        source = PatientChunkSource(self.cfg.base_policy, stopped=self.stop_pretraining.is_set,
+                                    timeout_s=self.cfg.base_policy_timeout_s, actor_id="learner")
+        try:
+            self.core.demos = self.core.demos.as_residuals(source, get_task(self.cfg.task).prompt, self.spec)
+        except RunStopped as e:
+            raise PretrainingStopped("stopped while waiting for the base-policy server") from e
+        finally:
+            source.close()
 
     def interrupt(self) -> None:
         """Stop pretraining (SIGINT/SIGTERM during it): ``pretrain`` raises within one step."""
@@ -103,6 +108,7 @@ class LearnerService:
 
     def restore(self) -> dict:
         """The newest learner checkpoint: state, update counter and the env steps it was taken at."""
+        self._residual_demos()
         counters = self.core.restore(self.ckpt_dir)
         self.publish(restored=True)
         log.info("learner restored from %s (%s)", self.ckpt_dir, counters)
@@ -121,23 +127,21 @@ class LearnerService:
         prom.inc("csil_learner_sample_wait_seconds_total", wait_s - self.exported[1])
         self.exported = (updates, wait_s)
 
-    def _batches(self) -> tuple[BatchIterator, BatchIterator]:
-        """Online and demo batch streams from the replay at ``replay_address``."""
-        n, utd = self.cfg.agent.batch_size, self.cfg.agent.utd
-        return tuple(BatchIterator(self.replay_address, table, n, utd, self.spec, timeout_ms=SAMPLE_TIMEOUT_MS,
-                                   ready_batches=self.cfg.fuse_updates) for table in (ONLINE_TABLE, DEMO_TABLE))
+    def _batches(self) -> BatchIterator:
+        """The online batch stream from the replay at ``replay_address``."""
+        return BatchIterator(self.replay_address, ONLINE_TABLE, self.cfg.agent.batch_size, self.cfg.agent.utd,
+                             self.spec, timeout_ms=SAMPLE_TIMEOUT_MS, ready_batches=self.cfg.fuse_updates)
 
-    def _reconnect(self, *streams: BatchIterator) -> tuple[BatchIterator, BatchIterator]:
-        """Streams from the replay's current address (the coordinator's), once a server answers there."""
-        for stream in streams:
-            stream.close()
+    def _reconnect(self, stream: BatchIterator) -> BatchIterator:
+        """A stream from the replay's current address (the coordinator's), once a server answers there."""
+        stream.close()
         while not ray.get(self.coordinator.stats.remote())["stopped"]:
             self.replay_address = ray.get(self.coordinator.replay_address.remote()) or self.replay_address
             try:
                 return self._batches()
             except ConnectionError:
                 time.sleep(1.0)
-        return streams
+        return stream
 
     def run(self) -> dict:
         """Fused updates until the coordinator says stop; publishes every ``publish_every`` updates.
@@ -147,10 +151,10 @@ class LearnerService:
         comes (data trickles in: the actors get fresh weights). So only two programs are ever compiled.
         """
         cfg = self.cfg
-        online, demos = self._batches()
+        online = self._batches()
         stop = self.coordinator.stats.remote()
         self.metrics_file = (self.logdir / "learner.jsonl").open("a")
-        pending: list[tuple[Batch, Batch]] = []  # batch pairs for the next fused call
+        pending: list[Batch] = []  # online batches for the next fused call
         started = exported_at = time.perf_counter()
         self.exported = (self.updates, self.wait_s)
         self.window = (started, self.updates, self.wait_s)  # start of the current window (since the last record)
@@ -166,34 +170,34 @@ class LearnerService:
                 stop = self.coordinator.stats.remote()
             waiting = time.perf_counter()
             try:
-                pending.append((Batch.from_sample(next(online)), Batch.from_sample(next(demos))))
-                while len(pending) < cfg.fuse_updates and online.ready() and demos.ready():
-                    pending.append((Batch.from_sample(next(online)), Batch.from_sample(next(demos))))
+                pending.append(Batch.from_sample(next(online)))
+                while len(pending) < cfg.fuse_updates and online.ready():
+                    pending.append(Batch.from_sample(next(online)))
             except TimeoutError as e:  # actors are warming up, blocked or restarting: never give up, never hang
                 log.info("learner waiting for data: %s", e)
                 continue
             except ConnectionError as e:  # the replay server died: the launcher restarts it at a new address
                 log.warning("learner lost the replay server (%s); reconnecting", e)
-                online, demos = self._reconnect(online, demos)
+                online = self._reconnect(online)
                 pending.clear()
                 continue
             finally:
                 self.wait_s += time.perf_counter() - waiting
-            calls = [pending] if len(pending) == cfg.fuse_updates else [[pair] for pair in pending]
+            calls = [pending] if len(pending) == cfg.fuse_updates else [[batch] for batch in pending]
             pending = []
-            for pairs in calls:
-                self._update(pairs)
+            for batches in calls:
+                self._update(batches)
         self.metrics_file.close()
         self._export()
         self.publish()
         return {"updates": self.updates}
 
-    def _update(self, pairs: list[tuple[Batch, Batch]]) -> None:
-        """One call of ``len(pairs)`` fused updates; publishes and records metrics when their counts are crossed."""
+    def _update(self, batches: list[Batch]) -> None:
+        """One call of ``len(batches)`` fused updates; publishes and records metrics when their counts are crossed."""
         start = time.perf_counter()
         with self.lock:
-            metrics = self.core.step_many([p[0] for p in pairs], [p[1] for p in pairs])
-        done = len(pairs)
+            metrics = self.core.step_many(batches)
+        done = len(batches)
         if _crossed(self.updates, done, self.cfg.publish_every):
             self.publish()
         if _crossed(self.updates, done, 100) or self.updates == done:  # and the first call of a fresh learner

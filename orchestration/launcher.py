@@ -104,7 +104,6 @@ class System:
         data = read_demos(self.demos_path, num_demos=cfg.num_demos)
         self.spec = small_policy_spec(spec_from_demos(self.demos_path, data.episodes[0].obs, cfg.obs_mode),
                                       cfg.action_mode)
-        self.num_demo_transitions = sum(len(ep.actions) for ep in data.episodes)
         self.network = SmallPolicy(cfg.agent.policy, self.spec.cameras, cfg.agent.encoder)  # actors, evaluator
         ensure_ray(cfg.address)
         self.tracker = RunTracker(self.logdir, dataclasses.asdict(cfg), cfg.wandb)
@@ -179,8 +178,7 @@ class System:
         replay_cfg = ReplayConfig(samples_per_insert=self.cfg.agent.utd * self.cfg.agent.batch_size,
                                   min_size=self.cfg.warmup, frame_codec=self.cfg.frame_codec)
         self.replay = ROLES["replay"].options(resources=role_resources("head")).remote(
-            replay_cfg, self.spec.to_json(), self.num_demo_transitions, str(self.logdir / "checkpoints" / "replay"),
-            restore)
+            replay_cfg, self.spec.to_json(), str(self.logdir / "checkpoints" / "replay"), restore)
         self.replay_address = ray.get(self.replay.get_address.remote())
         self.replay_sizes = ray.get(self.replay.sizes.remote())
         ray.get(self.coordinator.set_replay.remote(self.replay_address))

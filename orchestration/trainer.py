@@ -36,7 +36,7 @@ from csil.acting import small_policy_spec
 from csil.base_policy import LocalBasePolicy
 from csil.config import TrainConfig
 from csil.demos import read_demos, spec_from_demos
-from csil.specs import DEMO_TABLE, ONLINE_TABLE
+from csil.specs import ONLINE_TABLE
 from csil.tasks import get_task
 from learner.agent import Batch
 from learner.checkpoint import numbered_checkpoints
@@ -151,25 +151,21 @@ class Trainer:
             self.tracker.close()
 
     def _start(self) -> tuple[ReplayServer, dict]:
-        """Pretrained learner and replay holding the demos, or both restored: (replay, counters)."""
+        """Pretrained learner and an empty replay, or both restored: (replay, counters)."""
         cfg, learner = self.cfg, self.learner
         replay_cfg = ReplayConfig(samples_per_insert=cfg.agent.utd * cfg.agent.batch_size, min_size=cfg.warmup,
                                   frame_codec=cfg.frame_codec)
         if self.resuming:
             counters = learner.restore(self.checkpoints / "learner")
             self.evaluator.load(learner.policy_params())
-            replay = ReplayServer(replay_cfg, self.spec, len(learner.demos), checkpoint_dir=str(
-                self.checkpoints / "replay"), restore=True)
+            replay = ReplayServer(replay_cfg, self.spec, checkpoint_dir=str(self.checkpoints / "replay"), restore=True)
             self.replay_restored = replay.sizes()
             log.info("resumed %s at %d env steps, %d updates; replay %s", self.logdir, counters["env_steps"],
                      counters["updates"], self.replay_restored)
             return replay, counters
         self.log({"phase": "pretrain", **learner.pretrain(progress=self.progress,
                                                           should_stop=lambda: self.stop_requested)})
-        replay = ReplayServer(replay_cfg, self.spec, len(learner.demos),
-                              checkpoint_dir=str(self.checkpoints / "replay"))
-        with TransitionWriter(replay.address, table=DEMO_TABLE) as demo_writer:
-            demo_writer.write_batch(learner.demos.replay_items())
+        replay = ReplayServer(replay_cfg, self.spec, checkpoint_dir=str(self.checkpoints / "replay"))
         return replay, {"env_steps": 0, "episodes": 0}
 
     def _train(self, start: float) -> dict:
@@ -182,7 +178,7 @@ class Trainer:
         env_steps, first_episode = counters["env_steps"], counters["episodes"]
         self.key = jax.random.fold_in(self.key, env_steps)
         writer = TransitionWriter(replay.address, table=ONLINE_TABLE)
-        online = demos = None
+        online = None
         episode_seed = lambda episode: seeds.trainer_episode_seed(cfg.seed, first_episode + episode)  # noqa: E731
         runner = EnvRunner(self.task.name, cfg.obs_mode, cfg.num_envs, self.base_policy, learner.agent.policy_net,
                            cfg.action_mode, episode_seed, env_seed=cfg.seed + env_steps)
@@ -213,10 +209,8 @@ class Trainer:
                 if online is None:
                     online = iter(BatchIterator(replay.address, ONLINE_TABLE, cfg.agent.batch_size, cfg.agent.utd,
                                                 self.spec))
-                    demos = iter(BatchIterator(replay.address, DEMO_TABLE, cfg.agent.batch_size, cfg.agent.utd,
-                                               self.spec))
                 for _ in range(num_envs):
-                    metrics = learner.step(Batch.from_sample(next(online)), Batch.from_sample(next(demos)))
+                    metrics = learner.step(Batch.from_sample(next(online)))
                 if learner.updates == num_envs or crossed(learner.updates, learner.updates - num_envs, 100):
                     record = finite_metrics(metrics, learner.updates)
                     self.log({"phase": "train", "env_steps": env_steps, "updates": learner.updates, **record})

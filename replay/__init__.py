@@ -1,1 +1,1 @@
-"""Replay service: Reverb tables for online and demo transitions, actor-side writers, learner-side batches."""
+"""Replay service: the Reverb table of online transitions, actor-side writers, learner-side batches."""

@@ -1,4 +1,7 @@
-"""The in-process Reverb server: the "online" and "demos" tables, the UTD rate limiter, checkpoint and restore.
+"""The in-process Reverb server: the "online" table, the UTD rate limiter, checkpoint and restore.
+
+The demos are not here: they never change during a run, so the learner holds them on its device and draws their
+half of each batch there (``learner.core``).
 
 Callers import the whole replay API from here (``TransitionWriter`` and ``BatchIterator`` live in their own
 modules and are re-exported).
@@ -16,7 +19,7 @@ import tensorflow as tf
 from reverb.cc import schema_pb2
 
 from csil.config import ReplayConfig
-from csil.specs import DEMO_TABLE, ONLINE_TABLE, ObsSpec
+from csil.specs import ONLINE_TABLE, ObsSpec
 from replay.dataset import BatchIterator
 from replay.signature import transition_signature
 from replay.writer import TransitionWriter
@@ -41,16 +44,14 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
 
 
 class ReplayServer:
-    """In-process reverb.Server with the tables "online" and "demos", both with the transition signature.
-
-    "online": uniform sampling, FIFO removal at ``cfg.online_size``, SampleToInsertRatio (the UTD control).
-    "demos": uniform sampling, FIFO with ``max_size = num_demo_transitions`` so nothing is removed, MinSize(1).
+    """In-process reverb.Server with the table "online" of the transition signature: uniform sampling, FIFO
+    removal at ``cfg.online_size``, SampleToInsertRatio (the UTD control).
     With ``checkpoint_dir`` the server can ``checkpoint()`` there (Reverb keeps only the newest checkpoint);
     ``restore=True`` starts from the newest checkpoint, whose table options (sizes, limiter and its counters)
     win over ``cfg``.
     """
 
-    def __init__(self, cfg: ReplayConfig, obs_spec: ObsSpec, num_demo_transitions: int, port: int | None = None,
+    def __init__(self, cfg: ReplayConfig, obs_spec: ObsSpec, port: int | None = None,
                  checkpoint_dir: str | None = None, restore: bool = False):
         self.cfg = cfg
         self._checkpoint_dir = checkpoint_dir
@@ -74,9 +75,6 @@ class ReplayServer:
         tables = [
             reverb.Table(name=ONLINE_TABLE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
                          max_size=cfg.online_size, rate_limiter=rate_limiter(cfg), signature=signature),
-            reverb.Table(name=DEMO_TABLE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
-                         max_size=max(1, num_demo_transitions), rate_limiter=reverb.rate_limiters.MinSize(1),
-                         signature=signature),
         ]
         try:
             self._server = reverb.Server(tables, port=port, checkpointer=checkpointer)

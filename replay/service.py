@@ -39,10 +39,8 @@ _TOTALS = {
 class ReplayService:
     """Made a Ray actor by the launcher (no CPU reserved)."""
 
-    def __init__(self, cfg: ReplayConfig, spec_json: str, num_demo_transitions: int, checkpoint_dir: str,
-                 restore: bool):
-        self.server = ReplayServer(cfg, ObsSpec.from_json(spec_json), num_demo_transitions,
-                                   checkpoint_dir=checkpoint_dir, restore=restore)
+    def __init__(self, cfg: ReplayConfig, spec_json: str, checkpoint_dir: str, restore: bool):
+        self.server = ReplayServer(cfg, ObsSpec.from_json(spec_json), checkpoint_dir=checkpoint_dir, restore=restore)
         port = self.server.address.rsplit(":", 1)[1]
         self.address = f"{ray.util.get_node_ip_address()}:{port}"
         self._stop = threading.Event()

@@ -17,7 +17,7 @@ from csil import hetstat
 from csil.config import AgentConfig, CriticConfig, HetStatConfig, algo_config
 from csil.specs import ObsSpec
 from learner.agent import Batch, CSILAgent
-from learner.pretrain import DemoTransitions, pretrain_bc, pretrain_critic
+from learner.pretrain import DemoTransitions, pretrain_bc, pretrain_critic, sample_demos
 
 OBS_DIM, LATENT, EP_LEN = 10, 3, 40
 SPEC = ObsSpec(mode="state", state_keys=(("synthetic", OBS_DIM),))
@@ -59,6 +59,30 @@ def pretrained():
     state = agent.init_state(key, bc)
     state, log = pretrain_critic(agent, state, demos, steps=1500, progress=False)
     return agent, state, demos, off, log
+
+
+def test_demo_batches_are_drawn_on_the_device_from_every_demo_transition():
+    """The learner's demo half (no Reverb table): whole transitions of the pool, uniformly over all of them, one
+    batch per key, and a stack of keys draws exactly what the keys draw one by one (so K fused updates see the same
+    demo batches as K single ones)."""
+    demos, _ = synthetic_demos(num_episodes=5)
+    pool = demos.on_device()
+    keys = jax.random.split(jax.random.PRNGKey(3), 200)
+    stacked = sample_demos(pool, keys, (4, 16))
+    assert stacked.obs["state"].shape == (200, 4, 16, OBS_DIM) and stacked.action.shape == (200, 4, 16, 7)
+    for i in (0, 7, 199):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, sample_demos(pool, keys[i], (4, 16)),
+                               jax.tree_util.tree_map(lambda x: x[i], stacked))  # noqa: B023
+    # each drawn row is one demo transition, all of its fields from the same index
+    index = np.asarray(stacked.discount).size
+    rows = {tuple(np.round(r, 5)): j for j, r in enumerate(demos.obs["state"])}
+    drawn = np.array([rows[tuple(np.round(r, 5))] for r in np.asarray(stacked.obs["state"]).reshape(index, -1)])
+    np.testing.assert_array_equal(np.asarray(stacked.action).reshape(index, 7), demos.action[drawn])
+    np.testing.assert_array_equal(np.asarray(stacked.next_obs["state"]).reshape(index, -1),
+                                  demos.next_obs["state"][drawn])
+    counts = np.bincount(drawn, minlength=len(demos))
+    assert counts.min() > 0 and counts.max() < 3 * counts.mean()  # 12,800 draws over 200 transitions
+    assert not np.array_equal(stacked.action[0], stacked.action[1])
 
 
 def test_reward_is_bounded_high_on_demos_and_flat_far_away(pretrained):
@@ -378,18 +402,18 @@ def test_kl_in_reward_units_lets_the_critic_move_the_policy_off_bc():
 
 
 def _chained_vs_fused(cfg: AgentConfig, spec: ObsSpec, demos: DemoTransitions, bc, k: int = 3):
-    """The same k updates, keys included, through k ``step`` calls and one ``step_many`` call."""
+    """The same k updates, keys and device-drawn demo batches included, through k ``step`` calls and one
+    ``step_many`` call."""
     from learner.core import LearnerCore
 
     rng = np.random.default_rng(11)
-    pairs = [(demos.sample(rng, (cfg.utd, cfg.batch_size)), demos.sample(rng, (cfg.utd, cfg.batch_size)))
-             for _ in range(k)]
+    batches = [demos.sample(rng, (cfg.utd, cfg.batch_size)) for _ in range(k)]
     cores = [LearnerCore(cfg, spec, demos, seed=0) for _ in range(2)]
     for core in cores:
         core.state = core.agent.init_state(jax.random.PRNGKey(1), bc)
-    for online, demo in pairs:
-        chained = cores[0].step(online, demo)
-    fused = cores[1].step_many([p[0] for p in pairs], [p[1] for p in pairs])
+    for online in batches:
+        chained = cores[0].step(online)
+    fused = cores[1].step_many(batches)
     assert cores[0].updates == cores[1].updates == k
     close = jax.tree_util.tree_map(lambda a, b: bool(np.allclose(a, b, rtol=1e-4, atol=1e-5)), cores[0].state,
                                    cores[1].state)
@@ -444,28 +468,28 @@ def test_a_non_finite_update_is_dropped_and_a_diverging_learner_stops(pretrained
     core.state = state
     rng = np.random.default_rng(5)
 
-    def batches(poisoned: bool):
-        online, demo = (demos.sample(rng, (SMALL.utd, SMALL.batch_size)) for _ in range(2))
+    def batch(poisoned: bool) -> Batch:
+        online = demos.sample(rng, (SMALL.utd, SMALL.batch_size))
         if poisoned:
             obs = online.obs["state"].copy()
             obs[0, 3, 0] = np.nan
             online = online._replace(obs={"state": obs})
-        return online, demo
+        return online
 
-    good = core.step(*batches(False))
+    good = core.step(batch(False))
     assert good["skipped_updates"] == 0 and all(np.isfinite(float(v)) for v in good.values())
     before = core.state
-    dropped = core.step(*batches(True))
+    dropped = core.step(batch(True))
     assert dropped["skipped_updates"] == 1 and core.updates == 2
     assert {k: float(v) for k, v in dropped.items() if k != "skipped_updates"} == {
         k: float(v) for k, v in good.items() if k != "skipped_updates"}
     jax.tree_util.tree_map(np.testing.assert_array_equal, core.state, before)
-    fused = core.step_many(*zip(*(batches(i == 1) for i in range(3))))  # the middle one of three is dropped
+    fused = core.step_many([batch(i == 1) for i in range(3)])  # the middle one of three is dropped
     assert fused["skipped_updates"] == 2 and all(np.isfinite(float(v)) for v in fused.values())
     assert not jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: np.array_equal(a, b), core.state, before))
     with pytest.raises(FloatingPointError, match=f"{MAX_CONSECUTIVE_SKIPS} updates in a row.*diverged"):
         for _ in range(MAX_CONSECUTIVE_SKIPS):
-            core.step(*batches(True))
+            core.step(batch(True))
     # what it left reproduces the failing update offline
     import pickle
 

@@ -201,7 +201,7 @@ def test_actor_waits_for_an_unreachable_base_policy_server(lift_setup, tiny_agen
     agent = CSILAgent(tiny_agent, spec)
     cfg = LaunchConfig(task="Lift", envs_per_actor=1, base_policy=target, base_policy_timeout_s=1.0, agent=tiny_agent)
     replay_cfg = ReplayConfig(samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e9)
-    with ReplayServer(replay_cfg, spec, num_demo_transitions=1) as replay:
+    with ReplayServer(replay_cfg, spec) as replay:
         coordinator = ROLES["coordinator"].remote()
         actor = None
         try:  # the session's Ray has 2 CPUs: a failure here must not leave the actor holding one

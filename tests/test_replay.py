@@ -76,7 +76,7 @@ def test_signature_from_obs_spec():
 
 
 def test_writer_rejects_mismatches_naming_the_key():
-    with ReplayServer(LOOSE, STATE, num_demo_transitions=10) as server, TransitionWriter(server.address) as writer:
+    with ReplayServer(LOOSE, STATE) as server, TransitionWriter(server.address) as writer:
         good = one(transitions(STATE, np.arange(3)), 0)
         with pytest.raises(ValueError, match=r"obs/state.*\(23,\).*got shape \(22,\)"):
             writer.write({**good, "obs": {"state": np.zeros(22, np.float32)}})
@@ -92,30 +92,24 @@ def test_writer_rejects_mismatches_naming_the_key():
         assert server.sizes()["online"] == 1
 
 
-def test_batches_shapes_dtypes_and_demo_isolation():
+def test_batches_shapes_dtypes_and_ready_batches():
     cfg = ReplayConfig(online_size=1000, samples_per_insert=8.0, min_size=50, error_buffer_fraction=10.0)
-    with ReplayServer(cfg, STATE, num_demo_transitions=40) as server:
-        with TransitionWriter(server.address, "demos") as demos:
-            demos.write_batch(transitions(STATE, -1 - np.arange(40)))  # demos carry episode_id < 0
+    with ReplayServer(cfg, STATE) as server:
         with TransitionWriter(server.address) as writer:
             for i in range(300):
                 writer.write(one(transitions(STATE, np.array([i])), 0))
-        assert server.sizes() == {"online": 300, "demos": 40}
+        assert server.sizes() == {"online": 300}
 
         online = BatchIterator(server.address, "online", batch_size=16, utd=2, signature_obs_spec=STATE)
-        demo = BatchIterator(server.address, "demos", batch_size=16, utd=2, signature_obs_spec=STATE)
         for _ in range(3):
-            batch, demo_batch = next(online), next(demo)
+            batch = next(online)
             assert batch["obs"]["state"].shape == (2, 16, 23) and batch["obs"]["state"].dtype == np.float32
             assert batch["action"].shape == (2, 16, 7) and batch["reward"].shape == (2, 16)
             assert batch["episode_id"].dtype == np.int64 and batch["policy_version"].dtype == np.int64
-            assert (batch["episode_id"] >= 0).all() and (demo_batch["episode_id"] < 0).all()
             check_consistent(batch, STATE)
-            check_consistent(demo_batch, STATE)
         online.close()
-        demo.close()
         # the learner's fused calls take what the rate limiter already admitted: up to ready_batches held sampled
-        ahead = BatchIterator(server.address, "demos", batch_size=16, utd=2, signature_obs_spec=STATE,
+        ahead = BatchIterator(server.address, "online", batch_size=16, utd=2, signature_obs_spec=STATE,
                               ready_batches=3)
         assert not ahead.ready()  # no stream before the first next()
         next(ahead)
@@ -127,22 +121,22 @@ def test_batches_shapes_dtypes_and_demo_isolation():
 
 
 def test_image_transitions_round_trip():
-    with ReplayServer(LOOSE, IMAGES, num_demo_transitions=6) as server:
-        with TransitionWriter(server.address, "demos") as demos:
-            demos.write_batch(transitions(IMAGES, np.arange(6)))
-        batches = BatchIterator(server.address, "demos", batch_size=4, utd=2, signature_obs_spec=IMAGES)
+    with ReplayServer(LOOSE, IMAGES) as server:
+        with TransitionWriter(server.address) as writer:
+            writer.write_batch(transitions(IMAGES, np.arange(12)))
+        batches = BatchIterator(server.address, "online", batch_size=4, utd=2, signature_obs_spec=IMAGES)
         batch = next(batches)
         batches.close()
         assert batch["next_obs"]["robot0_eye_in_hand_image"].shape == (2, 4, 84, 84, 3)
         assert batch["obs"]["agentview_image"].dtype == np.uint8
         check_consistent(batch, IMAGES)
         with pytest.raises(ValueError, match="not the transitions of"):
-            BatchIterator(server.address, "demos", batch_size=4, utd=2, signature_obs_spec=STATE)
+            BatchIterator(server.address, "online", batch_size=4, utd=2, signature_obs_spec=STATE)
 
 
 def test_sampling_before_warmup_times_out_clearly():
     cfg = ReplayConfig(online_size=1000, samples_per_insert=32.0, min_size=100)
-    with ReplayServer(cfg, STATE, num_demo_transitions=1) as server:
+    with ReplayServer(cfg, STATE) as server:
         writer = TransitionWriter(server.address)
         writer.write_batch(transitions(STATE, np.arange(60)))
         writer.flush()
@@ -163,7 +157,7 @@ def test_rate_limiter_keeps_samples_per_insert():
     """A writer thread and the learner's iterator run concurrently; the server holds the documented bound."""
     cfg = ReplayConfig(online_size=10_000, samples_per_insert=32.0, min_size=100, error_buffer_fraction=0.1)
     total = 600
-    with ReplayServer(cfg, STATE, num_demo_transitions=1) as server:
+    with ReplayServer(cfg, STATE) as server:
         writer = TransitionWriter(server.address, timeout_ms=20_000)
 
         def write() -> None:
@@ -205,7 +199,7 @@ def test_rate_limiter_keeps_samples_per_insert():
 
 def test_fifo_keeps_online_size():
     cfg = ReplayConfig(online_size=50, samples_per_insert=1.0, min_size=10, error_buffer_fraction=10.0)
-    with ReplayServer(cfg, STATE, num_demo_transitions=1) as server, TransitionWriter(server.address) as writer:
+    with ReplayServer(cfg, STATE) as server, TransitionWriter(server.address) as writer:
         writer.write_batch(transitions(STATE, np.arange(80)))
         writer.flush()
         assert server.sizes()["online"] == 50
@@ -216,35 +210,31 @@ def test_fifo_keeps_online_size():
 
 def test_checkpoint_and_restore(tmp_path):
     ckpt = str(tmp_path / "replay")
-    with ReplayServer(LOOSE, STATE, num_demo_transitions=20, checkpoint_dir=ckpt) as server:
+    with ReplayServer(LOOSE, STATE, checkpoint_dir=ckpt) as server:
         with TransitionWriter(server.address) as writer:
             writer.write_batch(transitions(STATE, np.arange(60)))
-        with TransitionWriter(server.address, "demos") as writer:
-            writer.write_batch(transitions(STATE, -1 - np.arange(20)))
         path = server.checkpoint()
         assert os.path.isdir(path) and path.startswith(ckpt)
 
     with pytest.raises(FileExistsError, match="restore=True"):
-        ReplayServer(LOOSE, STATE, num_demo_transitions=20, checkpoint_dir=ckpt)
-    with ReplayServer(LOOSE, STATE, num_demo_transitions=20, checkpoint_dir=ckpt, restore=True) as server:
-        assert server.sizes() == {"online": 60, "demos": 20}
+        ReplayServer(LOOSE, STATE, checkpoint_dir=ckpt)
+    with ReplayServer(LOOSE, STATE, checkpoint_dir=ckpt, restore=True) as server:
+        assert server.sizes() == {"online": 60}
         assert server.rate_limiter_info()["online/rate_limiter_info/insert_stats/completed"] == 60
-        for table in ("online", "demos"):
-            batches = BatchIterator(server.address, table, batch_size=16, utd=2, signature_obs_spec=STATE)
-            batch = next(batches)
-            batches.close()
-            check_consistent(batch, STATE)
-            assert (batch["episode_id"] >= 0).all() == (table == "online")
+        batches = BatchIterator(server.address, "online", batch_size=16, utd=2, signature_obs_spec=STATE)
+        batch = next(batches)
+        batches.close()
+        check_consistent(batch, STATE)
 
     with pytest.raises(ValueError, match="not the transitions of this run"):
-        ReplayServer(LOOSE, IMAGES, num_demo_transitions=20, checkpoint_dir=ckpt, restore=True)
+        ReplayServer(LOOSE, IMAGES, checkpoint_dir=ckpt, restore=True)
     with pytest.raises(FileNotFoundError, match="no complete Reverb checkpoint"):
-        ReplayServer(LOOSE, STATE, num_demo_transitions=20, checkpoint_dir=str(tmp_path / "empty"), restore=True)
+        ReplayServer(LOOSE, STATE, checkpoint_dir=str(tmp_path / "empty"), restore=True)
     chunks = os.path.join(path, "chunks.tfrecord")
     with open(chunks, "r+b") as f:
         f.truncate(40)
     with pytest.raises(RuntimeError, match="corrupt"):
-        ReplayServer(LOOSE, STATE, num_demo_transitions=20, checkpoint_dir=ckpt, restore=True)
+        ReplayServer(LOOSE, STATE, checkpoint_dir=ckpt, restore=True)
 
 
 def test_unreachable_address_fails_fast():
@@ -257,11 +247,11 @@ def test_unreachable_address_fails_fast():
     assert time.monotonic() - start < 15
 
 
-def episodes(spec: ObsSpec, lengths: dict, demos: bool = False) -> dict:
+def episodes(spec: ObsSpec, lengths: dict) -> dict:
     """Transitions of whole episodes, ``{(slot, episode): [transition, ...]}`` for ``lengths`` keyed alike.
 
     Every observation (the terminal one included) is distinct and ``next_obs`` of step t is ``obs`` of step
-    t+1; online transitions carry their episode's id, demos all -1 as ``DemoTransitions.replay_items`` writes."""
+    t+1; transitions carry their episode's id."""
     out, code = {}, 0
     for (slot, episode), length in lengths.items():
         frames = []
@@ -272,7 +262,7 @@ def episodes(spec: ObsSpec, lengths: dict, demos: bool = False) -> dict:
                 pattern = (np.arange(spec.image_size ** 2 * 3) % 7).reshape(spec.image_size, spec.image_size, 3)
                 obs[key] = (pattern + 2 * code + i).astype(np.uint8)
             frames.append(obs)
-        eid = np.int64(-1 if demos else 10 * slot + episode)
+        eid = np.int64(10 * slot + episode)
         out[(slot, episode)] = [
             {"obs": frames[t], "action": np.full(7, frames[t]["state"][0], np.float32),
              "base_action": np.zeros(7, np.float32), "reward": np.float32(t), "discount": np.float32(t < length - 1),
@@ -281,10 +271,10 @@ def episodes(spec: ObsSpec, lengths: dict, demos: bool = False) -> dict:
     return out
 
 
-def check_items(address: str, table: str, written: list[dict], spec: ObsSpec) -> None:
+def check_items(address: str, written: list[dict], spec: ObsSpec) -> None:
     """Sampling many times yields every written transition and only those, field by field."""
     by_action = {float(t["action"][0]): t for t in written}
-    batches = BatchIterator(address, table, batch_size=len(written), utd=8, signature_obs_spec=spec)
+    batches = BatchIterator(address, "online", batch_size=len(written), utd=8, signature_obs_spec=spec)
     batch = next(batches)
     batches.close()
     seen = set()
@@ -306,20 +296,19 @@ def stored_frames(checkpoint: str, spec: ObsSpec) -> int:
     return frames // len(spec.image_keys)
 
 
-@pytest.mark.parametrize("table", ["online", "demos"])
-def test_frames_stored_once_across_slots_episodes_and_restore(tmp_path, table):
-    """Two env slots interleaved step by step (online), or demo episodes back to back in one batch: one item per
+@pytest.mark.parametrize("batched", [False, True])
+def test_frames_stored_once_across_slots_episodes_and_restore(tmp_path, batched):
+    """Two env slots interleaved step by step, or episodes back to back in one ``write_batch``: one item per
     transition, each frame stored once (T + 1 frames for an episode of T transitions, not 2T), next_obs of a
     step is the obs of the next, the last transition's next_obs is the terminal obs, no item spans episodes;
     a checkpoint restores the same items."""
-    demos = table == "demos"
-    lengths = {(0, 0): 5, (1, 0): 3, (1, 1): 4, (0, 1): 2} if not demos else {(0, 0): 5, (0, 1): 3, (0, 2): 4}
-    eps = episodes(SMALL_IMAGES, lengths, demos=demos)
+    lengths = {(0, 0): 5, (1, 0): 3, (1, 1): 4, (0, 1): 2} if not batched else {(0, 0): 5, (0, 1): 3, (0, 2): 4}
+    eps = episodes(SMALL_IMAGES, lengths)
     written = [t for ep in eps.values() for t in ep]
     ckpt = str(tmp_path / "replay")
-    with ReplayServer(UNLIMITED, SMALL_IMAGES, num_demo_transitions=len(written), checkpoint_dir=ckpt) as server:
-        with TransitionWriter(server.address, table) as writer:
-            if demos:
+    with ReplayServer(UNLIMITED, SMALL_IMAGES, checkpoint_dir=ckpt) as server:
+        with TransitionWriter(server.address) as writer:
+            if batched:
                 writer.write_batch(tree.map_structure(lambda *xs: np.stack(xs), *written))
             else:  # slot 0 and slot 1 alternate; each slot runs its two episodes in turn
                 streams = [[t for (slot, _), ep in eps.items() if slot == s for t in ep] for s in (0, 1)]
@@ -327,13 +316,13 @@ def test_frames_stored_once_across_slots_episodes_and_restore(tmp_path, table):
                     for slot, stream in enumerate(streams):
                         if i < len(stream):
                             writer.write(stream[i], slot=slot)
-        assert server.sizes()[table] == len(written)
-        check_items(server.address, table, written, SMALL_IMAGES)
+        assert server.sizes()["online"] == len(written)
+        check_items(server.address, written, SMALL_IMAGES)
         path = server.checkpoint()
     assert stored_frames(path, SMALL_IMAGES) == len(written) + len(eps)  # naive: 2 * len(written)
-    with ReplayServer(UNLIMITED, SMALL_IMAGES, num_demo_transitions=len(written), checkpoint_dir=ckpt,
+    with ReplayServer(UNLIMITED, SMALL_IMAGES, checkpoint_dir=ckpt,
                       restore=True) as server:
-        check_items(server.address, table, written, SMALL_IMAGES)
+        check_items(server.address, written, SMALL_IMAGES)
 
 
 def smooth_episode(spec: ObsSpec, length: int) -> list[dict]:
@@ -359,7 +348,7 @@ def test_jpeg_frames_are_decoded_close_to_the_written_ones_smaller_and_restored(
     restores only into a server with the same codec. (Bytes on real renders: ``csil-bench replay``.)"""
     written = smooth_episode(IMAGES, 12)
     jpeg = dataclasses.replace(UNLIMITED, frame_codec="jpeg")
-    with ReplayServer(jpeg, IMAGES, num_demo_transitions=1, checkpoint_dir=str(tmp_path / "jpeg")) as server:
+    with ReplayServer(jpeg, IMAGES, checkpoint_dir=str(tmp_path / "jpeg")) as server:
         with TransitionWriter(server.address) as writer:
             for t in written:
                 writer.write(t)
@@ -368,7 +357,7 @@ def test_jpeg_frames_are_decoded_close_to_the_written_ones_smaller_and_restored(
     assert stored_frames(path, IMAGES) == 0
     assert sum(map(len, checkpoint_chunks(path))) < raw_frame_bytes / 4
 
-    with ReplayServer(jpeg, IMAGES, num_demo_transitions=1, checkpoint_dir=str(tmp_path / "jpeg"),
+    with ReplayServer(jpeg, IMAGES, checkpoint_dir=str(tmp_path / "jpeg"),
                       restore=True) as server:
         assert server.sizes()["online"] == len(written)
         batches = BatchIterator(server.address, "online", batch_size=len(written), utd=4, signature_obs_spec=IMAGES)
@@ -386,4 +375,4 @@ def test_jpeg_frames_are_decoded_close_to_the_written_ones_smaller_and_restored(
             for key in ("action", "reward", "episode_id"):
                 np.testing.assert_array_equal(got[key], want[key])
     with pytest.raises(ValueError, match="not the transitions of this run"):
-        ReplayServer(UNLIMITED, IMAGES, num_demo_transitions=1, checkpoint_dir=str(tmp_path / "jpeg"), restore=True)
+        ReplayServer(UNLIMITED, IMAGES, checkpoint_dir=str(tmp_path / "jpeg"), restore=True)

@@ -6,10 +6,11 @@ Both paths run the same ``agent.update`` on the same agent state in one process,
 machines here are noisy, so only same-run ratios mean anything), and the medians are reported:
 
 - ``synthetic``: one random batch put on the device once and reused; nothing but the update runs.
-- ``reverb``: a real in-process ``ReplayServer`` filled with random transitions, read through two
-  ``BatchIterator``s (online and demos) exactly as ``orchestration.trainer`` reads them.
-- ``input_only``: the reverb path without the update (next() on both iterators + device_put), i.e. how many
-  batches per second the input path can deliver when it has the machine to itself.
+- ``reverb``: the learner's own input: online batches from a real in-process ``ReplayServer`` filled with random
+  transitions, read through a ``BatchIterator`` exactly as ``orchestration.trainer`` reads them, and demo batches
+  drawn on the device from a pool of random transitions there (``learner.pretrain.sample_demos``).
+- ``input_only``: the host's part of the reverb path without the update (next() on the iterator + device_put),
+  i.e. how many env steps' worth of batches per second the input path delivers when it has the machine to itself.
 
 The online table's rate limiter is configured so that it never blocks: this measures the input path, not the
 UTD control (in training the limiter deliberately holds the learner back to the actors' pace).
@@ -28,8 +29,9 @@ from tqdm import tqdm
 
 from csil.config import SIZES as PRESET_SIZES
 from csil.config import ReplayConfig
-from csil.specs import DEMO_TABLE, ONLINE_TABLE
+from csil.specs import ONLINE_TABLE
 from learner.agent import Batch, CSILAgent
+from learner.pretrain import sample_demos
 from learner.throughput import bench_agent_config, obs_spec, random_transitions, random_update_inputs
 from replay.server import BatchIterator, ReplayServer, TransitionWriter
 
@@ -44,7 +46,8 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
     One fused update is one env step (``utd`` critic updates and one actor update), so env steps/s = updates/s
     and critic updates/s = ``utd`` x that. Each path first runs ``warmup`` untimed updates (compilation, first
     Reverb streams), then ``rounds`` rounds of ``updates`` timed updates each, alternating paths. ``items``
-    random transitions fill each table (sampled uniformly with replacement, so the count barely matters).
+    random transitions fill the online table and the demo pool (sampled uniformly with replacement, so the count
+    barely matters).
     ``fuse`` > 1 runs that many env steps' updates per call (``CSILAgent.update_many``); rates stay per env step.
     """
     spec, cfg = obs_spec(obs_mode), bench_agent_config(size, algo, batch_size, utd, unroll_utd)
@@ -56,7 +59,7 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
     keys = list(jax.random.split(key, max(updates, warmup)))
     n = cfg.utd * cfg.batch_size
     if items < n:
-        raise ValueError(f"items={items} is less than one update's utd x batch_size = {n} samples per table")
+        raise ValueError(f"items={items} is less than one update's utd x batch_size = {n} samples")
     synthetic = jax.device_put(random_update_inputs(spec, cfg, rng, fuse))
     fused_keys = [jax.random.split(k, fuse) for k in keys]
 
@@ -73,13 +76,14 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
     replay_cfg = ReplayConfig(online_size=items, samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e9)
     bar = tqdm(total=2 * warmup + rounds * 3 * updates, desc=f"learner bench ({obs_mode}, {size})", unit="update",
                file=sys.stderr, disable=not progress, mininterval=1.0)
-    with ReplayServer(replay_cfg, spec, num_demo_transitions=items) as server:
+    demo_pool = jax.device_put(Batch.from_sample(random_transitions(spec, items, rng)))
+    demo_keys = [jax.random.split(k, fuse) if fuse > 1 else k
+                 for k in jax.random.split(jax.random.fold_in(key, 1), max(updates, warmup))]
+    with ReplayServer(replay_cfg, spec) as server:
         bar.set_postfix_str("filling replay")
-        for table in (ONLINE_TABLE, DEMO_TABLE):
-            with TransitionWriter(server.address, table) as writer:
-                writer.write_batch(random_transitions(spec, items, rng))
+        with TransitionWriter(server.address, ONLINE_TABLE) as writer:
+            writer.write_batch(random_transitions(spec, items, rng))
         online = BatchIterator(server.address, ONLINE_TABLE, cfg.batch_size, cfg.utd, spec)
-        demos = BatchIterator(server.address, DEMO_TABLE, cfg.batch_size, cfg.utd, spec)
 
         def timed(count: int, step: Callable[[int], object]) -> float:
             """Updates (or batches) per second of ``count`` calls of ``step``, waiting for the device at both ends."""
@@ -95,13 +99,13 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
         def synthetic_step(i: int) -> dict:
             return update(*synthetic, i)
 
-        def sampled() -> tuple[Batch, Batch]:
+        def sampled() -> Batch:
             if fuse == 1:
-                return tuple(Batch.from_sample(next(it)) for it in (online, demos))
-            return tuple(Batch.stack([Batch.from_sample(next(it)) for _ in range(fuse)]) for it in (online, demos))
+                return Batch.from_sample(next(online))
+            return Batch.stack([Batch.from_sample(next(online)) for _ in range(fuse)])
 
         def reverb_step(i: int) -> dict:
-            return update(*sampled(), i)
+            return update(sampled(), sample_demos(demo_pool, demo_keys[i], (cfg.utd, cfg.batch_size)), i)
 
         def input_step(i: int) -> tuple:
             return jax.device_put(sampled())
@@ -116,7 +120,6 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
             rates["reverb"].append(timed(updates, reverb_step))
             rates["input_only"].append(timed(updates, input_step))
         online.close()
-        demos.close()
     bar.close()
 
     med = {name: fuse * statistics.median(values) for name, values in rates.items()}  # per env step
