@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import reverb
 import tensorflow as tf
 from reverb.cc import schema_pb2
+from reverb.cc.checkpointing import checkpoint_pb2
 
 from csil.config import ReplayConfig
 from csil.specs import ONLINE_TABLE, ObsSpec
@@ -76,6 +77,16 @@ class ReplayServer:
             reverb.Table(name=ONLINE_TABLE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
                          max_size=cfg.online_size, rate_limiter=rate_limiter(cfg), signature=signature),
         ]
+        # Reverb loads every table of a checkpoint and refuses one it has no table for: a run checkpointed before
+        # the demos moved to the learner's device also holds a "demos" table, loaded here and never read.
+        legacy = {} if found is None or not restore else {
+            name: size for name, size in checkpoint_table_sizes(found).items() if name != ONLINE_TABLE}
+        for name, size in legacy.items():
+            log.warning("the replay checkpoint %s holds table %r, which this version does not use: loaded, unread",
+                        found, name)
+            tables.append(reverb.Table(name=name, sampler=reverb.selectors.Uniform(),
+                                       remover=reverb.selectors.Fifo(), max_size=max(1, size),
+                                       rate_limiter=reverb.rate_limiters.MinSize(1), signature=signature))
         try:
             self._server = reverb.Server(tables, port=port, checkpointer=checkpointer)
         except RuntimeError as e:
@@ -161,6 +172,16 @@ def checkpoint_item_counts(path: str) -> dict[str, int]:
     except (tf.errors.OpError, ValueError) as e:
         raise RuntimeError(f"the Reverb checkpoint {path!r} is corrupt: cannot read items.tfrecord ({e})") from e
     return dict(counts)
+
+
+def checkpoint_table_sizes(path: str) -> dict[str, int]:
+    """The tables of a checkpoint (its tables.tfrecord) and their max sizes."""
+    records = tf.data.TFRecordDataset(os.path.join(path, "tables.tfrecord"), compression_type="ZLIB")
+    try:
+        tables = [checkpoint_pb2.PriorityTableCheckpoint.FromString(r) for r in records.as_numpy_iterator()]
+    except (tf.errors.OpError, ValueError) as e:
+        raise RuntimeError(f"the Reverb checkpoint {path!r} is corrupt: cannot read tables.tfrecord ({e})") from e
+    return {table.table_name: table.max_size for table in tables}
 
 
 def checkpoint_chunks(path: str) -> Iterator[bytes]:

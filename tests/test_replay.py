@@ -237,6 +237,31 @@ def test_checkpoint_and_restore(tmp_path):
         ReplayServer(LOOSE, STATE, checkpoint_dir=ckpt, restore=True)
 
 
+def test_a_checkpoint_with_the_old_demo_table_restores(tmp_path):
+    """Runs checkpointed before the demos moved to the learner's device also hold a "demos" table; Reverb refuses
+    a checkpoint table the server lacks, so the server loads it (unread) and the online table comes back whole."""
+    import reverb
+
+    ckpt = str(tmp_path / "replay")
+    signature = transition_signature(STATE)
+    old = reverb.Server([reverb.Table(name=name, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
+                                      max_size=size, rate_limiter=reverb.rate_limiters.MinSize(1),
+                                      signature=signature) for name, size in (("online", 1000), ("demos", 20))],
+                        checkpointer=reverb.checkpointers.DefaultCheckpointer(path=ckpt))
+    for table, ids in (("online", np.arange(30)), ("demos", -1 - np.arange(20))):
+        with TransitionWriter(f"localhost:{old.port}", table) as writer:
+            writer.write_batch(transitions(STATE, ids))
+    reverb.Client(f"localhost:{old.port}").checkpoint()
+    old.stop()
+    with ReplayServer(LOOSE, STATE, checkpoint_dir=ckpt, restore=True) as server:
+        assert server.sizes() == {"online": 30, "demos": 20}
+        batches = BatchIterator(server.address, "online", batch_size=8, utd=2, signature_obs_spec=STATE)
+        batch = next(batches)
+        batches.close()
+        check_consistent(batch, STATE)
+        assert (batch["episode_id"] >= 0).all()
+
+
 def test_unreachable_address_fails_fast():
     address = f"localhost:{portpicker.pick_unused_port()}"
     start = time.monotonic()
