@@ -42,6 +42,7 @@ Choices where the paper is silent (reference/algorithm.md §9):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -103,6 +104,17 @@ class Batch(NamedTuple):
     @staticmethod
     def concat(a: "Batch", b: "Batch", axis: int = 0) -> "Batch":
         return jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y], axis=axis), a, b)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def sample_demos(pool: Batch, keys: jax.Array, shape: tuple[int, ...]) -> Batch:
+    """A batch of ``shape`` transitions drawn uniformly with replacement from ``pool`` (all demo transitions on the
+    device: ``learner.pretrain.DemoTransitions.on_device``) per key: ``keys`` of shape (..., 2) give batches of
+    shape (..., *shape), each from its own key. How the learner's demo half never crosses the host."""
+    n = pool.action.shape[0]
+    draws = jax.vmap(lambda k: jax.random.randint(k, shape, 0, n))(keys.reshape(-1, keys.shape[-1]))
+    index = draws.reshape(keys.shape[:-1] + shape)
+    return jax.tree_util.tree_map(lambda x: x[index], pool)
 
 
 class AgentState(NamedTuple):

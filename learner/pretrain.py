@@ -7,7 +7,6 @@ critic evaluates it, which is why fine-tuning starts at the BC policy's performa
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
@@ -22,7 +21,7 @@ from csil.acting import ChunkSource, open_loop_base_actions, with_plan
 from csil.demos import flatten_obs
 from csil.specs import ACTION_DIM, BaseObsSpec, ObsSpec
 from csil.tasks import is_success
-from learner.agent import AgentState, Batch, CSILAgent
+from learner.agent import AgentState, Batch, CSILAgent, sample_demos
 from learner.critic import make_atoms
 
 
@@ -134,16 +133,6 @@ class DemoTransitions:
             running = rewards[t] + (0.0 if self.last[t] else discount * self.discount[t] * running)
             out[t] = running
         return out
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def sample_demos(pool: Batch, keys: jax.Array, shape: tuple[int, ...]) -> Batch:
-    """A batch of ``shape`` transitions drawn uniformly with replacement from ``pool`` (``DemoTransitions.on_device``)
-    per key: ``keys`` of shape (..., 2) give batches of shape (..., *shape), each from its own key."""
-    n = pool.action.shape[0]
-    draws = jax.vmap(lambda k: jax.random.randint(k, shape, 0, n))(keys.reshape(-1, keys.shape[-1]))
-    index = draws.reshape(keys.shape[:-1] + shape)
-    return jax.tree_util.tree_map(lambda x: x[index], pool)
 
 
 LOG_EVERY = 100  # pretraining steps between logged metrics (BC's held-out loss is computed at those steps)

@@ -26,7 +26,7 @@ import numpy as np
 from csil import compile_cache
 from csil.config import AgentConfig, agent_config
 from csil.specs import CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsSpec, Transition
-from learner.agent import Batch, CSILAgent
+from learner.agent import Batch, CSILAgent, sample_demos
 
 # Lift's state layout (eef pos, eef quat, gripper qpos, 10-d object state: 19-d); image mode keeps the proprio part.
 WIDTHS = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10}
@@ -93,9 +93,10 @@ def random_update_inputs(spec: ObsSpec, cfg: AgentConfig, rng: np.random.Generat
 
 class BareUpdate:
     """One agent, one device-resident random input and the compiled call: ``update`` (one env step) or, with
-    ``fuse`` = K > 1, ``update_many`` (K env steps in one call)."""
+    ``fuse`` = K > 1, ``update_many`` (K env steps in one call). With ``demo_pool`` > 0 the demo half is drawn
+    each call from that many device-resident transitions (``sample_demos``), as the learner does."""
 
-    def __init__(self, cfg: AgentConfig, spec: ObsSpec, fuse: int = 1, seed: int = 0):
+    def __init__(self, cfg: AgentConfig, spec: ObsSpec, fuse: int = 1, seed: int = 0, demo_pool: int = 0):
         compile_cache.enable()  # a learner started next with the same config loads the compiled update
         self.agent, self.fuse = CSILAgent(cfg, spec), fuse
         rng = np.random.default_rng(seed)
@@ -104,12 +105,17 @@ class BareUpdate:
         self.inputs = jax.device_put(random_update_inputs(spec, cfg, rng, fuse))
         self.key = jax.random.split(key, fuse) if fuse > 1 else key
         self.call = self.agent.update_many if fuse > 1 else self.agent.update
+        self.pool = jax.device_put(Batch.from_sample(random_transitions(spec, demo_pool, rng))) if demo_pool else None
+        self.demo_shape = (cfg.utd, cfg.batch_size)
         start = time.perf_counter()
         self.compiled = self.call.lower(self.state, *self.inputs, self.key).compile()
         self.compile_s = time.perf_counter() - start
 
     def step(self) -> dict:
-        self.state, metrics = self.compiled(self.state, *self.inputs, self.key)
+        online, demos = self.inputs
+        if self.pool is not None:
+            demos = sample_demos(self.pool, self.key, self.demo_shape)
+        self.state, metrics = self.compiled(self.state, online, demos, self.key)
         return metrics
 
     def rate(self, updates: int = 50, warmup: int = 3, max_s: float = 60.0) -> float:
@@ -174,6 +180,7 @@ class Variant:
     unroll_utd: bool | None = None
     compute_dtype: str = "float32"
     nonfinite_guard: str = "cond"
+    demo_pool: int = 0  # > 0: the demo half drawn on the device from this many transitions, as the learner does
 
 
 # Issue 16's questions at paper size, batch 128, UTD 4: the first variant of each observation mode is the
@@ -185,6 +192,7 @@ PRESETS: dict[str, tuple[Variant, ...]] = {
         Variant("state, K=10, UTD loop unrolled", fuse=10, unroll_utd=True),
         Variant("state, K=50 per call", fuse=50),
         Variant("state, K=10, non-finite guard as selects", fuse=10, nonfinite_guard="select"),
+        Variant("state, K=10, demo half drawn on the device", fuse=10, demo_pool=30_000),
         Variant("image fp32, one call per env step", obs="image"),
         Variant("image bf16 convolutions", obs="image", compute_dtype="bfloat16"),
         Variant("image bf16, UTD loop in lax.scan", obs="image", compute_dtype="bfloat16", unroll_utd=False),
@@ -193,6 +201,7 @@ PRESETS: dict[str, tuple[Variant, ...]] = {
     "cpu": (
         Variant("state, one call per env step"),
         Variant("state, K=10 per call", fuse=10),
+        Variant("state, K=10, demo half drawn on the device", fuse=10, demo_pool=30_000),
         Variant("image fp32, cpu size, batch 16, UTD 1", obs="image", size="cpu", batch_size=16, utd=1),
         Variant("image bf16, cpu size, batch 16, UTD 1", obs="image", size="cpu", batch_size=16, utd=1,
                 compute_dtype="bfloat16"),
@@ -201,6 +210,8 @@ PRESETS: dict[str, tuple[Variant, ...]] = {
     "smoke": (
         Variant("state, tiny, one call per env step", size="tiny", batch_size=8, utd=2),
         Variant("state, tiny, K=3 per call", size="tiny", batch_size=8, utd=2, fuse=3),
+        Variant("state, tiny, K=3, demo half drawn on the device", size="tiny", batch_size=8, utd=2, fuse=3,
+                demo_pool=1000),
     ),
 }
 
@@ -209,7 +220,7 @@ def measure(variant: Variant, updates: int, max_s: float) -> dict:
     cfg = bench_agent_config(variant.size, "csil++", variant.batch_size, variant.utd, variant.unroll_utd,
                              variant.compute_dtype)
     cfg = dataclasses.replace(cfg, nonfinite_guard=variant.nonfinite_guard)
-    bare = BareUpdate(cfg, obs_spec(variant.obs), fuse=variant.fuse)
+    bare = BareUpdate(cfg, obs_spec(variant.obs), fuse=variant.fuse, demo_pool=variant.demo_pool)
     rate = bare.rate(max(1, updates // variant.fuse), max_s=max_s)
     finite = all(bool(np.isfinite(np.asarray(v)).all()) for v in jax.tree_util.tree_leaves(bare.step()))
     return {**dataclasses.asdict(variant), "env_steps_per_s": round(rate, 2), "ms_per_env_step": round(1000 / rate, 3),

@@ -16,8 +16,8 @@ import pytest
 from csil import hetstat
 from csil.config import AgentConfig, CriticConfig, HetStatConfig, algo_config
 from csil.specs import ObsSpec
-from learner.agent import Batch, CSILAgent
-from learner.pretrain import DemoTransitions, pretrain_bc, pretrain_critic, sample_demos
+from learner.agent import Batch, CSILAgent, sample_demos
+from learner.pretrain import DemoTransitions, pretrain_bc, pretrain_critic
 
 OBS_DIM, LATENT, EP_LEN = 10, 3, 40
 SPEC = ObsSpec(mode="state", state_keys=(("synthetic", OBS_DIM),))
