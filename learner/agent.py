@@ -106,15 +106,41 @@ class Batch(NamedTuple):
         return jax.tree_util.tree_map(lambda x, y: jnp.concatenate([x, y], axis=axis), a, b)
 
 
+class DemoPool(NamedTuple):
+    """Transitions held on the device with each observation once: transition i is (frames[obs_row[i]], action[i],
+    discount[i], frames[next_row[i]], next_action[i]). Within a demo, next_obs of step t is obs of step t + 1, so
+    camera frames take half the memory of an obs + next_obs layout (``learner.pretrain.DemoTransitions.on_device``)."""
+
+    frames: Obs
+    obs_row: jax.Array
+    next_row: jax.Array
+    action: jax.Array
+    discount: jax.Array
+    next_action: jax.Array
+
+    @staticmethod
+    def of(batch: Batch) -> "DemoPool":
+        """A flat batch (leading axis: transition) as a pool that stores obs and next_obs both (no sharing)."""
+        n = len(batch.action)
+        frames = jax.tree_util.tree_map(lambda a, b: np.concatenate([a, b]), batch.obs, batch.next_obs)
+        rows = np.arange(n, dtype=np.int32)
+        return DemoPool(frames, rows, rows + n, batch.action, batch.discount, batch.next_action)
+
+
 @functools.partial(jax.jit, static_argnums=2)
-def sample_demos(pool: Batch, keys: jax.Array, shape: tuple[int, ...]) -> Batch:
-    """A batch of ``shape`` transitions drawn uniformly with replacement from ``pool`` (all demo transitions on the
-    device: ``learner.pretrain.DemoTransitions.on_device``) per key: ``keys`` of shape (..., 2) give batches of
-    shape (..., *shape), each from its own key. How the learner's demo half never crosses the host."""
+def sample_demos(pool: DemoPool, keys: jax.Array, shape: tuple[int, ...]) -> Batch:
+    """A batch of ``shape`` transitions drawn uniformly with replacement from ``pool`` per key: ``keys`` of shape
+    (..., 2) give batches of shape (..., *shape), each from its own key. How the learner's demo half never crosses
+    the host."""
     n = pool.action.shape[0]
     draws = jax.vmap(lambda k: jax.random.randint(k, shape, 0, n))(keys.reshape(-1, keys.shape[-1]))
     index = draws.reshape(keys.shape[:-1] + shape)
-    return jax.tree_util.tree_map(lambda x: x[index], pool)
+
+    def frames(rows: jax.Array) -> Obs:
+        return jax.tree_util.tree_map(lambda x: x[rows[index]], pool.frames)
+
+    return Batch(frames(pool.obs_row), pool.action[index], pool.discount[index], frames(pool.next_row),
+                 pool.next_action[index])
 
 
 class AgentState(NamedTuple):

@@ -21,7 +21,7 @@ from csil.acting import ChunkSource, open_loop_base_actions, with_plan
 from csil.demos import flatten_obs
 from csil.specs import ACTION_DIM, BaseObsSpec, ObsSpec
 from csil.tasks import is_success
-from learner.agent import AgentState, Batch, CSILAgent, sample_demos
+from learner.agent import AgentState, Batch, CSILAgent, DemoPool, sample_demos
 from learner.critic import make_atoms
 
 
@@ -118,12 +118,23 @@ class DemoTransitions:
                                    next_obs=with_plan(self.next_obs, next_plan), action=residual(self.action, plan),
                                    next_action=residual(self.next_action, next_plan))
 
-    def on_device(self) -> Batch:
-        """Every transition as one device-resident ``Batch`` (leading axis: transition), for ``sample_demos``.
+    def on_device(self) -> DemoPool:
+        """Every transition on the device, each observation once (``DemoPool``), for ``sample_demos``.
 
         The demos never change during a run, so they cross to the device once; the demo half of each update is then
-        drawn there, and the host feeds only the online half (what keeps a GPU learner fed: issue 16)."""
-        return jax.device_put(Batch(self.obs, self.action, self.discount, self.next_obs, self.next_action))
+        drawn there, and the host feeds only the online half (what keeps a GPU learner fed: issue 16). A step's
+        next_obs is stored as the next step's obs where the two are equal (always, within a demo), so only each
+        demo's final next_obs is a frame of its own."""
+        n = len(self)
+        shared = ~self.last[:-1]
+        for key, value in self.obs.items():
+            shared &= (self.next_obs[key][:-1] == value[1:]).all(axis=tuple(range(1, value.ndim)))
+        own = np.flatnonzero(~np.append(shared, False))  # transitions whose next_obs is a frame of its own
+        next_row = np.arange(1, n + 1, dtype=np.int32)
+        next_row[own] = n + np.arange(len(own), dtype=np.int32)
+        frames = {key: np.concatenate([value, self.next_obs[key][own]]) for key, value in self.obs.items()}
+        return jax.device_put(DemoPool(frames, np.arange(n, dtype=np.int32), next_row, self.action, self.discount,
+                                       self.next_action))
 
     def discounted_returns(self, rewards: np.ndarray, discount: float) -> np.ndarray:
         """Per-step discounted return-to-go within each demo under ``rewards`` (for quantile atoms)."""

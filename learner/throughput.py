@@ -26,7 +26,7 @@ import numpy as np
 from csil import compile_cache
 from csil.config import AgentConfig, agent_config
 from csil.specs import CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsSpec, Transition
-from learner.agent import Batch, CSILAgent, sample_demos
+from learner.agent import Batch, CSILAgent, DemoPool, sample_demos
 
 # Lift's state layout (eef pos, eef quat, gripper qpos, 10-d object state: 19-d); image mode keeps the proprio part.
 WIDTHS = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10}
@@ -105,7 +105,8 @@ class BareUpdate:
         self.inputs = jax.device_put(random_update_inputs(spec, cfg, rng, fuse))
         self.key = jax.random.split(key, fuse) if fuse > 1 else key
         self.call = self.agent.update_many if fuse > 1 else self.agent.update
-        self.pool = jax.device_put(Batch.from_sample(random_transitions(spec, demo_pool, rng))) if demo_pool else None
+        self.pool = jax.device_put(DemoPool.of(Batch.from_sample(random_transitions(spec, demo_pool, rng)))
+                                   ) if demo_pool else None
         self.demo_shape = (cfg.utd, cfg.batch_size)
         start = time.perf_counter()
         self.compiled = self.call.lower(self.state, *self.inputs, self.key).compile()

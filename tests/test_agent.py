@@ -62,11 +62,12 @@ def pretrained():
 
 
 def test_demo_batches_are_drawn_on_the_device_from_every_demo_transition():
-    """The learner's demo half (no Reverb table): whole transitions of the pool, uniformly over all of them, one
-    batch per key, and a stack of keys draws exactly what the keys draw one by one (so K fused updates see the same
-    demo batches as K single ones)."""
+    """The learner's demo half (no Reverb table): the pool stores each observation once, draws whole transitions
+    (next_obs the demo's own), uniformly over all of them, one batch per key, and a stack of keys draws exactly what
+    the keys draw one by one (so K fused updates see the same demo batches as K single ones)."""
     demos, _ = synthetic_demos(num_episodes=5)
     pool = demos.on_device()
+    assert len(pool.frames["state"]) == len(demos) + 5  # each observation once: T + 1 per demo of T steps
     keys = jax.random.split(jax.random.PRNGKey(3), 200)
     stacked = sample_demos(pool, keys, (4, 16))
     assert stacked.obs["state"].shape == (200, 4, 16, OBS_DIM) and stacked.action.shape == (200, 4, 16, 7)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from csil.config import SIZES as PRESET_SIZES
 from csil.config import ReplayConfig
 from csil.specs import ONLINE_TABLE
-from learner.agent import Batch, CSILAgent, sample_demos
+from learner.agent import Batch, CSILAgent, DemoPool, sample_demos
 from learner.throughput import bench_agent_config, obs_spec, random_transitions, random_update_inputs
 from replay.server import BatchIterator, ReplayServer, TransitionWriter
 
@@ -75,7 +75,7 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
     replay_cfg = ReplayConfig(online_size=items, samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e9)
     bar = tqdm(total=2 * warmup + rounds * 3 * updates, desc=f"learner bench ({obs_mode}, {size})", unit="update",
                file=sys.stderr, disable=not progress, mininterval=1.0)
-    demo_pool = jax.device_put(Batch.from_sample(random_transitions(spec, items, rng)))
+    demo_pool = jax.device_put(DemoPool.of(Batch.from_sample(random_transitions(spec, items, rng))))
     demo_keys = [jax.random.split(k, fuse) if fuse > 1 else k
                  for k in jax.random.split(jax.random.fold_in(key, 1), max(updates, warmup))]
     with ReplayServer(replay_cfg, spec) as server:
