@@ -49,6 +49,7 @@ BASE_POLICY_DEFAULTS: dict[str, BaseTrainConfig] = {
 # batch 64 on a CPU core, so the budgets are smaller than the state ones. Other tasks: BaseTrainConfig's own.
 IMAGE_BASE_POLICY_DEFAULTS: dict[str, BaseTrainConfig] = {
     "Lift": BaseTrainConfig(num_demos=25, steps=3_000, batch_size=64),  # 54% (27/50), state base 64%
+    "Can": BaseTrainConfig(num_demos=50, steps=4_000, batch_size=64),  # 34% (17/50), state base 48%
 }
 
 
