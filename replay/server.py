@@ -52,7 +52,7 @@ class ReplayServer:
     win over ``cfg``.
     """
 
-    def __init__(self, cfg: ReplayConfig, obs_spec: ObsSpec, port: int | None = None,
+    def __init__(self, cfg: ReplayConfig, obs_spec: ObsSpec, *, port: int | None = None,
                  checkpoint_dir: str | None = None, restore: bool = False):
         self.cfg = cfg
         self._checkpoint_dir = checkpoint_dir

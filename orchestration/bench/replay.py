@@ -85,7 +85,7 @@ def _serve(spec_json: str, capacity: int, checkpoint_dir: str, frame_codec: str,
     """Child process: a ReplayServer whose limiter never blocks; sends its address, stops when told."""
     cfg = ReplayConfig(online_size=capacity, samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e12,
                        frame_codec=frame_codec)
-    with ReplayServer(cfg, ObsSpec.from_json(spec_json), 1, checkpoint_dir=checkpoint_dir) as server:
+    with ReplayServer(cfg, ObsSpec.from_json(spec_json), checkpoint_dir=checkpoint_dir) as server:
         conn.send(server.address)
         conn.recv()
 
@@ -179,17 +179,10 @@ def bench_replay(task: str, obs_mode: str, transitions: int, chunk_lengths: list
     naive = results["naive"]
     frames = (f"{task} scripted expert (noise {DEFAULT_NOISE}), {sum(map(len, rollouts))} steps in {episodes} "
               "episodes, cycled")
-    def fits(gib: int, per: float) -> int | None:
-        return int(gib * GIB / per) if per > 0 else None
-
-    def over(a: float, b: float) -> float | None:
-        """a / b; None where an RSS growth was too small to see (a few transitions fit in pages already mapped)."""
-        return round(a / b, 4) if a > 0 and b > 0 else None
-
     records = []
     for lay in layouts:
         shared = results[lay]
-        per, naive_per = shared["rss_bytes_per_transition"], naive["rss_bytes_per_transition"]
+        per = shared["rss_bytes_per_transition"]
         records.append({
             "bench": "replay", "task": task, "obs": obs_mode, "transitions": transitions, "slots": slots,
             "frames": frames, "chunk_length": lay[0], "image_chunk_length": lay[1] if image else None,
@@ -197,11 +190,11 @@ def bench_replay(task: str, obs_mode: str, transitions: int, chunk_lengths: list
             "raw_bytes_per_transition": raw,
             **{f"naive_{k}": round(v, 1) for k, v in naive.items()},
             **{f"shared_{k}": round(v, 1) for k, v in shared.items()},
-            "ratio": over(per, naive_per),
+            "ratio": round(per / naive["rss_bytes_per_transition"], 4),
             "chunk_ratio": round(shared["chunk_bytes_per_transition"] / naive["chunk_bytes_per_transition"], 4),
-            "ratio_vs_raw": over(per, raw),
-            "transitions_in_16gib": fits(16, per), "transitions_in_64gib": fits(64, per),
-            "naive_transitions_in_16gib": fits(16, naive_per),
+            "ratio_vs_raw": round(per / raw, 4),
+            "transitions_in_16gib": int(16 * GIB / per), "transitions_in_64gib": int(64 * GIB / per),
+            "naive_transitions_in_16gib": int(16 * GIB / naive["rss_bytes_per_transition"]),
             "insert_ratio": round(shared["inserts_per_s"] / naive["inserts_per_s"], 4),
             "sample_ratio": round(shared["samples_per_s"] / naive["samples_per_s"], 4)})
     return records
