@@ -224,6 +224,9 @@ class AgentConfig:
     # The target must track faster while values propagate from the demo ends: with gamma = 0.99 and tau = 0.005
     # a Bellman iteration takes ~200 steps and 20k steps would cover only ~100 of them.
     critic_pretrain_tau: float = 0.05
+    # Image observations: critic pretraining keeps the encoder frozen, so each demo frame is encoded this many
+    # times, each with its own DrQ shift, once before it; its steps then run only the heads (state-mode cost).
+    critic_pretrain_shifts: int = 8
     policy: HetStatConfig = HetStatConfig()
     critic: CriticConfig = CriticConfig()
     encoder: EncoderConfig = EncoderConfig()

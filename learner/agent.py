@@ -273,23 +273,27 @@ class CSILAgent:
 
     # --- pieces -------------------------------------------------------------------------------------
 
-    def log_ratio(self, params: PyTree, obs: Obs, action: jax.Array) -> jax.Array:
-        """(1/d_a)(log π(a|s) − log p_U(a)): the per-dimension coherent log-ratio."""
-        mu, sigma = self.policy_net.apply(params, obs)
+    def log_ratio(self, params: PyTree, obs: Obs | None, action: jax.Array,
+                  features: jax.Array | None = None) -> jax.Array:
+        """(1/d_a)(log π(a|s) − log p_U(a)): the per-dimension coherent log-ratio; ``features``: ``obs`` encoded by
+        the encoder of ``params``, if already computed."""
+        mu, sigma = self.policy_net.apply(params, obs, features)
         return (hetstat.log_prob(mu, sigma, action) - hetstat.uniform_log_prob(self.action_dim)) / self.action_dim
 
-    def reward(self, params: PyTree, obs: Obs, action: jax.Array) -> jax.Array:
+    def reward(self, params: PyTree, obs: Obs | None, action: jax.Array,
+               features: jax.Array | None = None) -> jax.Array:
         """The coherent reward, ≤ 0 everywhere, ≈ −(1−γ)B far from the demonstrations."""
-        return self._coherent_reward(self.log_ratio(params, obs, action))
+        return self._coherent_reward(self.log_ratio(params, obs, action, features))
 
     def _coherent_reward(self, log_ratio: jax.Array) -> jax.Array:
         return jnp.minimum((1.0 - self.cfg.discount) * (log_ratio - self.shift), 0.0)
 
-    def rewards(self, reward_params: PyTree, obs: Obs, action: jax.Array, discount: jax.Array) -> jax.Array:
+    def rewards(self, reward_params: PyTree, obs: Obs | None, action: jax.Array, discount: jax.Array,
+                features: jax.Array | None = None) -> jax.Array:
         """The training reward of the configured variant (sparse: −(1−γ) until the success transition)."""
         if self.cfg.reward == "sparse":
             return -(1.0 - self.cfg.discount) * discount
-        return self.reward(reward_params, obs, action)
+        return self.reward(reward_params, obs, action, features)
 
     def _values(self, out: jax.Array, atoms: jax.Array) -> jax.Array:
         return C.expected_value(out, atoms) if self.categorical else out[..., 0]
@@ -347,18 +351,21 @@ class CSILAgent:
         return jnp.sqrt(jnp.mean(jnp.sum(grads**2, axis=-1)) + 1e-12)
 
     def _td_target(self, target_critic: PyTree, atoms: jax.Array, batch: Batch, rewards: jax.Array,
-                   next_action: jax.Array, next_penalty: jax.Array) -> tuple[jax.Array, jax.Array]:
+                   next_action: jax.Array, next_penalty: jax.Array,
+                   features: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Categorical: the C51-projected target distribution (target critic in train-mode BN on the joint
         batch). MSE: the scalar ``r + γ(1−d)(min_k Q_targ(s', a') − penalty)`` with the soft value clipped at
-        ``v_max`` (CSIL's clip in negative-reward mode). Also the fraction of targets outside the support."""
+        ``v_max`` (CSIL's clip in negative-reward mode). Also the fraction of targets outside the support.
+        ``features``: [s; s'] encoded by the target critic's encoder, if already computed."""
         cfg = self.cfg
         if self.categorical:
             _, logits_next, _ = C.joint_forward(self.critic_net.apply, target_critic, batch.obs, batch.action,
-                                                batch.next_obs, next_action, train=True)
+                                                batch.next_obs, next_action, train=True, features=features)
             probs = C.select_min_critic(logits_next, atoms)
             shifted = rewards[:, None] + cfg.discount * batch.discount[:, None] * (atoms[None, :] - next_penalty[:, None])
             return jax.lax.stop_gradient(C.project(shifted, probs, atoms)), C.clipped_fraction(shifted, atoms)
-        next_v = self.q_values(target_critic, batch.next_obs, next_action, atoms).min(0) - next_penalty
+        next_features = None if features is None else features[next_action.shape[0]:]
+        next_v = self.q_values(target_critic, batch.next_obs, next_action, atoms, next_features).min(0) - next_penalty
         target = rewards + cfg.discount * batch.discount * jnp.minimum(next_v, cfg.critic.v_max)
         outside = jnp.mean((target < cfg.critic.v_min) | (target > cfg.critic.v_max))
         return jax.lax.stop_gradient(target), outside
@@ -386,10 +393,11 @@ class CSILAgent:
     def _critic_grads(self, state: AgentState, batch: Batch, features: jax.Array, encoder_vjp: Any,
                       next_action: jax.Array, target: jax.Array, demo_half: int, penalty_weight: float
                       ) -> tuple[PyTree, tuple]:
-        """The critic loss's gradient: the heads' directly, the encoder's through ``encoder_vjp``."""
+        """The critic loss's gradient: the heads' directly, the encoder's through ``encoder_vjp`` (None: the
+        encoder is frozen, its gradient is left at zero)."""
         (_, aux), (grads, feature_grads) = jax.value_and_grad(self._critic_loss, argnums=(0, 1), has_aux=True)(
             state.critic["params"], features, state, batch, next_action, target, demo_half, penalty_weight)
-        if "encoder" in grads:
+        if "encoder" in grads and encoder_vjp is not None:
             grads = {**grads, "encoder": encoder_vjp(feature_grads)[0]}
         return grads, aux
 
@@ -411,16 +419,21 @@ class CSILAgent:
 
     # --- critic pretraining (SARSA on demos) ---------------------------------------------------------
 
-    def pretrain_critic_step(self, state: AgentState, demos: Batch, key: jax.Array) -> tuple[AgentState, dict]:
-        """Policy evaluation of the demonstrator: y = r + γ(1−d)·Z_targ(s', a'_demo), plus the penalty."""
-        demos = demos._replace(obs=self.augment(key, demos.obs), next_obs=self.augment(key, demos.next_obs))
-        rewards = self.rewards(state.reward, demos.obs, demos.action, demos.discount)
+    def pretrain_critic_step(self, state: AgentState, demos: Batch) -> tuple[AgentState, dict]:
+        """Policy evaluation of the demonstrator: y = r + γ(1−d)·Z_targ(s', a'_demo), plus the penalty.
+
+        ``demos.obs`` and ``demos.next_obs`` are already encoded (``learner.pretrain.encoded_demos``): in pretraining
+        the critic's encoder stays BC's, which is also π_R's and the target critic's, so one encoding serves the
+        reward, the target and the critic, and a step runs only the heads."""
+        features, next_features = demos.obs, demos.next_obs
+        rewards = self.rewards(state.reward, None, demos.action, demos.discount, features)
         zeros = jnp.zeros(demos.action.shape[0])
+        joint = jnp.concatenate([features, next_features], axis=0)
         target, clipped = self._td_target(state.target_critic, state.atoms, demos, rewards, demos.next_action,
-                                          zeros)
-        features, encoder_vjp, _ = self._critic_features(state.critic["params"], demos)
-        grads, (stats, td, penalty, q) = self._critic_grads(state, demos, features, encoder_vjp, demos.next_action,
-                                                            target, demos.action.shape[0], self.cfg.grad_penalty_pretrain)
+                                          zeros, joint)
+        grads, (stats, td, penalty, q) = self._critic_grads(
+            state, demos, joint if self.categorical else features, None, demos.next_action, target,
+            demos.action.shape[0], self.cfg.grad_penalty_pretrain)
         state = self._apply_critic_grads(state, grads, stats, self.cfg.critic_pretrain_tau, self.critic_pretrain_opt,
                                          online=False)
         state = state._replace(step=state.step + 1)

@@ -231,19 +231,53 @@ def initial_atoms(agent: CSILAgent, bc_params, demos: DemoTransitions):
     return make_atoms(cfg.critic, demos.discounted_returns(rewards, cfg.discount))
 
 
+def encoded_demos(agent: CSILAgent, state: AgentState, demos: DemoTransitions, key: jax.Array,
+                  progress: bool = True, chunk: int = 256) -> DemoPool:
+    """The demos as a ``DemoPool`` of features, for critic pretraining: every frame encoded by the critic's encoder
+    ``critic_pretrain_shifts`` times, each with its own DrQ shift (state observations: once, unshifted).
+
+    In pretraining the critic's encoder is frozen at BC's, and π_R and the target critic read the same one, so a
+    step that encoded its batch would compute features it could have looked up: image critic pretraining then
+    costs what state pretraining does (results/image-first-run: 100 steps took 2.5 min that way)."""
+    for other, name in ((state.target_critic, "target critic"), (state.reward, "reward (π_R)")):
+        same = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)),
+                                      _encoder_of(state.critic), _encoder_of(other))
+        if not all(jax.tree_util.tree_leaves(same)):
+            raise ValueError(f"critic pretraining expects the {name} to share the critic's (BC's) encoder")
+    pool = demos.on_device()
+    copies = max(1, agent.cfg.critic_pretrain_shifts) if agent.spec.cameras else 1
+    frames = len(jax.tree_util.tree_leaves(pool.frames)[0])
+    encode = jax.jit(lambda obs, k: agent.encode(state.critic, agent.augment(k, obs) if agent.spec.cameras else obs))
+    parts, keys = [], jax.random.split(key, copies * -(-frames // chunk))
+    for i in trange(len(keys), desc="encoding demo frames", disable=not progress or not agent.spec.cameras,
+                    mininterval=1.0):
+        start = (i % -(-frames // chunk)) * chunk
+        parts.append(encode(jax.tree_util.tree_map(lambda x: x[start:start + chunk], pool.frames), keys[i]))
+    offsets = (np.arange(copies) * frames)[:, None]
+    tile = lambda x: jnp.tile(x, (copies,) + (1,) * (x.ndim - 1))  # noqa: E731
+    return DemoPool(jnp.concatenate(parts), (pool.obs_row[None] + offsets).reshape(-1),
+                    (pool.next_row[None] + offsets).reshape(-1), tile(pool.action), tile(pool.discount),
+                    tile(pool.next_action))
+
+
+def _encoder_of(params: dict) -> dict:
+    params = params["params"] if "params" in params else params
+    return params.get("encoder", {})
+
+
 def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions, steps: int, seed: int = 0,
                     progress: bool = True, on_log: Callable[[dict], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> tuple[AgentState, list[dict]]:
     """SARSA policy evaluation of the demonstrator under the training reward (batch = 2 × batch_size); ``on_log``
-    and ``should_stop`` as in ``pretrain_bc``. Batches are drawn on the device (``sample_demos``)."""
-    key = jax.random.PRNGKey(seed)
-    pool = demos.on_device()
+    and ``should_stop`` as in ``pretrain_bc``. Batches are drawn on the device from the encoded demos
+    (``encoded_demos``)."""
+    key, encode_key = jax.random.split(jax.random.PRNGKey(seed))
+    pool = encoded_demos(agent, state, demos, encode_key, progress)
     batch = 2 * agent.cfg.batch_size
 
     @jax.jit
     def step(state, pool, key):
-        sample_key, step_key = jax.random.split(key)
-        return agent.pretrain_critic_step(state, sample_demos(pool, sample_key, (batch,)), step_key)
+        return agent.pretrain_critic_step(state, sample_demos(pool, key, (batch,)))
 
     def critic_step() -> dict:
         nonlocal state, key
