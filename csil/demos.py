@@ -46,6 +46,7 @@ class Episode:
     states: np.ndarray | None = None  # (N, D) flattened MuJoCo state before each action
     model_file: str | None = None  # MJCF xml, needed to reset a robosuite env to ``states``
     ep_meta: str | None = None  # JSON episode metadata (robosuite >= 1.5)
+    seed: int | None = None  # the env seed it ran with, if known (what a resumed generator continues after)
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])
@@ -305,20 +306,60 @@ class DemoWriter:
     """Writes a robomimic demo file one episode at a time.
 
     Each ``add`` writes and flushes a complete ``demo_<i>`` group and updates ``data.attrs["total"]``, so a
-    crashed generator leaves a readable file that lacks at most the episode in progress. ``close`` adds the
-    filter keys (robomimic's train/valid split unless ``masks`` is given).
+    crashed generator leaves a readable file that lacks at most the episode in progress; ``resume`` continues such
+    a file. ``close`` adds the filter keys (robomimic's train/valid split unless ``masks`` is given). ``source``
+    (JSON-able) records what produced the demos, so that only the same generator resumes a file.
     """
 
-    def __init__(self, path: str | os.PathLike, env_args: dict, compress_images: bool = True):
+    def __init__(self, path: str | os.PathLike, env_args: dict, compress_images: bool = True,
+                 source: dict | None = None, resume: bool = False):
         self.path = os.fspath(path)
         self.compress_images = compress_images
         self.names: list[str] = []
+        self.seeds: list[int | None] = []  # of the demos written, in order
         self.total = 0
         env_args_json = json.dumps(env_args, indent=4)  # fails before the file is created
-        self._file: h5py.File | None = h5py.File(self.path, "w")
+        source_json = json.dumps(source or {}, sort_keys=True)
+        if resume:
+            self._file: h5py.File | None = h5py.File(self.path, "a")
+            self._data = self._file["data"]
+            self._reopen(env_args_json, source_json)
+            return
+        self._file = h5py.File(self.path, "w")
         self._data = self._file.create_group("data")
         self._data.attrs["env_args"] = env_args_json
+        self._data.attrs["source"] = source_json
         self._data.attrs["total"] = 0
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, env_args: dict, compress_images: bool = True,
+               source: dict | None = None) -> "DemoWriter":
+        """Continue a file a stopped writer left (``add`` appends after its demos; a demo it was killed inside is
+        dropped, and filter keys are rewritten at ``close``). ``DemoFileError`` if the file cannot be read or was
+        written for other env settings or by another ``source``."""
+        try:
+            return cls(path, env_args, compress_images, source, resume=True)
+        except (OSError, KeyError) as err:
+            raise DemoFileError(f"{path}: cannot resume this demo file ({err})") from err
+
+    def _reopen(self, env_args_json: str, source_json: str) -> None:
+        for attr, want in (("env_args", env_args_json), ("source", source_json)):
+            if self._data.attrs.get(attr) != want:
+                self._file.close()
+                self._file = None
+                raise DemoFileError(f"{self.path}: written with other {attr}; it cannot be resumed")
+        if "mask" in self._file:
+            del self._file["mask"]
+        names = sorted((n for n in self._data if n.startswith("demo_")), key=lambda n: int(n.split("_")[1]))
+        for i, name in enumerate(names):
+            if name != f"demo_{i}" or "num_samples" not in self._data[name].attrs:  # num_samples is written last
+                for late in names[i:]:
+                    del self._data[late]
+                break
+            self.names.append(name)
+            self.seeds.append(int(self._data[name].attrs["seed"]) if "seed" in self._data[name].attrs else None)
+            self.total += int(self._data[name].attrs["num_samples"])
+        self._data.attrs["total"] = self.total
 
     def add(self, episode: Episode) -> str:
         """Write one episode as the next ``demo_<i>``; returns that name."""
@@ -328,11 +369,12 @@ class DemoWriter:
         self._check(episode, f"{self.path}: {name}")
         group = self._data.create_group(name)
         try:
-            group.attrs["num_samples"] = len(episode)
             if episode.model_file is not None:
                 group.attrs["model_file"] = episode.model_file
             if episode.ep_meta is not None:
                 group.attrs["ep_meta"] = episode.ep_meta
+            if episode.seed is not None:
+                group.attrs["seed"] = episode.seed
             group.create_dataset("actions", data=np.asarray(episode.actions, np.float32))
             group.create_dataset("rewards", data=np.asarray(episode.rewards, np.float32))
             group.create_dataset("dones", data=np.asarray(episode.dones).astype(np.int64))  # robomimic stores ints
@@ -341,10 +383,12 @@ class DemoWriter:
             self._write_obs(group.create_group("obs"), episode.obs)
             if episode.next_obs is not None:
                 self._write_obs(group.create_group("next_obs"), episode.next_obs)
+            group.attrs["num_samples"] = len(episode)  # last: a demo without it was cut off (see resume)
         except BaseException:
             del self._data[name]  # never leave a half-written demo behind
             raise
         self.names.append(name)
+        self.seeds.append(episode.seed)
         self.total += len(episode)
         self._data.attrs["total"] = self.total
         self._file.flush()

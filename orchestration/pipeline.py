@@ -19,7 +19,7 @@ from tqdm import tqdm
 from actors.rollout import run_episodes
 from csil.base_policy import ChunkDataset, save_base_policy, train_base_policy
 from csil.config import BaseTrainConfig, DemoConfig, base_policy_defaults, cache_dir
-from csil.demos import DemoWriter, Episode, read_demos, spec_from_demos
+from csil.demos import DemoFileError, DemoWriter, Episode, read_demos, spec_from_demos
 from csil.envs import robomimic_env_args, robosuite_kwargs
 from csil.experts import EXPERT_TASKS
 from csil.tasks import get_task
@@ -29,7 +29,9 @@ def generate_demos(cfg: DemoConfig, out: str | Path, progress: bool = True) -> d
     """Run the scripted expert on seeds cfg.seed, cfg.seed+1, ... and keep successful episodes only.
 
     Results are accepted in seed order (a contiguous prefix of seeds), so the file does not depend on how
-    many workers ran or in which order they finished. Returns a summary with the expert's success rate.
+    many workers ran or in which order they finished. The file is written as ``out``.partial and renamed when
+    complete; a stopped run's partial file is resumed after its last demo's seed (rendered demos cost ~20 s each),
+    so the result is the same file an uninterrupted run writes. Returns a summary with the expert's success rate.
     """
     task = get_task(cfg.task)
     if task.name not in EXPERT_TASKS:
@@ -39,32 +41,53 @@ def generate_demos(cfg: DemoConfig, out: str | Path, progress: bool = True) -> d
     tmp = out.with_suffix(out.suffix + ".partial")
     env_args = robomimic_env_args(task, robosuite_kwargs(task, cfg.obs_mode))
     start = time.time()
+    writer = _resumed_writer(tmp, env_args, cfg)
     waiting: dict[int, object] = {}
-    next_seed, attempted, kept = cfg.seed, 0, 0
-    bar = tqdm(total=cfg.num, desc=f"{task.name} demos", unit="demo", disable=not progress)
-    results = run_episodes(task.name, cfg.obs_mode, "expert", count(cfg.seed), prompt=task.prompt,
-                           workers=cfg.workers, record=True, noise=cfg.noise)
-    with DemoWriter(tmp, env_args) as writer:
-        for result in results:
-            waiting[result.seed] = result
-            while next_seed in waiting and kept < cfg.num:
-                res = waiting.pop(next_seed)
-                next_seed += 1
-                attempted += 1
-                if res.success:
-                    writer.add(Episode(**res.trajectory))
-                    kept += 1
-                    bar.update(1)
-                bar.set_postfix(success=f"{kept / attempted:.0%}")
-            if kept >= cfg.num:
-                break
-        results.close()
+    kept = len(writer.names)
+    next_seed = writer.seeds[-1] + 1 if kept else cfg.seed
+    attempted = next_seed - cfg.seed
+    bar = tqdm(total=cfg.num, initial=min(kept, cfg.num), desc=f"{task.name} demos", unit="demo",
+               disable=not progress)
+    with writer:
+        if kept < cfg.num:
+            results = run_episodes(task.name, cfg.obs_mode, "expert", count(next_seed), prompt=task.prompt,
+                                   workers=cfg.workers, record=True, noise=cfg.noise)
+            for result in results:
+                waiting[result.seed] = result
+                while next_seed in waiting and kept < cfg.num:
+                    res = waiting.pop(next_seed)
+                    next_seed += 1
+                    attempted += 1
+                    if res.success:
+                        writer.add(Episode(**res.trajectory, seed=res.seed))
+                        kept += 1
+                        bar.update(1)
+                    bar.set_postfix(success=f"{kept / attempted:.0%}")
+                if kept >= cfg.num:
+                    break
+            results.close()
     bar.close()
     tmp.replace(out)
     return {"task": task.name, "out": str(out), "demos": kept, "attempted": attempted,
             "expert_success_rate": kept / max(attempted, 1), "seconds": round(time.time() - start, 1)}
 
 
+def _resumed_writer(tmp: Path, env_args: dict, cfg: DemoConfig) -> DemoWriter:
+    """A writer that continues ``tmp`` if a stopped run with the same settings left it, else a fresh one."""
+    source = {"expert": cfg.task, "obs_mode": cfg.obs_mode, "first_seed": cfg.seed, "noise": cfg.noise, "num": cfg.num}
+    if tmp.exists():
+        try:
+            writer = DemoWriter.resume(tmp, env_args, source=source)
+        except DemoFileError as err:
+            print(f"starting {tmp} afresh: {err}")
+        else:
+            if None not in writer.seeds:
+                if writer.names:
+                    print(f"resuming {tmp}: {len(writer.names)} demos kept, continuing after seed {writer.seeds[-1]}")
+                return writer
+            writer.close()
+            print(f"starting {tmp} afresh: its demos do not record their seeds")
+    return DemoWriter(tmp, env_args, source=source)
 def _key(obj) -> str:
     return hashlib.sha1(json.dumps(dataclasses.asdict(obj), sort_keys=True).encode()).hexdigest()[:8]
 

@@ -9,7 +9,7 @@ import pytest
 from csil.acting import base_observation
 from csil.base_policy import LocalBasePolicy
 from csil.config import BaseTrainConfig, DemoConfig
-from csil.demos import read_demos
+from csil.demos import DemoWriter, read_demos
 from csil.envs import CsilEnv
 from orchestration.pipeline import ensure_base_policy, generate_demos, train_base_from_file
 
@@ -48,6 +48,29 @@ def test_generation_is_independent_of_worker_count(lift_demos, tmp_path):
     first_two = read_demos(lift_demos[0], num_demos=2).episodes
     for a, b in zip(read_demos(path).episodes, first_two):
         np.testing.assert_array_equal(a.obs["object"][0], b.obs["object"][0])
+
+
+def test_stopped_generation_resumes_after_its_last_demo(lift_demos, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during generation keeps the demos written so far; the same command continues after the last one's
+    seed and writes the file an uninterrupted run writes."""
+    path = tmp_path / "resumed.hdf5"
+    add = DemoWriter.add
+
+    def add_then_stop(writer, episode):
+        if len(writer.names) == 2:
+            raise KeyboardInterrupt
+        return add(writer, episode)
+
+    monkeypatch.setattr(DemoWriter, "add", add_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        generate_demos(DemoConfig(task="Lift", num=4, seed=0, workers=1), path, progress=False)
+    monkeypatch.setattr(DemoWriter, "add", add)
+    assert not path.exists() and len(read_demos(f"{path}.partial").episodes) == 2
+    summary = generate_demos(DemoConfig(task="Lift", num=4, seed=0, workers=1), path, progress=False)
+    assert "resuming" in capsys.readouterr().out
+    assert summary["demos"] == 4 and summary["attempted"] == lift_demos[1]["attempted"]
+    for a, b in zip(read_demos(path).episodes, read_demos(lift_demos[0]).episodes, strict=True):
+        np.testing.assert_array_equal(a.obs["object"], b.obs["object"])
 
 
 def test_training_fits_the_demo_chunks(lift_base):

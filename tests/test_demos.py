@@ -129,8 +129,9 @@ def test_writer_explicit_masks_and_missing_next_obs(tmp_path):
     np.testing.assert_array_equal(derived[-1], ep.obs["robot0_eef_pos"][-1])
 
 
-def test_crashed_writer_leaves_a_readable_file(tmp_path):
-    """Each add is flushed: a process killed mid-run keeps every finished episode and a correct total."""
+def test_crashed_writer_leaves_a_readable_file_that_resumes(tmp_path):
+    """Each add is flushed: a process killed mid-run keeps every finished episode and a correct total, and a
+    writer resumed on that file continues after them (a demo cut off mid-write is dropped)."""
     path = tmp_path / "crash.hdf5"
     script = f"""
 import os, sys, numpy as np
@@ -141,13 +142,24 @@ rng = np.random.default_rng(0)
 writer = DemoWriter({str(path)!r}, {{"env_name": "Lift", "env_kwargs": {{"robots": ["Panda"]}}}})
 writer.add(make_episode(3, rng))
 writer.add(make_episode(4, rng))
+writer._data.create_group("demo_2").create_dataset("actions", data=np.zeros((5, 7)))  # killed inside an add
+writer._file.flush()
 os._exit(1)
 """
     assert subprocess.run([sys.executable, "-c", script]).returncode == 1
-    ds = read_demos(path)
-    assert ds.names == ["demo_0", "demo_1"] and ds.masks == {}
     with h5py.File(path, "r") as f:
-        assert f["data"].attrs["total"] == 7
+        assert f["data"].attrs["total"] == 7 and "mask" not in f
+    assert read_demos(path, num_demos=2).names == ["demo_0", "demo_1"]
+    env_args = {"env_name": "Lift", "env_kwargs": {"robots": ["Panda"]}}
+    with pytest.raises(DemoFileError, match="other env_args"):
+        DemoWriter.resume(path, {**env_args, "env_name": "Can"})
+    with pytest.raises(DemoFileError, match="other source"):
+        DemoWriter.resume(path, env_args, source={"expert": "Lift"})
+    with DemoWriter.resume(path, env_args) as writer:  # the cut-off demo is dropped, the finished ones kept
+        assert writer.names == ["demo_0", "demo_1"] and writer.total == 7
+        assert writer.add(make_episode(2, np.random.default_rng(5))) == "demo_2"
+    ds = read_demos(path)
+    assert [len(ep) for ep in ds.episodes] == [3, 4, 2] and sorted(ds.masks) == ["train", "valid"]
 
 
 # --- robomimic / MimicGen files from robosuite 1.4.1 ------------------------------------------------------
