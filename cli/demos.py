@@ -18,8 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="run the scripted expert and keep successful episodes only",
                          description="Run the task's scripted expert on seeds S, S+1, ... and write the successful "
-                                     "episodes (robomimic layout, train/valid masks) until --num are kept.")
-    gen.add_argument("--task", required=True, help="task name: Lift, Can, Square (Stack if it has an expert)")
+                                     "episodes (robomimic layout, train/valid masks) until --num are kept. The file "
+                                     "is written as OUT.partial and renamed when complete; a stopped run (Ctrl-C, "
+                                     "a killed process) resumes after the last demo in it when run again.")
+    gen.add_argument("--task", required=True, help="task name: Lift, Can, Square, NutAssembly or Stack (the tasks with a scripted expert)")
     gen.add_argument("--num", type=at_least(1), default=DemoConfig.num, help="successful episodes to keep (default %(default)s)")
     gen.add_argument("--obs", choices=("state", "image"), default="state",
                      help="state: low-dim keys only; image: also render agentview + wrist 84x84 (slow on CPU)")
