@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tqdm import trange
+from tqdm import tqdm, trange
 
 from csil import hetstat
 from csil.acting import ChunkSource, open_loop_base_actions, with_plan
@@ -248,11 +248,10 @@ def encoded_demos(agent: CSILAgent, state: AgentState, demos: DemoTransitions, k
     copies = max(1, agent.cfg.critic_pretrain_shifts) if agent.spec.cameras else 1
     frames = len(jax.tree_util.tree_leaves(pool.frames)[0])
     encode = jax.jit(lambda obs, k: agent.encode(state.critic, agent.augment(k, obs) if agent.spec.cameras else obs))
-    parts, keys = [], jax.random.split(key, copies * -(-frames // chunk))
-    for i in trange(len(keys), desc="encoding demo frames", disable=not progress or not agent.spec.cameras,
-                    mininterval=1.0):
-        start = (i % -(-frames // chunk)) * chunk
-        parts.append(encode(jax.tree_util.tree_map(lambda x: x[start:start + chunk], pool.frames), keys[i]))
+    starts = [start for _ in range(copies) for start in range(0, frames, chunk)]  # copy after copy, in chunks
+    bar = tqdm(starts, desc="encoding demo frames", disable=not progress or not agent.spec.cameras, mininterval=1.0)
+    parts = [encode(jax.tree_util.tree_map(lambda x: x[start:start + chunk], pool.frames), k)
+             for start, k in zip(bar, jax.random.split(key, len(starts)))]
     offsets = (np.arange(copies) * frames)[:, None]
     tile = lambda x: jnp.tile(x, (copies,) + (1,) * (x.ndim - 1))  # noqa: E731
     return DemoPool(jnp.concatenate(parts), (pool.obs_row[None] + offsets).reshape(-1),
