@@ -270,6 +270,8 @@ def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions,
     """SARSA policy evaluation of the demonstrator under the training reward (batch = 2 × batch_size); ``on_log``
     and ``should_stop`` as in ``pretrain_bc``. Batches are drawn on the device from the encoded demos
     (``encoded_demos``)."""
+    if steps == 0:  # XQC+OD: no critic pretraining, nothing to encode
+        return state, []
     key, encode_key = jax.random.split(jax.random.PRNGKey(seed))
     pool = encoded_demos(agent, state, demos, encode_key, progress)
     batch = 2 * agent.cfg.batch_size
