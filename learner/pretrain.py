@@ -288,4 +288,9 @@ def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions,
 
     log = _run("critic pretraining", steps, critic_step, {"critic_loss": ".3f", "q_mean": ".2f"}, progress, on_log,
                should_stop)
+    if agent.spec.cameras:
+        # The frozen encoder's Adam moments are still zero while the optimiser's shared step count is not, so bias
+        # correction would scale its first online steps up to ~6× the learning rate (the policy reads that encoder):
+        # online training starts its own Adam instead.
+        state = state._replace(critic_opt=agent.critic_opt.init(state.critic["params"]))
     return state, log

@@ -314,6 +314,12 @@ def test_image_critic_pretraining_leaves_the_policy_at_bc():
     policy, anchor = (agent.policy_net.apply(p, demos.obs) for p in (state.policy, state.bc))
     kl = hetstat.gaussian_kl(*policy, *anchor)  # on the demo states
     assert float(jnp.max(kl)) < 1e-6, kl
+    # The encoder enters training online: its first step is Adam's first, at most the learning rate per parameter.
+    online = demos.sample(np.random.default_rng(1), (1, cfg.batch_size))
+    after, _ = CSILAgent(dataclasses.replace(cfg, utd=1), IMAGE_SPEC).update(state, online, online, jax.random.PRNGKey(2))
+    step = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), after.critic["params"]["encoder"],
+                                  state.critic["params"]["encoder"])
+    assert 0 < max(jax.tree_util.tree_leaves(step)) <= 1.01 * cfg.critic_lr
     head_moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), state.critic["params"]["critics"],
                                         start.critic["params"]["critics"])
     assert max(jax.tree_util.tree_leaves(head_moved)) > 0  # the critic did learn, on the BC encoder's features
