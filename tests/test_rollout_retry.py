@@ -17,7 +17,16 @@ SEEDS = range(1_000_000, 1_000_006)
 
 
 def _rollout_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "ray::RolloutWorker" in " ".join(p.info["cmdline"] or [])]
+    """This session's rollout workers: descendants of this process, which started the local Ray (another pytest-xdist
+    worker's or another run's are not ours to wait for)."""
+    workers = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ray::RolloutWorker" in " ".join(p.cmdline()):
+                workers.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return workers
 
 
 def test_a_killed_rollout_worker_is_retried_on_the_same_scenes(ray_local):
