@@ -322,8 +322,13 @@ class DemoWriter:
         source_json = json.dumps(source or {}, sort_keys=True)
         if resume:
             self._file: h5py.File | None = h5py.File(self.path, "a")
-            self._data = self._file["data"]
-            self._reopen(env_args_json, source_json)
+            try:
+                self._data = self._file["data"]
+                self._reopen(env_args_json, source_json)
+            except BaseException:
+                self._file.close()  # the caller may start the file afresh
+                self._file = None
+                raise
             return
         self._file = h5py.File(self.path, "w")
         self._data = self._file.create_group("data")
@@ -345,8 +350,6 @@ class DemoWriter:
     def _reopen(self, env_args_json: str, source_json: str) -> None:
         for attr, want in (("env_args", env_args_json), ("source", source_json)):
             if self._data.attrs.get(attr) != want:
-                self._file.close()
-                self._file = None
                 raise DemoFileError(f"{self.path}: written with other {attr}; it cannot be resumed")
         if "mask" in self._file:
             del self._file["mask"]
