@@ -237,8 +237,14 @@ class CSILAgent:
         """The features the heads of ``params`` (a policy's or a critic's) see: its encoder applied to ``obs``
         (the state itself, without cameras). The update encodes each batch once per encoder and shares the result
         between the heads that read it."""
+        return self._apply_encoder(self.encoder_params(params), obs)
+
+    @staticmethod
+    def encoder_params(params: PyTree) -> PyTree:
+        """The encoder's parameters in a policy's or critic's tree (``{"params": ...}`` or its inner dict); ``{}``
+        without cameras."""
         params = params["params"] if "params" in params else params
-        return self._apply_encoder(params.get("encoder", {}), obs)
+        return params.get("encoder", {})
 
     def _apply_encoder(self, encoder: PyTree, obs: Obs) -> jax.Array:
         """The encoder with parameters ``encoder`` (``{}`` without cameras: it then passes the state through)."""

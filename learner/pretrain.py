@@ -241,7 +241,7 @@ def encoded_demos(agent: CSILAgent, state: AgentState, demos: DemoTransitions, k
     costs what state pretraining does (results/image-first-run: 100 steps took 2.5 min that way)."""
     for other, name in ((state.target_critic, "target critic"), (state.reward, "reward (π_R)")):
         same = jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)),
-                                      _encoder_of(state.critic), _encoder_of(other))
+                                      agent.encoder_params(state.critic), agent.encoder_params(other))
         if not all(jax.tree_util.tree_leaves(same)):
             raise ValueError(f"critic pretraining expects the {name} to share the critic's (BC's) encoder")
     pool = demos.on_device()
@@ -257,11 +257,6 @@ def encoded_demos(agent: CSILAgent, state: AgentState, demos: DemoTransitions, k
     return DemoPool(jnp.concatenate(parts), (pool.obs_row[None] + offsets).reshape(-1),
                     (pool.next_row[None] + offsets).reshape(-1), tile(pool.action), tile(pool.discount),
                     tile(pool.next_action))
-
-
-def _encoder_of(params: dict) -> dict:
-    params = params["params"] if "params" in params else params
-    return params.get("encoder", {})
 
 
 def pretrain_critic(agent: CSILAgent, state: AgentState, demos: DemoTransitions, steps: int, seed: int = 0,

@@ -88,6 +88,8 @@ def _resumed_writer(tmp: Path, env_args: dict, cfg: DemoConfig) -> DemoWriter:
             writer.close()
             print(f"starting {tmp} afresh: its demos do not record their seeds")
     return DemoWriter(tmp, env_args, source=source)
+
+
 def _key(obj) -> str:
     return hashlib.sha1(json.dumps(dataclasses.asdict(obj), sort_keys=True).encode()).hexdigest()[:8]
 
