@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate, cosine decay")
     train.add_argument("--obs", choices=("state", "image"), default="state",
                        help="state: low-dim obs; image: agentview + wrist cameras + proprioception")
+    train.add_argument("--image-pool", choices=("mean", "spatial_softmax"), default=None,
+                       help="image mode: how each camera's conv feature maps become features; mean keeps what is "
+                            "seen, spatial_softmax also where (default: the task's documented setting, else %s)"
+                            % d.image_pool)
     train.add_argument("--seed", type=at_least(0), default=d.seed, help="training seed (default %(default)s)")
     prepare = sub.add_parser("prepare", help="build the cached default base policy of a task (demos + training)",
                              description="Generate demos and train with the task's documented settings, "
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         num_demos=args.num_demos,  # None: every demo of the file given (the task's preset is for `prepare`)
         steps=args.steps if args.steps is not None else default.steps,
         batch_size=args.batch_size if args.batch_size is not None else default.batch_size,
+        image_pool=args.image_pool or default.image_pool,
         learning_rate=args.lr, seed=args.seed,
     )
     emit_json(pipeline.train_base_from_file(args.demos, args.out, cfg, obs_mode=args.obs))

@@ -27,21 +27,27 @@ from openpi_client.base_policy import BasePolicy
 from csil import compile_cache
 from csil.config import BaseTrainConfig
 from csil.demos import flatten_obs
-from csil.encoders import random_shift
+from csil.encoders import SpatialSoftmax, random_shift
 from csil.specs import ACTION_DIM, OPENPI_KEYS, BaseObsSpec, ObsSpec
 
 
 class ImageEncoder(nn.Module):
-    """Small conv net per camera: stride-2 convs, then a global average and a projection."""
+    """Small conv net per camera: stride-2 convs, then a pooling and a projection.
+
+    ``pool="mean"`` averages each feature map over the image, which keeps what is seen but not where;
+    ``"spatial_softmax"`` keeps each map's (x, y) keypoint, which precise placing (Square's peg) needs.
+    """
 
     channels: Sequence[int]
+    pool: str = "mean"
 
     @nn.compact
     def __call__(self, image: jax.Array) -> jax.Array:
         x = image.astype(jnp.float32) / 127.5 - 1.0
         for c in self.channels:
             x = nn.relu(nn.Conv(c, (3, 3), strides=(2, 2))(x))
-        return nn.Dense(128)(x.mean(axis=(-3, -2)))
+        pooled = SpatialSoftmax()(x) if self.pool == "spatial_softmax" else x.mean(axis=(-3, -2))
+        return nn.Dense(128)(pooled)
 
 
 class ChunkingBC(nn.Module):
@@ -51,10 +57,12 @@ class ChunkingBC(nn.Module):
     chunk_length: int
     image_keys: Sequence[str] = ()
     image_channels: Sequence[int] = (32, 64, 64)
+    image_pool: str = "mean"
 
     @nn.compact
     def __call__(self, state: jax.Array, images: dict[str, jax.Array]) -> jax.Array:
-        feats = [state] + [ImageEncoder(self.image_channels, name=f"encoder_{k}")(images[k]) for k in self.image_keys]
+        feats = [state] + [ImageEncoder(self.image_channels, self.image_pool, name=f"encoder_{k}")(images[k])
+                           for k in self.image_keys]
         x = jnp.concatenate(feats, axis=-1)
         for width in self.hidden:
             x = nn.gelu(nn.LayerNorm()(nn.Dense(width)(x)))
@@ -94,7 +102,7 @@ def train_base_policy(
     """Train the chunking model; returns (params, normalisation stats, loss curve every 100 steps)."""
     from tqdm import trange
 
-    model = ChunkingBC(cfg.hidden, cfg.chunk_length, spec.image_keys, cfg.image_channels)
+    model = ChunkingBC(cfg.hidden, cfg.chunk_length, spec.image_keys, cfg.image_channels, cfg.image_pool)
     mean = dataset.state.mean(0)
     std = dataset.state.std(0) + 1e-3
     stats = {"state_mean": mean.astype(np.float32), "state_std": std.astype(np.float32)}
@@ -168,7 +176,7 @@ class LocalBasePolicy(BasePolicy):
         train = self.meta["train"]
         self.chunk_length = int(train["chunk_length"])
         self.model = ChunkingBC(tuple(train["hidden"]), self.chunk_length, self.spec.image_keys,
-                                tuple(train["image_channels"]))
+                                tuple(train["image_channels"]), train.get("image_pool", "mean"))
         arrays = self.spec.arrays()
         dummy_images = {k: arrays[k].zeros((1,)) for k in self.spec.image_keys}
         dim = self.spec.state_dim

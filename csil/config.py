@@ -32,6 +32,7 @@ class BaseTrainConfig:
     loss: str = "l1"  # "l1" (ACT's choice: sharper than MSE on multi-modal demos) or "mse"
     image_channels: tuple[int, ...] = (32, 64, 64)  # conv encoder per camera, image observations only
     image_shift: int = 4  # random-shift augmentation (pixels), image observations only
+    image_pool: str = "mean"  # "mean" or "spatial_softmax": how a camera's feature maps become features
     seed: int = 0
 
 

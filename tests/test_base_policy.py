@@ -148,3 +148,29 @@ def test_image_base_policy_is_built_once_in_the_cache_and_infers(ray_local):
 def test_image_training_on_state_only_demos_names_the_missing_keys(lift_demos, tmp_path):
     with pytest.raises(ValueError, match="agentview_image"):
         train_base_from_file(lift_demos[0], tmp_path / "x", TINY, obs_mode="image", progress=False)
+
+
+def test_image_pool_is_a_training_flag_the_saved_policy_remembers(lift_image_setup, tmp_path, capsys):
+    """`csil-base train --image-pool spatial_softmax` (keypoints: where a feature fires) is rebuilt on loading;
+    a directory written before the flag existed loads with the mean pooling it was trained with."""
+    from cli.base import main as base_main
+
+    _, demos, _ = lift_image_setup
+    out = tmp_path / "ss"
+    base_main(["train", "--demos", str(demos), "--out", str(out), "--obs", "image", "--steps", "3",
+               "--batch-size", "4", "--image-pool", "spatial_softmax"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out"] == str(out.absolute())
+    policy = LocalBasePolicy(out)
+    assert policy.meta["train"]["image_pool"] == "spatial_softmax"
+    assert "log_temperature" in str(policy.params)
+    obs = base_observation(CsilEnv("Lift", "image").reset(seed=0), "lift")
+    assert np.isfinite(policy.infer(obs)["actions"]).all()
+
+    meta_file = lift_image_setup[2] / "base_policy.json"
+    old = json.loads(meta_file.read_text())
+    old["train"].pop("image_pool")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "checkpoint").symlink_to(lift_image_setup[2] / "checkpoint")
+    (legacy / "base_policy.json").write_text(json.dumps(old))
+    assert LocalBasePolicy(legacy).model.image_pool == "mean"
