@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     learner.add_argument("--rounds", type=at_least(1), default=3, help="interleaved rounds; medians are reported")
     learner.add_argument("--fuse", type=at_least(1), default=1,
                          help="env steps' updates per jit call (CSILAgent.update_many); rates stay per env step")
+    learner.add_argument("--replay-on-device", action="store_true",
+                         help="feed the update as csil-launch --replay-on-device does: one new transition per env "
+                              "step from Reverb's queue into the device replay, the online batch drawn there")
     learner.add_argument("--warmup", type=at_least(1), default=3, help="untimed updates per path first (compilation)")
     learner.add_argument("--items", type=at_least(1), default=2048, help="random transitions per Reverb table")
     learner.add_argument("--seed", type=int, default=0, help="seed for the agent and the random transitions")
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "learner":
         emit_json(bench_learner(args.obs, args.updates, args.size, args.algo, args.batch_size, args.utd, args.rounds,
                                 args.warmup, args.items, args.seed,
-                                unroll_utd={"auto": None, "on": True, "off": False}[args.unroll_utd], fuse=args.fuse))
+                                unroll_utd={"auto": None, "on": True, "off": False}[args.unroll_utd], fuse=args.fuse,
+                                replay_on_device=args.replay_on_device))
     elif args.command == "replay":
         lengths = [[int(n) for n in arg.split(",")] for arg in (args.chunk_lengths, args.image_chunk_lengths)]
         codecs = tuple(args.frame_codecs.split(","))

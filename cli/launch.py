@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     field(p, L, "fuse_updates", type=at_least(1),
           help="learner updates per jit call: K env steps' worth of batches in one dispatch when the rate limiter "
                "has admitted that many, else one by one as they come (same updates; GPU learners want 8-16)")
+    field(p, L, "replay_on_device",
+          help="keep the online replay on the learner's device: Reverb hands it each transition once and the "
+               "learner draws its batches there (the host's input cost stops bounding a GPU learner); a dying "
+               "learner loses what it drained since its last checkpoint")
     field(p, L, "checkpoint_every_s", "--checkpoint-every",
           help="seconds between learner + replay checkpoints (also on SIGTERM and at the end)")
     field(p, L, "base_policy", type=base_policy_target, help="local: start the batched inference server (Ray Serve) with the local base "

@@ -344,6 +344,10 @@ class ReplayConfig:
     # How camera frames are stored: "none" (raw uint8, snappy-compressed chunks) or "jpeg" (quality 95, lossy,
     # ~0.4x the memory of "none" for two 84x84 cameras; results/replay.md). State-only tables are unaffected.
     frame_codec: str = "none"
+    # The learner keeps the online replay (online_size transitions) on its device (learner.device_replay) and
+    # "online" becomes a FIFO queue that hands it each new transition once; the learner then runs one fused update
+    # per transition after min_size, and the queue's size (queue_size) is the slack the limiter gave.
+    on_device: bool = False
 
     @property
     def error_buffer(self) -> float:
@@ -351,6 +355,12 @@ class ReplayConfig:
         sampled ahead (tf.data prefetch, Reverb's in-flight samples, the hand-off queue), and with less slack than
         that a caller that writes and samples in lockstep can stall on its own prefetch (seen at warmup 30)."""
         return max(self.error_buffer_fraction * self.min_size * self.samples_per_insert, 8 * self.samples_per_insert)
+
+    @property
+    def queue_size(self) -> int:
+        """``on_device``: how many transitions actors may write ahead of the learner (the limiter's slack in
+        inserts)."""
+        return int(self.error_buffer / self.samples_per_insert)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,6 +440,9 @@ class LaunchConfig:
     # learners are dispatch-bound; on a CPU 1); fewer are updated one by one as they come (LearnerService.run).
     # The learner holds up to K sampled batches per table ready: with images ~87 MB each at batch 128 x UTD 4.
     fuse_updates: int = 1
+    # The online replay on the learner's device (ReplayConfig.on_device): Reverb hands the learner each transition
+    # once instead of 512 / 4 sampled per env step, so the host's input cost stops bounding a GPU learner.
+    replay_on_device: bool = False
     checkpoint_every_s: float = 600.0  # learner + replay checkpoints (and always on SIGTERM / at the end)
     base_policy: str = "local"  # "local" (csil-launch starts the inference server) | "ws://host:port" | "grpc://..."
     serve_port: int = 8000  # "local": the started server's websocket port (openpi protocol), for outside clients
@@ -447,6 +460,11 @@ class LaunchConfig:
     resume: bool = False
     seed: int = 0
     agent: AgentConfig = AgentConfig()
+
+    def replay(self) -> ReplayConfig:
+        """The replay this run's learner and Reverb server share: UTD x batch samples per insert after warmup."""
+        return ReplayConfig(samples_per_insert=self.agent.utd * self.agent.batch_size, min_size=self.warmup,
+                            frame_codec=self.frame_codec, on_device=self.replay_on_device)
 
 
 # csil-experiment's methods: name -> (algorithm, action mode); "base" is the base policy alone.

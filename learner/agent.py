@@ -128,11 +128,12 @@ class DemoPool(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def sample_demos(pool: DemoPool, keys: jax.Array, shape: tuple[int, ...]) -> Batch:
+def sample_demos(pool: DemoPool, keys: jax.Array, shape: tuple[int, ...], size: jax.Array | None = None) -> Batch:
     """A batch of ``shape`` transitions drawn uniformly with replacement from ``pool`` per key: ``keys`` of shape
     (..., 2) give batches of shape (..., *shape), each from its own key. How the learner's demo half never crosses
-    the host."""
-    n = pool.action.shape[0]
+    the host. ``size``: draw from the first ``size`` transitions only (a pool still filling:
+    ``learner.device_replay``); every one by default."""
+    n = pool.action.shape[0] if size is None else size
     draws = jax.vmap(lambda k: jax.random.randint(k, shape, 0, n))(keys.reshape(-1, keys.shape[-1]))
     index = draws.reshape(keys.shape[:-1] + shape)
 

@@ -31,9 +31,10 @@ def _named_leaves(tree: PyTree) -> tuple[dict[str, Any], Any, list[str]]:
     return dict(zip(names, (leaf for _, leaf in leaves))), treedef, names
 
 
-def save_checkpoint(path: str | Path, tree: PyTree, record: dict) -> Path:
-    """Write ``tree`` (host copies of its leaves) and ``record`` to ``path``, replacing what was there only once
-    both are complete."""
+def save_checkpoint(path: str | Path, tree: PyTree, record: dict, arrays: dict[str, np.ndarray] | None = None
+                    ) -> Path:
+    """Write ``tree`` (host copies of its leaves), ``record`` and named ``arrays`` beside them (``read_arrays``;
+    e.g. the device replay's transitions) to ``path``, replacing what was there only once all are complete."""
     path = Path(path)
     named, _, _ = _named_leaves(jax.device_get(tree))
     partial = path.with_name(path.name + ".partial")
@@ -42,6 +43,8 @@ def save_checkpoint(path: str | Path, tree: PyTree, record: dict) -> Path:
         partial.mkdir(parents=True)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(partial / "tree", {name: np.asarray(leaf) for name, leaf in named.items()})
+            if arrays:
+                checkpointer.save(partial / "arrays", {name: np.asarray(a) for name, a in arrays.items()})
         (partial / "record.json").write_text(json.dumps(record))
     except (OSError, ValueError) as e:  # tensorstore reports a full disk as ValueError(RESOURCE_EXHAUSTED ...)
         shutil.rmtree(partial, ignore_errors=True)
@@ -61,11 +64,7 @@ def restore_checkpoint(path: str | Path, template: PyTree) -> tuple[PyTree, dict
     path = Path(path)
     if not (path / "record.json").exists():
         raise FileNotFoundError(f"no complete checkpoint at {path}")
-    with ocp.StandardCheckpointer() as checkpointer:
-        meta = checkpointer.metadata(path / "tree")
-        meta = getattr(meta, "item_metadata", meta)  # orbax versions differ in how they wrap the tree
-        stored = getattr(meta, "tree", meta)
-        saved = checkpointer.restore(path / "tree", {n: jax.ShapeDtypeStruct(m.shape, m.dtype) for n, m in stored.items()})
+    saved = _restore_named(path / "tree")
     wanted, treedef, names = _named_leaves(template)
     missing = [n for n in names if n not in saved]
     if missing:
@@ -77,6 +76,20 @@ def restore_checkpoint(path: str | Path, template: PyTree) -> tuple[PyTree, dict
                              f"{np.shape(wanted[name])} (a different network size?)")
     return jax.tree_util.tree_unflatten(treedef, [saved.get(n, wanted[n]) for n in names]), json.loads(
         (path / "record.json").read_text())
+
+
+def read_arrays(path: str | Path) -> dict[str, np.ndarray] | None:
+    """The ``arrays`` a checkpoint was saved with, or None if it has none."""
+    return _restore_named(Path(path) / "arrays") if (Path(path) / "arrays").exists() else None
+
+
+def _restore_named(directory: Path) -> dict[str, np.ndarray]:
+    """A flat dict of named arrays as orbax stored it, shapes and dtypes from its own metadata."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        meta = checkpointer.metadata(directory)
+        meta = getattr(meta, "item_metadata", meta)  # orbax versions differ in how they wrap the tree
+        stored = getattr(meta, "tree", meta)
+        return checkpointer.restore(directory, {n: jax.ShapeDtypeStruct(m.shape, m.dtype) for n, m in stored.items()})
 
 
 def numbered_checkpoints(directory: str | Path) -> list[Path]:

@@ -23,7 +23,8 @@ from csil import compile_cache, seeds
 from csil.config import AgentConfig
 from csil.specs import ObsSpec
 from learner.agent import AgentState, Batch, CSILAgent, sample_demos
-from learner.checkpoint import numbered_checkpoints, restore_checkpoint, save_checkpoint
+from learner.checkpoint import numbered_checkpoints, read_arrays, restore_checkpoint, save_checkpoint
+from learner.device_replay import DeviceReplay
 from learner.pretrain import DemoTransitions, initial_atoms, pretrain_bc, pretrain_critic
 
 KEEP_CHECKPOINTS = 2
@@ -34,7 +35,7 @@ class LearnerCore:
     """One agent's state and the operations on it. ``updates`` counts fused updates (one per env step)."""
 
     def __init__(self, cfg: AgentConfig, spec: ObsSpec, demos: DemoTransitions, seed: int,
-                 dump_dir: str | Path | None = None):
+                 dump_dir: str | Path | None = None, device_replay: int = 0):
         compile_cache.enable()  # a restarted learner loads its compiled updates
         self.cfg, self.spec, self.seed = cfg, spec, seed
         self.demos = demos
@@ -44,6 +45,8 @@ class LearnerCore:
         self.state: AgentState | None = None
         self.updates = 0
         self.skipped_updates, self.consecutive_skips, self.last_metrics = 0, 0, None
+        self.device_replay = device_replay  # capacity of the online replay on the device (0: the caller feeds batches)
+        self.online: DeviceReplay | None = None
 
     @property
     def demos(self) -> DemoTransitions:
@@ -85,27 +88,50 @@ class LearnerCore:
     def step(self, online: Batch) -> dict:
         """One fused update (UTD critic steps + one actor step) on ``online`` (utd, batch_size) and a demo batch
         drawn on the device; its metrics stay on the device until read."""
-        self.key, key, demo_key = jax.random.split(self.key, 3)
-        demos = self._demo_batches(demo_key)
-        self.state, metrics = self.agent.update(self.state, online, demos, key)
-        self.updates += 1
-        return self._count_skips(metrics, 1, lambda: {"online": online, "demos": demos, "key": key})
+        return self.step_many([online])
 
     def step_many(self, online: list[Batch]) -> dict:
         """``len(online)`` fused updates in one call (``CSILAgent.update_many``): the same updates, keys and demo
         batches included, as that many ``step`` calls; metrics are the last update's."""
-        if len(online) == 1:
-            return self.step(online[0])
+        return self._fused(len(online), lambda keys: online[0] if len(online) == 1 else Batch.stack(online))
+
+    def add_online(self, transitions: Batch) -> None:
+        """New online transitions (leading axis: transition) for ``step_on_device``, into the device replay of
+        ``device_replay`` transitions (created at the first call)."""
+        if self.online is None:
+            self.online = DeviceReplay(self.device_replay, jax.tree_util.tree_map(lambda x: x[0], transitions))
+        self.online.append(transitions)
+
+    @property
+    def online_added(self) -> int:
+        """Online transitions the device replay was given since the run began (checkpoints included)."""
+        return 0 if self.online is None else self.online.added
+
+    def step_on_device(self, count: int) -> dict:
+        """``count`` fused updates whose online half is drawn from the device replay (``add_online``), like the
+        demo half: no batch crosses the host."""
+        shape = (self.cfg.utd, self.cfg.batch_size)
+        return self._fused(count, lambda keys: self.online.sample(keys, shape))
+
+    def _fused(self, count: int, online_for: Callable[[jax.Array], Batch]) -> dict:
+        """``count`` updates in one call: ``online_for(keys)`` gives their online halves from the keys their demo
+        halves are drawn with (one per update, or one key and one half when ``count`` is 1)."""
         keys, demo_keys = [], []
-        for _ in online:
+        for _ in range(count):
             self.key, key, demo_key = jax.random.split(self.key, 3)
             keys.append(key)
             demo_keys.append(demo_key)
-        demos = self._demo_batches(jnp.stack(demo_keys))
-        self.state, metrics = self.agent.update_many(self.state, Batch.stack(online), demos, jnp.stack(keys))
-        self.updates += len(online)
-        return self._count_skips(metrics, len(online), lambda: {
-            "online": online[-1], "demos": jax.tree_util.tree_map(lambda x: x[-1], demos), "key": keys[-1]})
+        if count == 1:
+            online, demos, key = online_for(demo_keys[0]), self._demo_batches(demo_keys[0]), keys[0]
+            self.state, metrics = self.agent.update(self.state, online, demos, key)
+            last = {"online": online, "demos": demos, "key": key}
+        else:
+            demo_keys = jnp.stack(demo_keys)
+            online, demos = online_for(demo_keys), self._demo_batches(demo_keys)
+            self.state, metrics = self.agent.update_many(self.state, online, demos, jnp.stack(keys))
+            last = jax.tree_util.tree_map(lambda x: x[-1], {"online": online, "demos": demos}) | {"key": keys[-1]}
+        self.updates += count
+        return self._count_skips(metrics, count, lambda: last)
 
     def _count_skips(self, metrics: dict, calls: int, last_update: Callable[[], dict]) -> dict:
         """Updates the agent dropped as non-finite (``CSILAgent._update``): counted (metric ``skipped_updates``),
@@ -144,14 +170,15 @@ class LearnerCore:
     # --- checkpoints ----------------------------------------------------------------------------------
 
     def save(self, directory: str | Path, **counters) -> Path:
-        """``<directory>/<updates>``: the whole agent state, ``updates`` and ``counters``; keeps the newest two."""
+        """``<directory>/<updates>``: the whole agent state, the device replay's transitions (if it holds them),
+        ``updates`` and ``counters``; keeps the newest two."""
         path, record = Path(directory) / str(self.updates), {"updates": self.updates, **counters}
-        if (path / "record.json").exists():  # no update since: the same state, newer counters (e.g. in warmup)
+        if (path / "record.json").exists() and self.online is None:  # no update since: newer counters (warmup)
             partial = path / "record.json.partial"
             partial.write_text(json.dumps(record))
             partial.rename(path / "record.json")
         else:
-            save_checkpoint(path, self.state, record)
+            save_checkpoint(path, self.state, record, self.online.state() if self.online is not None else None)
         for old in numbered_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
         return path
@@ -165,6 +192,12 @@ class LearnerCore:
         template = self.agent.init_state(key, self.agent.init_policy(key))
         self.state, counters = restore_checkpoint(found[-1], template)
         self.updates = counters["updates"]
+        online = read_arrays(found[-1]) if self.device_replay else None
+        self.online = None
+        if online is not None:
+            transitions = DeviceReplay.transitions(online)
+            self.online = DeviceReplay(self.device_replay, jax.tree_util.tree_map(lambda x: x[0], transitions))
+            self.online.load(online)
         return counters
 
 

@@ -23,12 +23,16 @@ update's compilation, the first record only that).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
+import jax
+import numpy as np
 import ray
 
 from csil import metrics as prom
@@ -44,6 +48,7 @@ from replay.dataset import BatchIterator
 log = logging.getLogger(__name__)
 
 SAMPLE_TIMEOUT_MS = 5_000
+DRAIN = 64  # replay on the device: new transitions taken from Reverb's queue per loop at most
 EXPORT_EVERY_S = 1.0  # Prometheus counters of the update loop
 
 
@@ -61,7 +66,9 @@ class LearnerService:
         self.logdir = Path(logdir)
         self.ckpt_dir = self.logdir / "checkpoints" / "learner"
         demos = DemoTransitions.from_episodes(read_demos(demos_path, num_demos=cfg.num_demos).episodes, self.spec)
-        self.core = LearnerCore(cfg.agent, self.spec, demos, cfg.seed, dump_dir=self.logdir / "diverged")
+        replay = cfg.replay()
+        self.core = LearnerCore(cfg.agent, self.spec, demos, cfg.seed, dump_dir=self.logdir / "diverged",
+                                device_replay=replay.online_size if replay.on_device else 0)
         self.lock = threading.Lock()
         self.stop_pretraining = threading.Event()
         self.metrics: dict[str, float] = {}
@@ -128,7 +135,11 @@ class LearnerService:
         self.exported = (updates, wait_s)
 
     def _batches(self) -> BatchIterator:
-        """The online batch stream from the replay at ``replay_address``."""
+        """The online stream from the replay at ``replay_address``: batches of (utd, batch_size), or with the
+        replay on the device its new transitions one by one."""
+        if self.cfg.replay_on_device:  # few held ready: a transition taken from the queue frees a place in it
+            return BatchIterator(self.replay_address, ONLINE_TABLE, 1, 1, self.spec, timeout_ms=SAMPLE_TIMEOUT_MS,
+                                 ready_batches=self.cfg.fuse_updates)
         return BatchIterator(self.replay_address, ONLINE_TABLE, self.cfg.agent.batch_size, self.cfg.agent.utd,
                              self.spec, timeout_ms=SAMPLE_TIMEOUT_MS, ready_batches=self.cfg.fuse_updates)
 
@@ -147,14 +158,12 @@ class LearnerService:
         """Fused updates until the coordinator says stop; publishes every ``publish_every`` updates.
 
         K = ``fuse_updates`` env steps' updates go in one call when the rate limiter has already admitted that many
-        batches (the learner is behind the actors: fewer dispatches); otherwise each batch is one update as it
-        comes (data trickles in: the actors get fresh weights). So only two programs are ever compiled.
+        (the learner is behind the actors: fewer dispatches); otherwise one update per call as data comes (data
+        trickles in: the actors get fresh weights). So only two programs are ever compiled.
         """
-        cfg = self.cfg
         online = self._batches()
         stop = self.coordinator.stats.remote()
         self.metrics_file = (self.logdir / "learner.jsonl").open("a")
-        pending: list[Batch] = []  # online batches for the next fused call
         started = exported_at = time.perf_counter()
         self.exported = (self.updates, self.wait_s)
         self.window = (started, self.updates, self.wait_s)  # start of the current window (since the last record)
@@ -170,34 +179,55 @@ class LearnerService:
                 stop = self.coordinator.stats.remote()
             waiting = time.perf_counter()
             try:
-                pending.append(Batch.from_sample(next(online)))
-                while len(pending) < cfg.fuse_updates and online.ready():
-                    pending.append(Batch.from_sample(next(online)))
+                calls = self._device_updates(online) if self.cfg.replay_on_device else self._sampled_updates(online)
             except TimeoutError as e:  # actors are warming up, blocked or restarting: never give up, never hang
                 log.info("learner waiting for data: %s", e)
                 continue
             except ConnectionError as e:  # the replay server died: the launcher restarts it at a new address
                 log.warning("learner lost the replay server (%s); reconnecting", e)
                 online = self._reconnect(online)
-                pending.clear()
                 continue
             finally:
                 self.wait_s += time.perf_counter() - waiting
-            calls = [pending] if len(pending) == cfg.fuse_updates else [[batch] for batch in pending]
-            pending = []
-            for batches in calls:
-                self._update(batches)
+            for count, call in calls:
+                self._update(count, call)
         self.metrics_file.close()
         self._export()
         self.publish()
         return {"updates": self.updates}
 
-    def _update(self, batches: list[Batch]) -> None:
-        """One call of ``len(batches)`` fused updates; publishes and records metrics when their counts are crossed."""
+    def _sampled_updates(self, online: BatchIterator) -> list[tuple[int, Callable[[], dict]]]:
+        """Batches the rate limiter admitted (waiting for one): one call of K updates if K are ready, else one
+        call per batch."""
+        pending = [Batch.from_sample(next(online))]
+        while len(pending) < self.cfg.fuse_updates and online.ready():
+            pending.append(Batch.from_sample(next(online)))
+        groups = [pending] if len(pending) == self.cfg.fuse_updates else [[batch] for batch in pending]
+        return [(len(group), functools.partial(self.core.step_many, group)) for group in groups]
+
+    def _device_updates(self, online: BatchIterator) -> list[tuple[int, Callable[[], dict]]]:
+        """The replay on the device: the new transitions Reverb's queue has ready go into it (waiting for one only
+        when no update is owed), then the next call of the updates owed, one per transition beyond warmup (the
+        UTD control the rate limiter is otherwise)."""
+        items = [] if self._owed() else [next(online)]
+        while len(items) < DRAIN and online.ready():
+            items.append(next(online))
+        if items:  # each (1, 1, ...): one transition
+            self.core.add_online(Batch.from_sample(jax.tree_util.tree_map(
+                lambda *xs: np.concatenate([x.reshape(-1, *x.shape[2:]) for x in xs]), *items)))
+        owed, k = self._owed(), self.cfg.fuse_updates
+        count = k if owed >= k else min(owed, 1)
+        return [(count, functools.partial(self.core.step_on_device, count))] if count else []
+
+    def _owed(self) -> int:
+        """Updates due and not run: one per online transition beyond warmup (the device replay's)."""
+        return max(0, self.core.online_added - self.cfg.warmup - self.updates)
+
+    def _update(self, done: int, call: Callable[[], dict]) -> None:
+        """One call of ``done`` fused updates; publishes and records metrics when their counts are crossed."""
         start = time.perf_counter()
         with self.lock:
-            metrics = self.core.step_many(batches)
-        done = len(batches)
+            metrics = call()
         if _crossed(self.updates, done, self.cfg.publish_every):
             self.publish()
         if _crossed(self.updates, done, 100) or self.updates == done:  # and the first call of a fresh learner

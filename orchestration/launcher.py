@@ -55,7 +55,7 @@ from tqdm import tqdm
 from actors.actor import EnvActor
 from actors.rollout import RolloutsCancelled
 from csil.acting import small_policy_spec
-from csil.config import InferenceServerConfig, LaunchConfig, ReplayConfig
+from csil.config import InferenceServerConfig, LaunchConfig
 from csil.demos import read_demos, spec_from_demos
 from csil.envs import CsilEnv
 from csil.hetstat import SmallPolicy
@@ -175,10 +175,8 @@ class System:
 
     def _start_replay(self, restore: bool) -> None:
         """The replay service (restored from its checkpoint with ``restore``), its address told to the coordinator."""
-        replay_cfg = ReplayConfig(samples_per_insert=self.cfg.agent.utd * self.cfg.agent.batch_size,
-                                  min_size=self.cfg.warmup, frame_codec=self.cfg.frame_codec)
         self.replay = ROLES["replay"].options(resources=role_resources("head")).remote(
-            replay_cfg, self.spec.to_json(), str(self.logdir / "checkpoints" / "replay"), restore)
+            self.cfg.replay(), self.spec.to_json(), str(self.logdir / "checkpoints" / "replay"), restore)
         self.replay_address = ray.get(self.replay.get_address.remote())
         self.replay_sizes = ray.get(self.replay.sizes.remote())
         ray.get(self.coordinator.set_replay.remote(self.replay_address))
@@ -292,9 +290,16 @@ class System:
     # --- the run ------------------------------------------------------------------------------------
 
     def checkpoint(self, env_steps: int, skip: str | None = None) -> None:
-        """Learner and replay checkpoints (not ``skip``'s: a failed component keeps its last good one)."""
-        refs = [] if skip == "learner" else [self.learner.checkpoint.remote(env_steps)]
-        ray.get(refs + ([] if skip == "replay" else [self.replay.checkpoint.remote()]))
+        """Learner and replay checkpoints (not ``skip``'s: a failed component keeps its last good one).
+
+        With the replay on the learner's device, Reverb's queue goes first: a transition the learner drains in
+        between is then in both checkpoints (restored twice), never in neither."""
+        learner = (lambda: []) if skip == "learner" else (lambda: [self.learner.checkpoint.remote(env_steps)])
+        replay = [] if skip == "replay" else [self.replay.checkpoint.remote()]
+        if self.cfg.replay_on_device:
+            ray.get(replay)
+            replay = []
+        ray.get(learner() + replay)
 
     @staticmethod
     def _alive(method, fallback):

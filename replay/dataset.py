@@ -109,7 +109,9 @@ class BatchIterator:
         rl = info.rate_limiter_info
         inserts, samples = rl.insert_stats.completed, rl.sample_stats.completed
         state = f"it holds {info.current_size} items after {inserts} inserts and {samples} samples"
-        if info.current_size < rl.min_size_to_sample:
+        if info.max_times_sampled == 1 and info.current_size == 0:  # a queue (the learner's device replay feeds)
+            why = "the queue is empty: every transition written was handed over; are the writers running?"
+        elif info.current_size < rl.min_size_to_sample:
             why = f"warmup not reached (sampling starts at {rl.min_size_to_sample} items); are the writers running?"
         else:
             why = (f"the rate limiter allows {rl.samples_per_insert:g} samples per insert (plus slack) and waits for "

@@ -46,7 +46,8 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
 
 class ReplayServer:
     """In-process reverb.Server with the table "online" of the transition signature: uniform sampling, FIFO
-    removal at ``cfg.online_size``, SampleToInsertRatio (the UTD control).
+    removal at ``cfg.online_size``, SampleToInsertRatio (the UTD control); with ``cfg.on_device`` a queue of
+    ``cfg.queue_size`` instead, each transition sampled once (by the learner, into its device replay).
     With ``checkpoint_dir`` the server can ``checkpoint()`` there (Reverb keeps only the newest checkpoint);
     ``restore=True`` starts from the newest checkpoint, whose table options (sizes, limiter and its counters)
     win over ``cfg``.
@@ -74,6 +75,7 @@ class ReplayServer:
 
         signature = transition_signature(obs_spec, cfg.frame_codec)
         tables = [
+            reverb.Table.queue(ONLINE_TABLE, cfg.queue_size, signature=signature) if cfg.on_device else
             reverb.Table(name=ONLINE_TABLE, sampler=reverb.selectors.Uniform(), remover=reverb.selectors.Fifo(),
                          max_size=cfg.online_size, rate_limiter=rate_limiter(cfg), signature=signature),
         ]
@@ -116,8 +118,15 @@ class ReplayServer:
             raise RuntimeError(f"the Reverb checkpoint {path!r} is corrupt: its items file lists {expected} items per "
                                f"table but the server restored {sizes}")
         info = infos[ONLINE_TABLE]
+        if (info.max_times_sampled == 1) != self.cfg.on_device:
+            kinds = ("a queue for a device replay", "uniform replay") if self.cfg.on_device else (
+                "uniform replay", "a queue for a device replay")
+            raise ValueError(f"the Reverb checkpoint {path!r} holds the {ONLINE_TABLE!r} table as "
+                             f"{kinds[1]}, but this run wants {kinds[0]}: resume with the replay-on-device "
+                             "setting it was started with")
         restored = (info.max_size, info.rate_limiter_info.samples_per_insert, info.rate_limiter_info.min_size_to_sample)
-        wanted = (self.cfg.online_size, self.cfg.samples_per_insert, self.cfg.min_size)
+        wanted = (self.cfg.queue_size, 1.0, 1) if self.cfg.on_device else (
+            self.cfg.online_size, self.cfg.samples_per_insert, self.cfg.min_size)
         if restored != wanted:
             log.warning("restored table %r keeps its checkpointed (max_size, samples_per_insert, min_size) = %s, "
                         "not the configured %s", ONLINE_TABLE, restored, wanted)

@@ -12,6 +12,10 @@ machines here are noisy, so only same-run ratios mean anything), and the medians
 - ``input_only``: the host's part of the reverb path without the update (next() on the iterator + device_put),
   i.e. how many env steps' worth of batches per second the input path delivers when it has the machine to itself.
 
+``--replay-on-device`` measures the learner's other input path (``learner.device_replay``): per env step one new
+transition drained from Reverb's queue into the device replay, and the online batch drawn there (``input_only``:
+that drain, append and draw without the update).
+
 The online table's rate limiter is configured so that it never blocks: this measures the input path, not the
 UTD control (in training the limiter deliberately holds the learner back to the actors' pace).
 """
@@ -31,6 +35,7 @@ from csil.config import SIZES as PRESET_SIZES
 from csil.config import ReplayConfig
 from csil.specs import ONLINE_TABLE
 from learner.agent import Batch, CSILAgent, DemoPool, sample_demos
+from learner.device_replay import DeviceReplay
 from learner.throughput import bench_agent_config, obs_spec, random_transitions, random_update_inputs
 from replay.server import BatchIterator, ReplayServer, TransitionWriter
 
@@ -39,7 +44,8 @@ SIZES = (*PRESET_SIZES, "tiny")  # tiny: smoke tests only
 
 def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", batch_size: int | None = None,
                   utd: int | None = None, rounds: int = 3, warmup: int = 3, items: int = 2048, seed: int = 0,
-                  unroll_utd: bool | None = None, progress: bool = True, fuse: int = 1) -> dict:
+                  unroll_utd: bool | None = None, progress: bool = True, fuse: int = 1,
+                  replay_on_device: bool = False) -> dict:
     """Env steps/s and critic updates/s of the fused update, synthetic vs. Reverb-fed; see the module docstring.
 
     One fused update is one env step (``utd`` critic updates and one actor update), so env steps/s = updates/s
@@ -71,8 +77,9 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
             state, metrics = agent.update_many(state, online_batch, demo_batch, fused_keys[i])
         return metrics
 
-    # spi 1 with an error buffer of 1e9 samples: inserts and samples never wait on each other.
-    replay_cfg = ReplayConfig(online_size=items, samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e9)
+    # spi 1 with an error buffer of 1e9 samples: inserts and samples never wait on each other (nor on the queue).
+    replay_cfg = ReplayConfig(online_size=items, samples_per_insert=1.0, min_size=1, error_buffer_fraction=1e9,
+                              on_device=replay_on_device)
     bar = tqdm(total=2 * warmup + rounds * 3 * updates, desc=f"learner bench ({obs_mode}, {size})", unit="update",
                file=sys.stderr, disable=not progress, mininterval=1.0)
     demo_pool = jax.device_put(DemoPool.of(Batch.from_sample(random_transitions(spec, items, rng))))
@@ -80,9 +87,19 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
                  for k in jax.random.split(jax.random.fold_in(key, 1), max(updates, warmup))]
     with ReplayServer(replay_cfg, spec) as server:
         bar.set_postfix_str("filling replay")
+        if replay_on_device:  # the ring starts full; every env step drains one new transition from the queue
+            ring = DeviceReplay(items, jax.tree_util.tree_map(lambda x: x[0], Batch.from_sample(
+                random_transitions(spec, 1, rng))))
+            ring.append(Batch.from_sample(random_transitions(spec, items, rng)))
+            new_transitions = fuse * (warmup + 2 * rounds * updates)
+            online_keys = jax.random.split(jax.random.fold_in(key, 2), max(updates, warmup) * fuse).reshape(
+                max(updates, warmup), *((fuse,) if fuse > 1 else ()), -1)
         with TransitionWriter(server.address, ONLINE_TABLE) as writer:
-            writer.write_batch(random_transitions(spec, items, rng))
-        online = BatchIterator(server.address, ONLINE_TABLE, cfg.batch_size, cfg.utd, spec)
+            writer.write_batch(random_transitions(spec, new_transitions if replay_on_device else items, rng))
+        if replay_on_device:
+            online = BatchIterator(server.address, ONLINE_TABLE, 1, 1, spec, ready_batches=fuse)
+        else:
+            online = BatchIterator(server.address, ONLINE_TABLE, cfg.batch_size, cfg.utd, spec)
 
         def timed(count: int, step: Callable[[int], object]) -> float:
             """Updates (or batches) per second of ``count`` calls of ``step``, waiting for the device at both ends."""
@@ -98,16 +115,21 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
         def synthetic_step(i: int) -> dict:
             return update(*synthetic, i)
 
-        def sampled() -> Batch:
+        def sampled(i: int) -> Batch:
+            if replay_on_device:  # fuse new transitions in, the online half of fuse updates out
+                ring.append(Batch.from_sample(jax.tree_util.tree_map(
+                    lambda *xs: np.concatenate([x.reshape(-1, *x.shape[2:]) for x in xs]),
+                    *[next(online) for _ in range(fuse)])))
+                return ring.sample(online_keys[i], (cfg.utd, cfg.batch_size))
             if fuse == 1:
                 return Batch.from_sample(next(online))
             return Batch.stack([Batch.from_sample(next(online)) for _ in range(fuse)])
 
         def reverb_step(i: int) -> dict:
-            return update(sampled(), sample_demos(demo_pool, demo_keys[i], (cfg.utd, cfg.batch_size)), i)
+            return update(sampled(i), sample_demos(demo_pool, demo_keys[i], (cfg.utd, cfg.batch_size)), i)
 
         def input_step(i: int) -> tuple:
-            return jax.device_put(sampled())
+            return jax.device_put(sampled(i))
 
         bar.set_postfix_str("compiling")
         timed(warmup, synthetic_step)
@@ -128,7 +150,7 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
                 "ms_per_update": round(1000 / rate, 2)}
 
     return {"bench": "learner", "obs": obs_mode, "size": size, "algo": algo, "batch_size": cfg.batch_size,
-            "utd": cfg.utd, "fuse": fuse, "updates": updates, "rounds": rounds, "items": items,
+            "utd": cfg.utd, "fuse": fuse, "replay_on_device": replay_on_device, "updates": updates, "rounds": rounds, "items": items,
             "synthetic": throughput(med["synthetic"]), "reverb": throughput(med["reverb"]),
             "input_only": {"batches_per_s": round(med["input_only"], 3)},
             "ratio": round(med["reverb"] / med["synthetic"], 4), "device": jax.devices()[0].platform}
