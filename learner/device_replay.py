@@ -22,6 +22,7 @@ import numpy as np
 from learner.agent import Batch, DemoPool, sample_demos
 
 MIN_BLOCK = 8  # appends are padded to a power of two ≥ this many rows: a handful of compiled shapes, not one per n
+INITIAL_ROWS = 1024  # allocated at first; doubled as transitions come
 
 
 @functools.partial(jax.jit, donate_argnums=0)  # in place: no copy of the whole ring per append
@@ -49,23 +50,26 @@ def _draw(pool: DemoPool, keys: jax.Array, shape: tuple[int, ...], size: jax.Arr
 
 class DeviceReplay:
     """The newest ``capacity`` online transitions on the device, stored as a ``DemoPool`` (obs in rows
-    [0, capacity), next_obs in [capacity, 2 capacity)), so ``sample_demos`` draws from it as from the demos."""
+    [0, rows), next_obs in [rows, 2 rows)), so ``sample_demos`` draws from it as from the demos. The rows double as
+    transitions come, up to ``capacity``: memory follows what it holds (250k image transitions are ~21 GB)."""
 
     def __init__(self, capacity: int, example: Batch):
         """``example``: one transition (host arrays, no leading axis) that fixes every column's shape and dtype."""
         if capacity < 1:
             raise ValueError(f"a device replay needs a capacity of at least 1 transition, not {capacity}")
         self.capacity = capacity
+        self.rows = min(capacity, INITIAL_ROWS)  # allocated
 
-        def zeros(x, rows=capacity):
+        def zeros(x, rows=self.rows):
             x = np.asarray(x)
             return jnp.zeros((rows, *x.shape), x.dtype)
 
-        rows = jnp.arange(capacity, dtype=jnp.int32)
-        self.pool = DemoPool(jax.tree_util.tree_map(lambda x: zeros(x, 2 * capacity), example.obs), rows,
-                             rows + capacity, zeros(example.action), zeros(example.discount),
+        index = jnp.arange(self.rows, dtype=jnp.int32)
+        self.pool = DemoPool(jax.tree_util.tree_map(lambda x: zeros(x, 2 * self.rows), example.obs), index,
+                             index + self.rows, zeros(example.action), zeros(example.discount),
                              zeros(example.next_action))
         self.size = 0  # transitions held
+        self.position = 0  # the row the next transition goes to (rows fill from 0; once full, the oldest's)
         self.added = 0  # transitions appended since the run began (checkpoints included)
 
     def __len__(self) -> int:
@@ -78,14 +82,30 @@ class DeviceReplay:
             block = jax.tree_util.tree_map(lambda x: x[n - self.capacity:], block)
             self.added += n - self.capacity
             n = self.capacity
+        while self.rows < min(self.capacity, self.size + n):
+            self._grow(min(self.capacity, 2 * self.rows))
         padded = max(MIN_BLOCK, 1 << (n - 1).bit_length())
-        rows = np.full(padded, 2 * self.capacity, np.int32)  # out of range: dropped
-        rows[:n] = (self.added + np.arange(n)) % self.capacity
+        rows = np.full(padded, 2 * self.rows, np.int32)  # out of range: dropped
+        rows[:n] = (self.position + np.arange(n)) % self.capacity  # below self.rows: it grows before it wraps
         block = jax.tree_util.tree_map(lambda x: np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), x.dtype)]),
                                        block)
         self.pool = _write(self.pool, rows, block)
         self.added += n
         self.size = min(self.capacity, self.size + n)
+        self.position = (self.position + n) % self.capacity
+
+    def _grow(self, rows: int) -> None:
+        """``rows`` rows, the held transitions (rows [0, size): it has not wrapped yet) copied over."""
+        old, held = self.pool, self.rows
+
+        def widen(x):
+            return jnp.zeros((rows, *x.shape[1:]), x.dtype).at[:held].set(x)
+
+        index = jnp.arange(rows, dtype=jnp.int32)
+        self.pool = DemoPool(jax.tree_util.tree_map(lambda f: jnp.concatenate([widen(f[:held]), widen(f[held:])]),
+                                                    old.frames),
+                             index, index + rows, widen(old.action), widen(old.discount), widen(old.next_action))
+        self.rows = rows
 
     def sample(self, keys: jax.Array, shape: tuple[int, ...]) -> Batch:
         """Per key a batch of ``shape`` drawn uniformly with replacement from what the ring holds, independent of
@@ -100,12 +120,12 @@ class DeviceReplay:
     def state(self) -> dict[str, np.ndarray]:
         """What it holds, oldest first, as named host arrays (``obs/<key>``, ``action``, ...) and the count
         ``added``: the learner checkpoint's ``arrays``."""
-        order = (self.added - self.size + np.arange(self.size)) % self.capacity
+        order = (self.position - self.size + np.arange(self.size)) % self.capacity
         pool = jax.device_get(self.pool)
         out = {"added": np.int64(self.added), "action": pool.action[order], "discount": pool.discount[order],
                "next_action": pool.next_action[order]}
         for key, frames in pool.frames.items():
-            out[f"obs/{key}"], out[f"next_obs/{key}"] = frames[order], frames[order + self.capacity]
+            out[f"obs/{key}"], out[f"next_obs/{key}"] = frames[order], frames[order + self.rows]
         return out
 
     @staticmethod
@@ -118,6 +138,6 @@ class DeviceReplay:
     def load(self, state: dict[str, np.ndarray]) -> None:
         """Replace the contents with a ``state()`` (a smaller capacity keeps the newest that fit)."""
         transitions = self.transitions(state)
-        self.size, self.added = 0, int(state["added"]) - len(transitions.action)
+        self.size, self.position, self.added = 0, 0, int(state["added"]) - len(transitions.action)
         if len(transitions.action):
             self.append(transitions)

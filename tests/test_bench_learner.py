@@ -13,13 +13,14 @@ import pytest
 from cli.bench import main
 
 
-@pytest.mark.parametrize("fuse", [1, 3])
-def test_learner_bench_cli_reports_both_paths(capsys, fuse):
+@pytest.mark.parametrize("fuse,on_device", [(1, False), (3, False), (3, True)])
+def test_learner_bench_cli_reports_both_paths(capsys, fuse, on_device):
     main(["learner", "--obs", "state", "--size", "tiny", "--updates", "2", "--batch-size", "8", "--utd", "2",
-          "--rounds", "1", "--warmup", "1", "--items", "32", "--fuse", str(fuse)])
+          "--rounds", "1", "--warmup", "1", "--items", "32", "--fuse", str(fuse)]
+         + (["--replay-on-device"] if on_device else []))
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["bench"] == "learner" and record["obs"] == "state" and record["utd"] == 2
-    assert record["fuse"] == fuse
+    assert record["fuse"] == fuse and record["replay_on_device"] == on_device
     for path in ("synthetic", "reverb"):
         assert record[path]["env_steps_per_s"] > 0
         assert record[path]["critic_updates_per_s"] == pytest.approx(2 * record[path]["env_steps_per_s"], abs=0.01)

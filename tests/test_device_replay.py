@@ -1,18 +1,23 @@
 """The online replay on the learner's device (``csil-launch --replay-on-device``): the ring, the learner's updates
-drawn from it, its checkpoint, and Reverb's queue that feeds it (a real server)."""
+drawn from it, its checkpoint, Reverb's queue that feeds it (a real server), and csil-launch with it end to end
+(the image launch in tests/test_launch.py runs with it too)."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
 import pytest
 
-from csil.config import AgentConfig, CriticConfig, HetStatConfig, ReplayConfig
+from csil.config import AgentConfig, CriticConfig, HetStatConfig, LaunchConfig, ReplayConfig
 from csil.specs import ONLINE_TABLE, ObsSpec, Transition
 from learner.agent import Batch
+from learner.checkpoint import numbered_checkpoints, read_arrays
 from learner.core import LearnerCore
 from learner.device_replay import DeviceReplay
-from replay.server import BatchIterator, ReplayServer, TransitionWriter
+from orchestration.launcher import System
+from replay.server import BatchIterator, ReplayServer, TransitionWriter, checkpoint_item_counts, latest_checkpoint
+from replay.writer import CHUNK_LENGTH, MAX_IN_FLIGHT
 
 SPEC = ObsSpec("state", (("state", 5),))
 CFG = AgentConfig(policy=HetStatConfig(hidden=(16,), bottleneck=8, features=16),
@@ -44,6 +49,12 @@ def test_the_ring_keeps_the_newest_transitions_and_draws_only_from_them():
 
     state = ring.state()
     np.testing.assert_array_equal(state["obs/state"][:, 0], np.arange(2, 12))  # oldest first
+    larger = DeviceReplay(5000, jax.tree_util.tree_map(lambda x: x[0], transitions(0, 1)))
+    larger.load(state)  # memory follows the contents: it allocates rows as they come, doubling
+    assert (larger.rows, larger.added) == (1024, 12)
+    larger.append(transitions(12, 1100))
+    assert larger.rows == 2048 and len(larger) == 1110
+    np.testing.assert_array_equal(larger.state()["next_obs/state"][:, 0], np.arange(2, 1112) + 0.5)
     smaller = DeviceReplay(4, jax.tree_util.tree_map(lambda x: x[0], transitions(0, 1)))
     smaller.load(state)
     np.testing.assert_array_equal(smaller.state()["obs/state"][:, 0], np.arange(8, 12))  # the newest that fit
@@ -122,3 +133,41 @@ def test_reverb_hands_each_transition_to_the_learner_once_and_holds_back_writers
         assert server.sizes() == {ONLINE_TABLE: 3}  # what the learner had not drained
     with pytest.raises(ValueError, match="replay-on-device"):
         ReplayServer(dataclasses.replace(cfg, on_device=False), SPEC, checkpoint_dir=checkpoints, restore=True)
+
+
+@pytest.mark.timeout(900)
+def test_launch_with_the_replay_on_the_learners_device_keeps_utd_and_resumes(lift_setup, tiny_agent, free_port,
+                                                                            tmp_path):
+    """--replay-on-device: Reverb's queue hands each transition to the learner once, the learner runs one fused
+    update per transition after warmup (the UTD control), checkpoints the transitions it holds with its state, and
+    --resume goes on with them."""
+    _, demos, base = lift_setup
+    cfg = LaunchConfig(task="Lift", actors=1, envs_per_actor=2, env_steps=100, warmup=40, eval_episodes=0,
+                       publish_every=2, fuse_updates=2, replay_on_device=True, num_demos=3, demos=str(demos),
+                       base_checkpoint=str(base), serve_port=free_port(), logdir=str(tmp_path / "run"),
+                       agent=dataclasses.replace(tiny_agent, bc_steps=50, critic_pretrain_steps=20))
+    # taken from the queue and not yet updated on: what the learner holds ready and tf.data's prefetch
+    slack = cfg.replay().queue_size + cfg.fuse_updates + 4
+    # stepped and not yet taken: each env's writer stream (a chunk filling + the items in flight) and the queue
+    ahead = cfg.actors * cfg.envs_per_actor * (CHUNK_LENGTH + MAX_IN_FLIGHT + 1) + slack
+
+    def newest() -> tuple[dict, dict]:
+        path = numbered_checkpoints(tmp_path / "run" / "checkpoints" / "learner")[-1]
+        return read_arrays(path), json.loads((path / "record.json").read_text())
+
+    first = System(cfg, progress=False).run()
+    ring, record = newest()
+    added = int(ring["added"])
+    assert len(ring["action"]) == added and first["env_steps"] - ahead <= added <= first["env_steps"], (added, first)
+    assert 0 <= added - cfg.warmup - record["updates"] <= slack, (added, record)  # the UTD control
+    assert record["updates"] == first["learner_updates"] > 0
+
+    queued = checkpoint_item_counts(latest_checkpoint(str(tmp_path / "run" / "checkpoints" / "replay")))
+    resumed = System(dataclasses.replace(cfg, resume=True, env_steps=160), progress=False).run()
+    assert resumed["replay_restored"] == {"online": queued.get("online", 0)}  # the queue as checkpointed
+    ring2, record2 = newest()
+    added2 = int(ring2["added"])
+    assert added2 >= 160 - ahead and 0 <= added2 - cfg.warmup - record2["updates"] <= slack, (added2, record2)
+    for name, column in ring.items():  # the first run's transitions, restored and kept
+        if name != "added":
+            np.testing.assert_array_equal(ring2[name][:added], column)
