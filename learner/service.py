@@ -67,6 +67,7 @@ class LearnerService:
         self.ckpt_dir = self.logdir / "checkpoints" / "learner"
         demos = DemoTransitions.from_episodes(read_demos(demos_path, num_demos=cfg.num_demos).episodes, self.spec)
         replay = cfg.replay()
+        self.lead = replay.queue_size  # replay on the device: updates the learner may run ahead of its transitions
         self.core = LearnerCore(cfg.agent, self.spec, demos, cfg.seed, dump_dir=self.logdir / "diverged",
                                 device_replay=replay.online_size if replay.on_device else 0)
         self.lock = threading.Lock()
@@ -207,8 +208,8 @@ class LearnerService:
 
     def _device_updates(self, online: BatchIterator) -> list[tuple[int, Callable[[], dict]]]:
         """The replay on the device: the new transitions Reverb's queue has ready go into it (waiting for one only
-        when no update is owed), then the next call of the updates owed, one per transition beyond warmup (the
-        UTD control the rate limiter is otherwise)."""
+        when no update is owed), then the next call of the updates owed (``_owed``: the UTD control the rate
+        limiter is otherwise)."""
         items = [] if self._owed() else [next(online)]
         while len(items) < DRAIN and online.ready():
             items.append(next(online))
@@ -220,8 +221,12 @@ class LearnerService:
         return [(count, functools.partial(self.core.step_on_device, count))] if count else []
 
     def _owed(self) -> int:
-        """Updates due and not run: one per online transition beyond warmup (the device replay's)."""
-        return max(0, self.core.online_added - self.cfg.warmup - self.updates)
+        """Updates due and not run: one per online transition beyond warmup, and from warmup on up to the queue's
+        size ahead, as Reverb's limiter lets a learner run ``error_buffer`` samples ahead of the inserts."""
+        added = self.core.online_added
+        if added < self.cfg.warmup:
+            return 0
+        return max(0, added - self.cfg.warmup + self.lead - self.updates)
 
     def _update(self, done: int, call: Callable[[], dict]) -> None:
         """One call of ``done`` fused updates; publishes and records metrics when their counts are crossed."""

@@ -20,7 +20,6 @@ import ray
 from csil.config import LaunchConfig, ReplayConfig, TrainConfig
 from csil.envs import simulator_versions
 from csil.video import expected_frames, read_frames
-from learner.checkpoint import read_arrays
 from orchestration.launcher import System
 
 
@@ -140,8 +139,7 @@ def test_image_launch_stops_on_sigterm_in_pretraining_and_in_acting(lift_image_s
     """The paper's setting (image small policy, image base policy served by the inference server), stopped twice
     by the user's Ctrl-C: during pretraining, which answers within a step and keeps nothing of it, then, after
     --resume pretrained again, while acting, which checkpoints learner and replay. Replay stores the frames as
-    JPEG here (``--frame-codec jpeg``: the actors encode, the learner's input pipeline decodes), and the learner
-    keeps its online replay on its device (``--replay-on-device``). --resume from
+    JPEG here (``--frame-codec jpeg``: the actors encode, the learner's input pipeline decodes). --resume from
     acting checkpoints is the state run's above; image replay checkpoints (raw and JPEG) restore in
     tests/test_replay.py; killed components are tests/test_chaos.py's."""
     _, demos, base = lift_image_setup
@@ -149,7 +147,6 @@ def test_image_launch_stops_on_sigterm_in_pretraining_and_in_acting(lift_image_s
     # few updates: an image update takes seconds on a CPU (results/learner.md)
     cfg = LaunchConfig(task="Lift", obs_mode="image", frame_codec="jpeg", actors=1, envs_per_actor=2, env_steps=64,
                        warmup=32, eval_every=10**6, eval_episodes=0, eval_videos=0, publish_every=2, num_demos=2,
-                       replay_on_device=True,
                        demos=str(demos), base_checkpoint=str(base), serve_port=port,
                        logdir=str(tmp_path / "run"), agent=dataclasses.replace(tiny_image_agent, bc_steps=10**7))
     system = System(cfg, progress=False)
@@ -184,9 +181,6 @@ def test_image_launch_stops_on_sigterm_in_pretraining_and_in_acting(lift_image_s
     newest = max((run / "checkpoints" / "learner").glob("*/record.json"), key=lambda p: int(p.parent.name))
     assert json.loads(newest.read_text())["env_steps"] == first["env_steps"]
     assert any((run / "checkpoints" / "replay").glob("*/DONE"))
-    # the replay on the learner's device (--replay-on-device) holds the decoded frames, checkpointed with the learner
-    frames = read_arrays(newest.parent)["next_obs/agentview_image"]
-    assert frames.shape[1:] == (84, 84, 3) and len(frames) >= cfg.warmup and frames.std() > 10
 
 
 @pytest.mark.timeout(600)
