@@ -27,14 +27,14 @@ INITIAL_ROWS = 1024  # allocated at first; doubled as transitions come
 
 @functools.partial(jax.jit, donate_argnums=0)  # in place: no copy of the whole ring per append
 def _write(pool: DemoPool, rows: jax.Array, block: Batch) -> DemoPool:
-    """``block``'s transitions into rows ``rows`` of ``pool`` (next_obs ``capacity`` further down its frames);
-    out-of-range rows (padding) are dropped."""
-    capacity = pool.action.shape[0]
+    """``block``'s transitions into rows ``rows`` of ``pool`` (their next_obs one pool length further down its
+    frames); out-of-range rows (padding) are dropped."""
+    length = pool.action.shape[0]
 
     def put(column, values, at=rows):
         return column.at[at].set(values, mode="drop")
 
-    frames = jax.tree_util.tree_map(lambda f, o, n: put(put(f, o), n, rows + capacity), pool.frames, block.obs,
+    frames = jax.tree_util.tree_map(lambda f, o, n: put(put(f, o), n, rows + length), pool.frames, block.obs,
                                     block.next_obs)
     return pool._replace(frames=frames, action=put(pool.action, block.action),
                          discount=put(pool.discount, block.discount),
@@ -113,7 +113,6 @@ class DeviceReplay:
         if self.size == 0:
             raise ValueError("the device replay is empty: nothing to sample")
         return _draw(self.pool, keys, shape, jnp.int32(self.size))
-
 
     # --- checkpoints ------------------------------------------------------------------------------------
 

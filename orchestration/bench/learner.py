@@ -13,8 +13,8 @@ machines here are noisy, so only same-run ratios mean anything), and the medians
   i.e. how many env steps' worth of batches per second the input path delivers when it has the machine to itself.
 
 ``--replay-on-device`` measures the learner's other input path (``learner.device_replay``): per env step one new
-transition drained from Reverb's queue into the device replay, and the online batch drawn there (``input_only``:
-that drain, append and draw without the update).
+transition drained from Reverb's queue into the device replay, and the online batch drawn there. The ``reverb``
+path is then the update fed that way, and ``input_only`` that drain, append and draw without the update.
 
 The online table's rate limiter is configured so that it never blocks: this measures the input path, not the
 UTD control (in training the limiter deliberately holds the learner back to the actors' pace).
@@ -150,7 +150,8 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
                 "ms_per_update": round(1000 / rate, 2)}
 
     return {"bench": "learner", "obs": obs_mode, "size": size, "algo": algo, "batch_size": cfg.batch_size,
-            "utd": cfg.utd, "fuse": fuse, "replay_on_device": replay_on_device, "updates": updates, "rounds": rounds, "items": items,
+            "utd": cfg.utd, "fuse": fuse, "replay_on_device": replay_on_device, "updates": updates, "rounds": rounds,
+            "items": items,
             "synthetic": throughput(med["synthetic"]), "reverb": throughput(med["reverb"]),
             "input_only": {"batches_per_s": round(med["input_only"], 3)},
             "ratio": round(med["reverb"] / med["synthetic"], 4), "device": jax.devices()[0].platform}
