@@ -193,11 +193,7 @@ class LearnerCore:
         self.state, counters = restore_checkpoint(found[-1], template)
         self.updates = counters["updates"]
         online = read_arrays(found[-1]) if self.device_replay else None
-        self.online = None
-        if online is not None:
-            transitions = DeviceReplay.transitions(online)
-            self.online = DeviceReplay(self.device_replay, jax.tree_util.tree_map(lambda x: x[0], transitions))
-            self.online.load(online)
+        self.online = None if online is None else DeviceReplay.from_state(self.device_replay, online)
         return counters
 
 

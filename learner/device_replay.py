@@ -134,6 +134,13 @@ class DeviceReplay:
         return Batch(obs, state["action"], state["discount"], {k: state[f"next_obs/{k}"] for k in obs},
                      state["next_action"])
 
+    @classmethod
+    def from_state(cls, capacity: int, state: dict[str, np.ndarray]) -> DeviceReplay:
+        """A device replay of ``capacity`` holding a ``state()``."""
+        replay = cls(capacity, jax.tree_util.tree_map(lambda x: x[0], cls.transitions(state)))
+        replay.load(state)
+        return replay
+
     def load(self, state: dict[str, np.ndarray]) -> None:
         """Replace the contents with a ``state()`` (a smaller capacity keeps the newest that fit)."""
         transitions = self.transitions(state)

@@ -70,8 +70,7 @@ def test_the_ring_keeps_the_newest_transitions_and_draws_only_from_them():
     larger.append(transitions(12, 1100))
     assert larger.rows == 2048 and len(larger) == 1110
     np.testing.assert_array_equal(larger.state()["next_obs/state"][:, 0], np.arange(2, 1112) + 0.5)
-    smaller = DeviceReplay(4, jax.tree_util.tree_map(lambda x: x[0], transitions(0, 1)))
-    smaller.load(state)
+    smaller = DeviceReplay.from_state(4, state)
     np.testing.assert_array_equal(smaller.state()["obs/state"][:, 0], np.arange(8, 12))  # the newest that fit
     assert smaller.added == 12
 
