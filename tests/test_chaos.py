@@ -24,9 +24,10 @@ COMPONENTS = ("actor", "learner", "replay", "inference")
 def _pid(system: System, component: str) -> int:
     if component == "inference":
         return system.inference.handle.replica_info.remote().result(timeout_s=60)["pid"]
-    if component == "actor":  # busy in its run() loop, so it cannot answer a call: find its process
-        return next(p.pid for p in psutil.process_iter(["cmdline"])
-                    if "ray::EnvActor" in " ".join(p.info["cmdline"] or []))
+    if component == "actor":  # busy in its run() loop, so it cannot answer a call: find its process among this
+        # test's descendants (another xdist worker's run has env actors too, and killing one of those fails both)
+        return next(p.pid for p in psutil.Process().children(recursive=True)
+                    if "ray::EnvActor" in " ".join(p.cmdline()))
     handle = system.learner if component == "learner" else system.replay
     return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
 
