@@ -25,6 +25,13 @@ MIN_BLOCK = 8  # appends are padded to a power of two ≥ this many rows: a hand
 INITIAL_ROWS = 1024  # allocated at first; doubled as transitions come
 
 
+def single_samples(items: list[dict]) -> Batch:
+    """Replay samples of one transition each (``BatchIterator`` with batch 1, UTD 1: shaped (1, 1, ...)) as one
+    Batch with a leading transition axis, oldest first: what ``DeviceReplay.append`` takes."""
+    return Batch.from_sample(jax.tree_util.tree_map(
+        lambda *xs: np.concatenate([x.reshape(-1, *x.shape[2:]) for x in xs]), *items))
+
+
 @functools.partial(jax.jit, donate_argnums=0)  # in place: no copy of the whole ring per append
 def _write(pool: DemoPool, rows: jax.Array, block: Batch) -> DemoPool:
     """``block``'s transitions into rows ``rows`` of ``pool`` (their next_obs one pool length further down its

@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import jax
-import numpy as np
 import ray
 
 from csil import metrics as prom
@@ -42,6 +40,7 @@ from csil.tasks import get_task
 from inference_server.client import PatientChunkSource, RunStopped
 from learner.agent import Batch
 from learner.core import LearnerCore, finite_metrics
+from learner.device_replay import single_samples
 from learner.pretrain import DemoTransitions, PretrainingStopped
 from replay.dataset import BatchIterator
 
@@ -213,9 +212,8 @@ class LearnerService:
         items = [] if self._owed() else [next(online)]
         while len(items) < DRAIN and online.ready():
             items.append(next(online))
-        if items:  # each (1, 1, ...): one transition
-            self.core.add_online(Batch.from_sample(jax.tree_util.tree_map(
-                lambda *xs: np.concatenate([x.reshape(-1, *x.shape[2:]) for x in xs]), *items)))
+        if items:
+            self.core.add_online(single_samples(items))
         owed, k = self._owed(), self.cfg.fuse_updates
         count = k if owed >= k else min(owed, 1)
         return [(count, functools.partial(self.core.step_on_device, count))] if count else []

@@ -35,7 +35,7 @@ from csil.config import SIZES as PRESET_SIZES
 from csil.config import ReplayConfig
 from csil.specs import ONLINE_TABLE
 from learner.agent import Batch, CSILAgent, DemoPool, sample_demos
-from learner.device_replay import DeviceReplay
+from learner.device_replay import DeviceReplay, single_samples
 from learner.throughput import bench_agent_config, obs_spec, random_transitions, random_update_inputs
 from replay.server import BatchIterator, ReplayServer, TransitionWriter
 
@@ -117,9 +117,7 @@ def bench_learner(obs_mode: str, updates: int, size: str, algo: str = "csil++", 
 
         def sampled(i: int) -> Batch:
             if replay_on_device:  # fuse new transitions in, the online half of fuse updates out
-                ring.append(Batch.from_sample(jax.tree_util.tree_map(
-                    lambda *xs: np.concatenate([x.reshape(-1, *x.shape[2:]) for x in xs]),
-                    *[next(online) for _ in range(fuse)])))
+                ring.append(single_samples([next(online) for _ in range(fuse)]))
                 return ring.sample(online_keys[i], (cfg.utd, cfg.batch_size))
             if fuse == 1:
                 return Batch.from_sample(next(online))
