@@ -40,6 +40,12 @@ def add_system_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrain-steps", type=at_least(1), default=200,
                    help="BC and critic pretraining steps (quality does not change throughput)")
     p.add_argument("--num-demos", type=at_least(1), default=20, help="demos for pretraining and the demo half of every batch")
+    p.add_argument("--fuse-updates", type=at_least(1), default=1,
+                   help="learner updates per jit call when that many env steps' worth are admitted, as csil-launch's "
+                        "(default %(default)s)")
+    p.add_argument("--replay-on-device", action="store_true",
+                   help="the online replay on the learner's device, as csil-launch's: Reverb's queue hands each "
+                        "transition over once, the learner holds the UTD (the bare baseline is the same either way)")
     p.add_argument("--raw-env-steps", type=at_least(1), default=500, help="steps of the raw env baseline loop")
     p.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
 
@@ -119,7 +125,8 @@ def system_config(args: argparse.Namespace, actors: int) -> LaunchConfig:
                          **batch, **({"utd": args.utd} if args.utd else {}))
     return LaunchConfig(task=args.task, obs_mode=args.obs, frame_codec=args.frame_codec, size=args.size,
                         actors=actors, envs_per_actor=args.envs_per_actor, env_steps=10**12, duration_s=args.seconds,
-                        warmup=args.warmup, eval_episodes=0, num_demos=args.num_demos, seed=args.seed, agent=agent)
+                        warmup=args.warmup, eval_episodes=0, num_demos=args.num_demos, seed=args.seed, agent=agent,
+                        fuse_updates=args.fuse_updates, replay_on_device=args.replay_on_device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,20 @@ from csil.config import AgentConfig, CriticConfig, HetStatConfig
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 
+def pytest_collection_modifyitems(items):
+    """Files with the longest tests first. pytest-xdist's workers take whole files in collection order (pyproject:
+    ``--dist loadfile --no-loadscope-reorder``), and a long file taken last leaves one worker running it alone
+    (~100 s of the suite's wall time). A ``timeout`` mark is a test's cost estimate; files without one follow,
+    those with the most tests first (xdist's own order)."""
+    files: dict = {}
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        limit = (mark.args[0] if mark.args else mark.kwargs.get("timeout", 0)) if mark else 0
+        longest, count = files.get(item.path, (0, 0))
+        files[item.path] = (max(longest, limit), count + 1)
+    items.sort(key=lambda item: (-files[item.path][0], -files[item.path][1]))  # stable: a file stays together
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     os.environ["CSIL_CACHE"] = str(tmp_path_factory.mktemp("csil_cache"))

@@ -8,7 +8,9 @@ Learner, replay and coordinator must land on the head, env actors on the actor n
 the inference node, as deploy/cluster.yaml's node types advertise them. The cluster is this test's own: its own
 ports and temp dir, every ``ray start`` with ``--block`` in its own session, so that killing those process
 groups stops exactly the Ray it started (``ray stop`` would stop every Ray on the machine). The stopped job is
-then resubmitted with ``--resume`` and runs to the end of its budget, as deploy/README.md describes."""
+then resubmitted with ``--resume`` and runs to the end of its budget, as deploy/README.md describes. The job keeps
+its online replay on the learner's device (``--replay-on-device``, what a GPU head runs): the transitions the
+learner held when stopped must come back with it."""
 
 import json
 import os
@@ -20,7 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from learner.checkpoint import numbered_checkpoints, read_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -118,13 +123,14 @@ def ray_cluster(free_port):
 
 def _launch(lift_setup, logdir: Path, port: int) -> list[str]:
     """A csil-launch job that would run for ever (10**6 env steps of a CPU-sized learner, no evaluations), in
-    residual mode: the learner's BC targets then come from the inference node too."""
+    residual mode (the learner's BC targets then come from the inference node too), with the online replay on the
+    learner's device."""
     _, demos, base = lift_setup
     return [sys.executable, "-m", "cli.launch", "--address", "auto", "--task", "Lift", "--size", "cpu",
             "--action-mode", "residual", "--actors", "1", "--envs-per-actor", "1", "--env-steps", str(10**6),
             "--warmup", "20", "--eval-episodes", "0", "--num-demos", "3", "--demos", str(demos),
             "--base-checkpoint", str(base), "--bc-steps", "20", "--critic-steps", "10", "--serve-port", str(port),
-            "--logdir", str(logdir)]
+            "--replay-on-device", "--logdir", str(logdir)]
 
 
 def _placement(address: str) -> dict[str, set[str]]:
@@ -178,9 +184,11 @@ def test_ray_job_on_a_cluster_places_roles_stops_with_a_checkpoint_and_resumes(r
     assert "signal 15: stopping" in logs, logs[-3000:]
     stopped = json.loads((run / "summary.json").read_text())
     assert stopped["interrupted"] and stopped["env_steps"] > 0, stopped
-    newest = max((run / "checkpoints" / "learner").glob("*/record.json"), key=lambda p: int(p.parent.name))
-    assert json.loads(newest.read_text())["env_steps"] == stopped["env_steps"]  # written on the stop, not at start
+    newest = numbered_checkpoints(run / "checkpoints" / "learner")[-1]
+    assert json.loads((newest / "record.json").read_text())["env_steps"] == stopped["env_steps"]  # written on the stop
     assert any((run / "checkpoints" / "replay").glob("*/DONE"))
+    ring = read_arrays(newest)  # the transitions the learner had taken from Reverb's queue
+    assert 0 < int(ring["added"]) == len(ring["action"]) <= stopped["env_steps"], (ring["added"], stopped)
 
     # resubmitted with --resume and a budget 20 steps on: `ray job submit` waits for the job, streams its logs
     # and exits with its status
@@ -192,4 +200,9 @@ def test_ray_job_on_a_cluster_places_roles_stops_with_a_checkpoint_and_resumes(r
     summary = json.loads((run / "summary.json").read_text())
     assert summary["env_steps"] >= target and not summary["interrupted"], summary
     assert summary["replay_restored"] == stopped["replay_sizes"]  # continued from the checkpoint the stop wrote
+    resumed = read_arrays(numbered_checkpoints(run / "checkpoints" / "learner")[-1])
+    assert int(resumed["added"]) >= int(ring["added"])
+    for name, column in ring.items():  # the stopped learner's transitions, restored and kept, byte for byte
+        if name != "added":
+            np.testing.assert_array_equal(resumed[name][:len(column)], column)
     assert f'"logdir": "{run}"' in done.stdout  # csil-launch's JSON line, streamed by ray job submit

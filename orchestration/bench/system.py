@@ -68,7 +68,8 @@ def bench_system(cfg: LaunchConfig, env_steps: int = 500) -> dict:
     with tempfile.TemporaryDirectory(prefix="csil-bench-system-") as logdir:
         system = measure_system(dataclasses.replace(cfg, logdir=logdir, demos=demos))
     per_actor, learner = system["env_steps_per_s_per_actor"], system["learner_updates_per_s"]
-    return {"bench": "system", "task": cfg.task, "obs": cfg.obs_mode, "size": cfg.size, **system,
+    return {"bench": "system", "task": cfg.task, "obs": cfg.obs_mode, "size": cfg.size,
+            "replay_on_device": cfg.replay_on_device, "fuse_updates": cfg.fuse_updates, **system,
             "raw_env_steps_per_s": raw, "bare_updates_per_s": round(bare, 2),
             "ratio": {"actor_vs_raw_env": round(per_actor / raw, 4) if per_actor else None,
                       "learner_vs_bare_update": round(learner / bare, 4) if learner else None}}
@@ -92,9 +93,10 @@ def write_scale(records: list[dict], cfg: LaunchConfig, out_dir: str, command: s
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
+    replay = "on the learner's device" if cfg.replay_on_device else "sampled from Reverb"
     lines = [f"`{command}`", "", f"{cfg.task}, {cfg.obs_mode} observations, {cfg.size}-size networks, "
-             f"{cfg.envs_per_actor} envs per actor, "
-             f"{cfg.duration_s:g} s of acting per point.", "", "| " + " | ".join(columns) + " |",
+             f"{cfg.envs_per_actor} envs per actor, {cfg.duration_s:g} s of acting per point, online replay {replay}, "
+             f"{cfg.fuse_updates} update(s) per learner call.", "", "| " + " | ".join(columns) + " |",
              "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in records]
     (out / "table.md").write_text("\n".join(lines) + "\n")
