@@ -1,7 +1,7 @@
 """The learner without transport: pretraining, the fused update, parameters, checkpoints.
 
 Updates take the online half of their batches from the caller; the demo half is drawn on the device from the demos
-it holds there (``learner.agent.sample_demos``).
+it holds there (``learner.batch.sample_demos``).
 
 The single-process trainer (``csil-train``) calls it directly; the Ray learner service (``learner.service``)
 wraps it with Reverb input, weight publishing and metrics. Both pretrain, update and checkpoint the same way.
@@ -22,7 +22,8 @@ import numpy as np
 from csil import compile_cache, seeds
 from csil.config import AgentConfig
 from csil.specs import ObsSpec
-from learner.agent import AgentState, Batch, CSILAgent, sample_demos
+from learner.agent import AgentState, CSILAgent
+from learner.batch import Batch, sample_demos
 from learner.checkpoint import numbered_checkpoints, read_arrays, restore_checkpoint, save_checkpoint
 from learner.device_replay import DeviceReplay
 from learner.pretrain import DemoTransitions, initial_atoms, pretrain_bc, pretrain_critic

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from learner.agent import Batch, DemoPool, sample_demos
+from learner.batch import Batch, DemoPool, sample_demos
 
 MIN_BLOCK = 8  # appends are padded to a power of two ≥ this many rows: a handful of compiled shapes, not one per n
 INITIAL_ROWS = 1024  # allocated at first; doubled as transitions come

@@ -21,7 +21,8 @@ from csil.acting import ChunkSource, open_loop_base_actions, with_plan
 from csil.demos import flatten_obs
 from csil.specs import ACTION_DIM, BaseObsSpec, ObsSpec
 from csil.tasks import is_success
-from learner.agent import AgentState, Batch, CSILAgent, DemoPool, sample_demos
+from learner.agent import AgentState, CSILAgent
+from learner.batch import Batch, DemoPool, sample_demos
 from learner.critic import make_atoms
 
 

@@ -38,7 +38,7 @@ from csil.demos import read_demos
 from csil.specs import ONLINE_TABLE, ObsSpec
 from csil.tasks import get_task
 from inference_server.client import PatientChunkSource, RunStopped
-from learner.agent import Batch
+from learner.batch import Batch
 from learner.core import LearnerCore, finite_metrics
 from learner.device_replay import single_samples
 from learner.pretrain import DemoTransitions, PretrainingStopped

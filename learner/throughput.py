@@ -26,7 +26,8 @@ import numpy as np
 from csil import compile_cache
 from csil.config import AgentConfig, agent_config
 from csil.specs import CAMERAS, PROPRIO_KEYS, STATE_KEYS, ObsSpec, Transition
-from learner.agent import Batch, CSILAgent, DemoPool, sample_demos
+from learner.agent import CSILAgent
+from learner.batch import Batch, DemoPool, sample_demos
 
 # Lift's state layout (eef pos, eef quat, gripper qpos, 10-d object state: 19-d); image mode keeps the proprio part.
 WIDTHS = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10}

@@ -38,7 +38,7 @@ from csil.config import TrainConfig
 from csil.demos import read_demos, spec_from_demos
 from csil.specs import ONLINE_TABLE
 from csil.tasks import get_task
-from learner.agent import Batch
+from learner.batch import Batch
 from learner.checkpoint import numbered_checkpoints
 from learner.core import LearnerCore, finite_metrics
 from learner.pretrain import DemoTransitions, PretrainingStopped

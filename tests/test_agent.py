@@ -16,7 +16,8 @@ import pytest
 from csil import hetstat
 from csil.config import AgentConfig, CriticConfig, HetStatConfig, algo_config
 from csil.specs import ObsSpec
-from learner.agent import Batch, CSILAgent, sample_demos
+from learner.agent import CSILAgent
+from learner.batch import Batch, sample_demos
 from learner.pretrain import DemoTransitions, encoded_demos, pretrain_bc, pretrain_critic
 
 OBS_DIM, LATENT, EP_LEN = 10, 3, 40

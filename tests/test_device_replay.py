@@ -11,7 +11,7 @@ import pytest
 
 from csil.config import AgentConfig, CriticConfig, HetStatConfig, LaunchConfig, ReplayConfig
 from csil.specs import ONLINE_TABLE, ObsSpec, Transition
-from learner.agent import Batch
+from learner.batch import Batch
 from learner.checkpoint import numbered_checkpoints, read_arrays
 from learner.core import LearnerCore
 from learner.device_replay import DeviceReplay
@@ -86,7 +86,7 @@ class DemoStub:
     """Demos for the demo half: the numbered transitions 100..139 on the device."""
 
     def on_device(self):
-        from learner.agent import DemoPool
+        from learner.batch import DemoPool
 
         return jax.device_put(DemoPool.of(transitions(100, 40)))
 

@@ -8,7 +8,7 @@ machines here are noisy, so only same-run ratios mean anything), and the medians
 - ``synthetic``: one random batch put on the device once and reused; nothing but the update runs.
 - ``reverb``: the learner's own input: online batches from a real in-process ``ReplayServer`` filled with random
   transitions, read through a ``BatchIterator`` exactly as ``orchestration.trainer`` reads them, and demo batches
-  drawn on the device from a pool of random transitions there (``learner.agent.sample_demos``).
+  drawn on the device from a pool of random transitions there (``learner.batch.sample_demos``).
 - ``input_only``: the host's part of the reverb path without the update (next() on the iterator + device_put),
   i.e. how many env steps' worth of batches per second the input path delivers when it has the machine to itself.
 
@@ -34,7 +34,8 @@ from tqdm import tqdm
 from csil.config import SIZES as PRESET_SIZES
 from csil.config import ReplayConfig
 from csil.specs import ONLINE_TABLE
-from learner.agent import Batch, CSILAgent, DemoPool, sample_demos
+from learner.agent import CSILAgent
+from learner.batch import Batch, DemoPool, sample_demos
 from learner.device_replay import DeviceReplay, single_samples
 from learner.throughput import bench_agent_config, obs_spec, random_transitions, random_update_inputs
 from replay.server import BatchIterator, ReplayServer, TransitionWriter

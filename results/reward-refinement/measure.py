@@ -19,7 +19,8 @@ import numpy as np
 from csil import hetstat
 from csil.config import agent_config
 from csil.demos import read_demos, spec_from_demos
-from learner.agent import Batch, CSILAgent
+from learner.agent import CSILAgent
+from learner.batch import Batch
 from learner.pretrain import DemoTransitions, pretrain_bc
 from orchestration.pipeline import ensure_demos
 
