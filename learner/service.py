@@ -233,7 +233,7 @@ class LearnerService:
             metrics = call()
         if _crossed(self.updates, done, self.cfg.publish_every):
             self.publish()
-        if _crossed(self.updates, done, 100) or self.updates == done:  # and the first call of a fresh learner
+        if _crossed(self.updates, done, 100) or not self.metrics:  # and this learner's first call (fresh or restored)
             record = finite_metrics(metrics, self.updates)  # raises before anything is checkpointed
             self.update_time_s = time.perf_counter() - start
             self.metrics = record

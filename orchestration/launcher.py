@@ -118,6 +118,7 @@ class System:
         self.restarts: dict[str, int] = {}  # in-run restarts per component (the coordinator's count)
         self.faults: list[dict] = []  # what happened, for the summary
         self.learner_updates = 0
+        self.learner_metrics: dict = {}  # the learner's newest record sent to TensorBoard/W&B
 
     def _evaluate(self, base: str, params, first_scene: int, episodes: int, videos: int, stop) -> dict:
         result = evaluate_policy(self.task, self.cfg.obs_mode, base, params, self.network, self.cfg.action_mode,
@@ -340,7 +341,7 @@ class System:
                    disable=not self.progress, mininterval=1.0)
         last_steps = env_steps = self.env_steps_offset
         last_ckpt = last_time = time.time()
-        blocked_s, learner_metrics = 0.0, {}
+        blocked_s = 0.0
         with (self.logdir / "progress.jsonl").open("a") as progress:
             while not self.stop_requested:
                 time.sleep(1.0)
@@ -350,7 +351,7 @@ class System:
                 self.evaluator.collect()
                 # a learner that died since _supervise looked is restarted on the next pass, not a crash here
                 learner = self._alive(self.learner.stats, {"updates": self.learner_updates, "updates_per_s": 0.0,
-                                                           "metrics": learner_metrics})
+                                                           "metrics": self.learner_metrics})
                 self.learner_updates = learner["updates"]
                 now, blocked = time.time(), sum(a["blocked_s"] for a in stats["actors"].values())
                 self.tracker.scalars(env_steps, {
@@ -361,9 +362,7 @@ class System:
                     "system/restarts": sum(stats["component_restarts"].values()),
                     "actors/train_success": stats["train_success"], "actors/episode_return": stats["train_return"],
                     "actors/episodes": stats["episodes"], "learner/updates": learner["updates"]})
-                if learner["metrics"] != learner_metrics:  # a new record (the first update, then every 100)
-                    learner_metrics = learner["metrics"]
-                    self.tracker.scalars(env_steps, {f"learner/{k}": v for k, v in learner_metrics.items()})
+                self._track_learner(env_steps, learner["metrics"])
                 last_time, blocked_s = now, blocked
                 progress.write(json.dumps({"time": round(time.time(), 3), "env_steps": env_steps,
                                            "updates": learner["updates"], "updates_per_s": learner["updates_per_s"],
@@ -389,6 +388,12 @@ class System:
                     break
         bar.close()
 
+    def _track_learner(self, env_steps: int, metrics: dict) -> None:
+        """The learner's newest record (each learner's first update, then every 100) to TensorBoard/W&B, once."""
+        if metrics and metrics != self.learner_metrics:
+            self.learner_metrics = metrics
+            self.tracker.scalars(env_steps, {f"learner/{k}": v for k, v in metrics.items()})
+
     def _finish(self, start: float, acting_since: float, failure: ComponentFailed | None) -> dict:
         """Stop actors and learner, checkpoint, evaluate (unless interrupted or failed), write the summary. A
         failed component is not checkpointed: its last good checkpoint stays the one to resume from."""
@@ -402,6 +407,7 @@ class System:
         stats = ray.get(self.coordinator.stats.remote())
         learner = self._alive(self.learner.stats, {"updates": self.learner_updates, "run_s": None, "wait_s": None})
         env_steps = self.env_steps_offset + stats["env_steps"]
+        self._track_learner(env_steps, learner.get("metrics", {}))  # a record made since the last poll
         self.checkpoint(env_steps, skip=failed)
         summary = {"env_steps": env_steps, "learner_updates": learner["updates"],
                    "interrupted": self.stop_requested, "actor_restarts": sum(stats["restarts"].values()),

@@ -124,7 +124,8 @@ def test_launch_stops_on_sigterm_with_checkpoints_then_resumes(lift_setup, lift_
     scalars = tensorboard_scalars(run)
     assert [step for step, _ in scalars["eval/success_rate"]] == steps
     assert any(v > 0 for _, v in scalars["system/env_steps_per_s"])
-    assert scalars["learner/critic_loss"] and all(np.isfinite(v) for _, v in scalars["learner/critic_loss"])
+    losses = scalars["learner/critic_loss"]
+    assert len(losses) >= 2 and all(np.isfinite(v) for _, v in losses)  # each run's learner, however short the run
     assert {"system/updates_per_s", "system/rate_limited_fraction", "actors/episodes"} <= set(scalars)
     # an MP4 of each evaluation's episode, with every 25th step (and the last)
     videos = sorted(run.glob("videos/eval-*.mp4"))
