@@ -56,11 +56,10 @@ from csil.encoders import MultiCameraEncoder, random_shift
 from csil.hetstat import SmallPolicy
 from csil.specs import ObsSpec
 from learner import critic as C
-from learner.batch import Batch
+from learner.batch import Batch, Obs
 from learner.critic import Critic
 
 PyTree = Any
-Obs = dict[str, jax.Array]
 
 
 def reward_shift(cfg: AgentConfig) -> float:
