@@ -106,37 +106,39 @@ def train_base_policy(
     mean = dataset.state.mean(0)
     std = dataset.state.std(0) + 1e-3
     stats = {"state_mean": mean.astype(np.float32), "state_std": std.astype(np.float32)}
-    state = jnp.asarray((dataset.state - mean) / std)
-    images = {k: jnp.asarray(v) for k, v in dataset.images.items()}
-    chunks = jnp.asarray(dataset.chunks)
+    # The arrays go into the jitted step as arguments: closed over, they would be baked into the compiled program
+    # as constants, which costs several copies of every demo frame (OOM on NutAssembly's 200 rendered demos).
+    data = {"state": jnp.asarray((dataset.state - mean) / std),
+            "images": {k: jnp.asarray(v) for k, v in dataset.images.items()},
+            "chunks": jnp.asarray(dataset.chunks)}
 
     key = jax.random.PRNGKey(cfg.seed)
     key, init_key = jax.random.split(key)
-    params = model.init(init_key, state[:1], {k: v[:1] for k, v in images.items()})
+    params = model.init(init_key, data["state"][:1], {k: v[:1] for k, v in data["images"].items()})
     schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
     opt = optax.adamw(schedule, weight_decay=cfg.weight_decay)
     opt_state = opt.init(params)
 
-    def loss_fn(p, idx, aug_key):
-        batch_images = {k: v[idx] for k, v in images.items()}
+    def loss_fn(p, data, idx, aug_key):
+        batch_images = {k: v[idx] for k, v in data["images"].items()}
         if cfg.image_shift:
             keys = jax.random.split(aug_key, max(len(batch_images), 1))
             batch_images = {k: random_shift(kk, v, cfg.image_shift) for kk, (k, v) in zip(keys, batch_images.items())}
-        err = model.apply(p, state[idx], batch_images) - chunks[idx]
+        err = model.apply(p, data["state"][idx], batch_images) - data["chunks"][idx]
         return jnp.mean(jnp.abs(err)) if cfg.loss == "l1" else jnp.mean(err**2)
 
     @jax.jit
-    def train_step(p, o, k):
+    def train_step(p, o, k, data):
         k, idx_key, aug_key = jax.random.split(k, 3)
-        idx = jax.random.randint(idx_key, (cfg.batch_size,), 0, state.shape[0])
-        loss, grads = jax.value_and_grad(loss_fn)(p, idx, aug_key)
+        idx = jax.random.randint(idx_key, (cfg.batch_size,), 0, data["state"].shape[0])
+        loss, grads = jax.value_and_grad(loss_fn)(p, data, idx, aug_key)
         updates, o = opt.update(grads, o, p)
         return optax.apply_updates(p, updates), o, k, loss
 
     losses = []
     bar = trange(cfg.steps, desc="base policy", disable=not progress, mininterval=1.0)
     for step in bar:
-        params, opt_state, key, loss = train_step(params, opt_state, key)
+        params, opt_state, key, loss = train_step(params, opt_state, key, data)
         if step % 100 == 0 or step == cfg.steps - 1:
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")

@@ -137,10 +137,11 @@ def train_base_from_file(demos: str | Path, out: str | Path, cfg: BaseTrainConfi
     data = read_demos(demos, num_demos=cfg.num_demos, load_next_obs=False)
     spec = spec_from_demos(demos, data.episodes[0].obs, obs_mode)
     dataset = ChunkDataset.from_episodes(data.episodes, spec, cfg.chunk_length)
+    task, num_demos = get_task(data.env_meta["env_name"]).name, len(data.episodes)
+    del data  # the episodes' frames: a copy of every image the dataset now holds
     params, stats, losses = train_base_policy(dataset, spec, cfg, progress=progress)
-    task = get_task(data.env_meta["env_name"]).name
     save_base_policy(out, params, stats, spec, cfg,
-                     {"task": task, "demos": str(Path(demos).absolute()), "num_demos": len(data.episodes),
+                     {"task": task, "demos": str(Path(demos).absolute()), "num_demos": num_demos,
                       "loss_curve": losses})
-    return {"out": str(out), "task": task, "num_demos": len(data.episodes), "steps": cfg.steps,
+    return {"out": str(out), "task": task, "num_demos": num_demos, "steps": cfg.steps,
             "final_loss": losses[-1], "seconds": round(time.time() - start, 1)}
