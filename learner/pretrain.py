@@ -7,6 +7,7 @@ critic evaluates it, which is why fine-tuning starts at the BC policy's performa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -188,10 +189,12 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
     opt = optax.adam(cfg.bc_lr)
     opt_state = opt.init(params)
     demos, held_out = demos.split_episodes(cfg.bc_holdout) if cfg.bc_holdout else (demos, None)
+    # Demo arrays enter the jitted functions as arguments: closed over, XLA would bake every frame into the
+    # program as a constant, several copies of them (see csil.base_policy.train_base_policy).
     obs, actions = jax.tree_util.tree_map(jnp.asarray, demos.obs), jnp.asarray(demos.action)
 
     @jax.jit
-    def step(p, o, k):
+    def step(p, o, k, obs, actions):
         k, sub, aug = jax.random.split(k, 3)
         idx = jax.random.randint(sub, (cfg.bc_batch_size,), 0, actions.shape[0])
         batch_obs = agent.augment(aug, jax.tree_util.tree_map(lambda x: x[idx], obs))
@@ -200,13 +203,14 @@ def pretrain_bc(agent: CSILAgent, demos: DemoTransitions, key: jax.Array, steps:
         updates, o = opt.update(grads, o, p)
         return optax.apply_updates(p, updates), o, k, metrics
 
-    held_out_loss = None if held_out is None else jax.jit(lambda p: hetstat.bc_loss(
-        agent.policy_net.apply, p, jax.tree_util.tree_map(jnp.asarray, held_out.obs), jnp.asarray(held_out.action))[0])
+    held_out_loss = None if held_out is None else functools.partial(
+        jax.jit(lambda p, obs, action: hetstat.bc_loss(agent.policy_net.apply, p, obs, action)[0]),
+        obs=jax.tree_util.tree_map(jnp.asarray, held_out.obs), action=jnp.asarray(held_out.action))
     done, best = 0, (np.inf, params, 0)  # (held-out loss, its parameters, the step they come from)
 
     def bc_step() -> dict:
         nonlocal params, opt_state, key, done, best
-        params, opt_state, key, metrics = step(params, opt_state, key)
+        params, opt_state, key, metrics = step(params, opt_state, key, obs, actions)
         done += 1
         if held_out_loss is not None and ((done - 1) % LOG_EVERY == 0 or done == steps):  # the steps _run logs
             metrics = {**metrics, "held_out_loss": held_out_loss(params)}
