@@ -174,3 +174,35 @@ def test_image_pool_is_a_training_flag_the_saved_policy_remembers(lift_image_set
     (legacy / "checkpoint").symlink_to(lift_image_setup[2] / "checkpoint")
     (legacy / "base_policy.json").write_text(json.dumps(old))
     assert LocalBasePolicy(legacy).model.image_pool == "mean"
+
+
+_PEAK_MEMORY_PROBE = """
+import resource, sys
+import numpy as np
+from csil.base_policy import ChunkDataset, train_base_policy
+from csil.config import BaseTrainConfig
+from csil.specs import ObsSpec
+frames = int(sys.argv[1])
+spec = ObsSpec("image", (("robot0_eef_pos", 3),), cameras=("agentview", "robot0_eye_in_hand"))
+rng = np.random.default_rng(0)
+data = ChunkDataset(state=rng.normal(size=(frames, 3)).astype(np.float32),
+                    images={k: rng.integers(0, 255, (frames, 84, 84, 3), np.uint8) for k in spec.image_keys},
+                    chunks=rng.uniform(-1, 1, (frames, 10, 7)).astype(np.float32))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+train_base_policy(data, spec, BaseTrainConfig(steps=3, batch_size=8, hidden=(32,), image_channels=(8, 8, 8)),
+                  progress=False)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_image_training_holds_the_frames_about_once(tmp_path):
+    """The frames must enter the jitted step as arguments: closed over, XLA bakes them into the program as
+    constants, ~10 copies of every frame (200 rendered NutAssembly demos were OOM-killed at 24 GB)."""
+    import subprocess
+    import sys
+
+    frames = 4000  # 2 cameras: 169 MB of frames
+    out = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_PROBE, str(frames)], capture_output=True, text=True,
+                         timeout=300, check=True)
+    growth = int(out.stdout.split()[-1])
+    assert growth < 3 * frames * 2 * 84 * 84 * 3, f"training grew the peak RSS by {growth / 1e6:.0f} MB"
