@@ -1,9 +1,14 @@
-"""csil-base: train the local base policy (action-chunking BC, the CPU stand-in for pi0.5) on demos."""
+"""csil-base: train the local base policy (action-chunking BC, the CPU stand-in for pi0.5) on demos.
+
+Training saves its progress in the output directory every 5 minutes and on Ctrl-C/SIGTERM; the same command
+continues a stopped run."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
+import sys
 
 from cli import emit_json
 from cli.flags import at_least
@@ -20,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train on a robomimic HDF5 file and save an orbax checkpoint",
                            description="Train the chunking model (obs -> 10 actions) and save it to --out.")
     train.add_argument("--demos", required=True, help="robomimic-layout .hdf5 file (e.g. from csil-demos generate)")
-    train.add_argument("--out", required=True, help="output directory (orbax checkpoint + base_policy.json)")
+    train.add_argument("--out", required=True,
+                       help="output directory (orbax checkpoint + base_policy.json; while training, its progress: "
+                            "the same command continues a stopped run)")
     train.add_argument("--num-demos", type=at_least(1), default=None,
                        help="use only the first N demos: the knob that makes the base good but imperfect "
                             "(default: every demo in the file; `csil-base prepare` uses the task's documented "
@@ -40,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="build the cached default base policy of a task (demos + training)",
                              description="Generate demos and train with the task's documented settings, "
                                          "under $CSIL_CACHE; does nothing if they are cached already.")
-    prepare.add_argument("--task", required=True, help="Lift, Can or Square")
+    prepare.add_argument("--task", required=True, help="Lift, Can, Square or NutAssembly")
     prepare.add_argument("--obs", choices=("state", "image"), default="state",
                          help="the base policy's observations: state, or both cameras + proprioception "
                               "(IMAGE_BASE_POLICY_DEFAULTS; renders its demos) (default %(default)s)")
@@ -49,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C: progress is saved
+    try:
+        _run(args)
+    except KeyboardInterrupt as e:
+        sys.exit(f"stopped{f' ({e})' if str(e) else ''}; its progress is saved: the same command continues it")
 
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "prepare":
         emit_json({"task": args.task, "obs": args.obs,
                    "base_policy": str(pipeline.ensure_base_policy(args.task, obs_mode=args.obs))})

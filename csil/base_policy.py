@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -96,11 +97,35 @@ class ChunkDataset:
         )
 
 
+class BCProgress(NamedTuple):
+    """Where base-policy training stands: what a checkpoint holds so that a stopped run continues exactly."""
+
+    params: Any
+    opt_state: Any
+    key: jax.Array
+    step: int
+    losses: list[float]  # the loss every 100 steps so far
+
+
+class BCCheckpointer(Protocol):
+    """Saves and restores a ``BCProgress`` (``orchestration.pipeline`` keeps one beside the output directory)."""
+
+    def restore(self, fresh: BCProgress) -> BCProgress | None: ...  # ``fresh`` is the template; None: nothing saved
+
+    def save(self, progress: BCProgress) -> None: ...
+
+
 def train_base_policy(
-    dataset: ChunkDataset, spec: ObsSpec, cfg: BaseTrainConfig, progress: bool = True
+    dataset: ChunkDataset, spec: ObsSpec, cfg: BaseTrainConfig, progress: bool = True,
+    checkpointer: BCCheckpointer | None = None, checkpoint_every_s: float = 300.0,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[dict, dict, list[float]]:
-    """Train the chunking model; returns (params, normalisation stats, loss curve every 100 steps)."""
-    from tqdm import trange
+    """Train the chunking model; returns (params, normalisation stats, loss curve every 100 steps).
+
+    With a ``checkpointer`` the run continues from its saved progress, saves it every ``checkpoint_every_s`` and
+    when stopped (Ctrl-C, or ``should_stop()`` turning true: ``KeyboardInterrupt`` after the save). Image BC of a
+    long task takes an hour or more of a CPU; a stopped run loses at most ``checkpoint_every_s`` of it."""
+    from tqdm import tqdm
 
     model = ChunkingBC(cfg.hidden, cfg.chunk_length, spec.image_keys, cfg.image_channels, cfg.image_pool)
     mean = dataset.state.mean(0)
@@ -135,14 +160,33 @@ def train_base_policy(
         updates, o = opt.update(grads, o, p)
         return optax.apply_updates(p, updates), o, k, loss
 
-    losses = []
-    bar = trange(cfg.steps, desc="base policy", disable=not progress, mininterval=1.0)
-    for step in bar:
-        params, opt_state, key, loss = train_step(params, opt_state, key, data)
-        if step % 100 == 0 or step == cfg.steps - 1:
-            losses.append(float(loss))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return params, stats, losses
+    def advance(s: BCProgress) -> BCProgress:
+        params, opt_state, key, loss = train_step(s.params, s.opt_state, s.key, data)
+        logged = s.step % 100 == 0 or s.step == cfg.steps - 1
+        return BCProgress(params, opt_state, key, s.step + 1, s.losses + [float(loss)] if logged else s.losses)
+
+    state = BCProgress(params, opt_state, key, 0, [])
+    state = (checkpointer and checkpointer.restore(state)) or state
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="base policy", disable=not progress, mininterval=1.0)
+    saved_at = time.monotonic()
+    try:
+        while state.step < cfg.steps:
+            if should_stop():
+                raise KeyboardInterrupt(f"base-policy training stopped at step {state.step:,} of {cfg.steps:,}")
+            state = advance(state)  # one assignment: a Ctrl-C leaves ``state`` before or after a whole step
+            bar.update(1)
+            if state.losses and state.step % 100 == 1:
+                bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
+            if checkpointer and time.monotonic() - saved_at >= checkpoint_every_s:
+                checkpointer.save(state)
+                saved_at = time.monotonic()
+    except KeyboardInterrupt:
+        if checkpointer:
+            checkpointer.save(state)
+        raise
+    finally:
+        bar.close()
+    return state.params, stats, state.losses
 
 
 def save_base_policy(out_dir: str | Path, params: dict, stats: dict, spec: ObsSpec, cfg: BaseTrainConfig,

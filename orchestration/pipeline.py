@@ -10,19 +10,22 @@ import dataclasses
 import hashlib
 import json
 import re
+import shutil
 import time
 from itertools import count
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from actors.rollout import run_episodes
-from csil.base_policy import ChunkDataset, save_base_policy, train_base_policy
+from csil.base_policy import BCProgress, ChunkDataset, save_base_policy, train_base_policy
 from csil.config import BaseTrainConfig, DemoConfig, base_policy_defaults, cache_dir
 from csil.demos import DemoFileError, DemoWriter, Episode, read_demos, spec_from_demos
 from csil.envs import robomimic_env_args, robosuite_kwargs
 from csil.experts import EXPERT_TASKS
 from csil.tasks import get_task
+from learner.checkpoint import restore_checkpoint, save_checkpoint
 
 
 def generate_demos(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
@@ -130,18 +133,52 @@ def ensure_base_policy(task: str, cfg: BaseTrainConfig | None = None, obs_mode: 
     return out
 
 
+class BCCheckpoints:
+    """A base-policy training's progress in ``<out>/progress`` (``learner.checkpoint``: atomic), removed once the
+    policy is saved, so that the same command continues a stopped run (Ctrl-C, SIGTERM, a killed process)."""
+
+    def __init__(self, out: Path, run: dict):
+        self.path, self.run = out / "progress", run  # ``run``: what must match for the progress to be continued
+
+    def restore(self, fresh: BCProgress) -> BCProgress | None:
+        if not (self.path / "record.json").exists():
+            return None
+        tree, record = restore_checkpoint(self.path, _bc_tree(fresh))
+        if record["run"] != self.run:
+            changed = {k: (record["run"].get(k), v) for k, v in self.run.items() if record["run"].get(k) != v}
+            raise ValueError(f"{self.path} holds a stopped base-policy training with other settings (saved, asked): "
+                             f"{changed}; delete it to start over, or choose another output directory")
+        print(f"continuing base-policy training from step {record['step']:,} ({self.path})")
+        return BCProgress(tree["params"], tree["opt_state"], tree["key"], record["step"], record["losses"])
+
+    def save(self, progress: BCProgress) -> None:
+        save_checkpoint(self.path, _bc_tree(progress), {"run": self.run, "step": progress.step,
+                                                        "losses": progress.losses})
+
+
+def _bc_tree(progress: BCProgress) -> dict:
+    return {"params": progress.params, "opt_state": progress.opt_state, "key": progress.key}
+
+
 def train_base_from_file(demos: str | Path, out: str | Path, cfg: BaseTrainConfig, obs_mode: str = "state",
-                         progress: bool = True) -> dict:
-    """Read demos, train the chunking model, save an orbax checkpoint; returns a summary."""
+                         progress: bool = True, should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Read demos, train the chunking model, save an orbax checkpoint; returns a summary. A stopped training
+    (``KeyboardInterrupt``) keeps its progress in ``out`` and the same call continues it (``BCCheckpoints``)."""
     start = time.time()
     data = read_demos(demos, num_demos=cfg.num_demos, load_next_obs=False)
     spec = spec_from_demos(demos, data.episodes[0].obs, obs_mode)
     dataset = ChunkDataset.from_episodes(data.episodes, spec, cfg.chunk_length)
     task, num_demos = get_task(data.env_meta["env_name"]).name, len(data.episodes)
     del data  # the episodes' frames: a copy of every image the dataset now holds
-    params, stats, losses = train_base_policy(dataset, spec, cfg, progress=progress)
+    out = Path(out)
+    run = {"demos": str(Path(demos).absolute()), "obs": obs_mode, "frames": len(dataset.chunks),
+           **dataclasses.asdict(cfg)}
+    checkpoints = BCCheckpoints(out, json.loads(json.dumps(run)))  # as JSON gives it back (tuples -> lists)
+    params, stats, losses = train_base_policy(dataset, spec, cfg, progress=progress, checkpointer=checkpoints,
+                                              should_stop=should_stop)
     save_base_policy(out, params, stats, spec, cfg,
                      {"task": task, "demos": str(Path(demos).absolute()), "num_demos": num_demos,
                       "loss_curve": losses})
+    shutil.rmtree(checkpoints.path, ignore_errors=True)
     return {"out": str(out), "task": task, "num_demos": num_demos, "steps": cfg.steps,
             "final_loss": losses[-1], "seconds": round(time.time() - start, 1)}

@@ -1,6 +1,7 @@
 """Demo generation -> base-policy training -> evaluation, end to end on a tiny budget, plus the CLIs."""
 
 import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -77,6 +78,24 @@ def test_training_fits_the_demo_chunks(lift_base):
     out, summary = lift_base
     curve = json.loads((out / "base_policy.json").read_text())["loss_curve"]
     assert curve[-1] < 0.5 * curve[0]
+
+
+def test_stopped_training_continues_where_it_stopped(lift_demos, lift_base, tmp_path):
+    """A stopped training (Ctrl-C, SIGTERM, ``should_stop``) keeps its progress in its output directory; the same
+    call continues it to what an uninterrupted run gives. Other settings on that progress are refused by name."""
+    out, calls = tmp_path / "stopped", itertools.count()
+    with pytest.raises(KeyboardInterrupt, match="step 150 of 300"):
+        train_base_from_file(lift_demos[0], out, TINY, progress=False, should_stop=lambda: next(calls) >= 150)
+    assert json.loads((out / "progress" / "record.json").read_text())["step"] == 150
+    assert not (out / "base_policy.json").exists()
+    with pytest.raises(ValueError, match="'steps': \\(300, 400\\)"):
+        train_base_from_file(lift_demos[0], out, dataclasses.replace(TINY, steps=400), progress=False)
+    rest = itertools.count()
+    summary = train_base_from_file(lift_demos[0], out, TINY, progress=False, should_stop=lambda: next(rest) < 0)
+    assert next(rest) == 150  # the second call ran the last 150 steps only
+    assert summary["steps"] == 300 and not (out / "progress").exists()
+    resumed, straight = (json.loads((d / "base_policy.json").read_text())["loss_curve"] for d in (out, lift_base[0]))
+    np.testing.assert_allclose(resumed, straight, rtol=1e-5)
 
 
 def test_base_policy_speaks_openpi_contract(lift_base, lift_demos):
