@@ -112,6 +112,7 @@ class EpisodeResult:
     success: bool
     length: int
     env_return: float
+    max_reward: float  # the best sparse reward reached: 1 on success; NutAssembly pays 0.5 per nut on its peg
     trajectory: dict | None = None  # recorded steps (robomimic keys), only when recording
     video: dict | None = None  # the cameras side by side (csil.video.encode), only for filmed episodes
 
@@ -178,11 +179,11 @@ class RolloutWorker:
         rendered into an MP4 (every ``video_stride``-th step, see ``csil.video``)."""
         if len(seeds) > len(self.envs):
             raise ValueError(f"{len(seeds)} seeds for {len(self.envs)} envs")
-        obs, queues, returns, recorders, frames = {}, {}, {}, {}, {}
+        obs, queues, returns, best, recorders, frames = {}, {}, {}, {}, {}, {}
         for slot, seed in enumerate(seeds):
             env = self.envs[slot]
             obs[slot] = env.reset(seed=seed)
-            queues[slot], returns[slot] = deque(), 0.0
+            queues[slot], returns[slot], best[slot] = deque(), 0.0, 0.0
             self.policy.start_episode(slot, env, seed)
             if record:
                 recorders[slot] = _Recorder(env, obs[slot])
@@ -201,6 +202,7 @@ class RolloutWorker:
                 state = env.sim_state() if record else None
                 obs[s], reward, success, truncated, _ = env.step(action)
                 returns[s] += reward
+                best[s] = max(best[s], float(reward))
                 if record:
                     recorders[s].record(state, action, reward, success or truncated, obs[s])
                 if s in frames and (env.t % video_stride == 0 or success or truncated):
@@ -208,7 +210,7 @@ class RolloutWorker:
                 if success or truncated:
                     traj = recorders[s].trajectory() if record and success else None
                     video = encode(frames.pop(s), video_stride) if s in frames else None
-                    results[s] = EpisodeResult(seeds[s], bool(success), env.t, returns[s], traj, video)
+                    results[s] = EpisodeResult(seeds[s], bool(success), env.t, returns[s], best[s], traj, video)
         return [results[s] for s in range(len(seeds))]
 
 

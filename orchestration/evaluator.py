@@ -39,7 +39,8 @@ EVAL_ENVS_PER_WORKER = 10
 log = logging.getLogger(__name__)
 
 # (params or None for the base alone, first scene, episodes, videos, stop) -> {"success_rate", "mean_length",
-# "mean_return", "videos": [{"scene", "success", "length", "mp4", "gif"}] of the first ``videos`` scenes};
+# "mean_return", "mean_max_reward", "videos": [{"scene", "success", "length", "mp4", "gif"}] of the first
+# ``videos`` scenes};
 # raises ``RolloutsCancelled`` once ``stop`` (a threading.Event) is set
 EvaluateFn = Callable[[object, int, int, int, threading.Event], dict]
 
@@ -69,7 +70,8 @@ def evaluate_policy(task, obs_mode: str, base: str, params, network, action_mode
                                 runtime_env=runtime_env, stop=stop))
     return {"success_rate": float(np.mean([r.success for r in results])),
             "mean_length": float(np.mean([r.length for r in results])),
-            "mean_return": float(np.mean([r.env_return for r in results])), "worker_restarts": stats["worker_restarts"],
+            "mean_return": float(np.mean([r.env_return for r in results])),
+            "mean_max_reward": float(np.mean([r.max_reward for r in results])), "worker_restarts": stats["worker_restarts"],
             "videos": [{"scene": r.seed, "success": r.success, "length": r.length, **r.video}
                        for r in sorted(results, key=lambda r: r.seed) if r.video is not None]}
 

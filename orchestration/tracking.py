@@ -50,7 +50,8 @@ class RunTracker:
     def evaluation(self, record: dict, videos: list[dict]) -> None:
         """One evaluation (``Evaluator`` record) and its filmed episodes (``evaluate_policy``'s ``videos``)."""
         steps = record["env_steps"]
-        self.scalars(steps, {f"eval/{k}": record.get(k) for k in ("success_rate", "mean_length", "mean_return")})
+        keys = ("success_rate", "mean_length", "mean_return", "mean_max_reward")
+        self.scalars(steps, {f"eval/{k}": record.get(k) for k in keys})
         for video in videos:
             outcome = "success" if video["success"] else "failure"
             path = self.logdir / "videos" / f"eval-{steps:09d}-scene{video['scene']}-{outcome}.mp4"

@@ -126,14 +126,19 @@ def test_bad_observations_get_clear_errors(lift_base):
         LocalBasePolicy(lift_base[0].parent / "nothing_here")
 
 
-def test_eval_cli_reports_json(lift_base, capsys, ray_local):
+def test_eval_cli_reports_json(lift_base, capsys, ray_local, tmp_path):
     from cli.evaluate import main
 
     main(["--task", "Lift", "--policy", f"base:{lift_base[0]}", "--episodes", "3", "--workers", "1",
-          "--envs-per-worker", "3"])
+          "--envs-per-worker", "3", "--out", str(tmp_path / "episodes.json")])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["episodes"] == 3 and 0.0 <= summary["success_rate"] <= 1.0
     assert 1 <= summary["mean_episode_length"] <= 400
+    episodes = json.loads((tmp_path / "episodes.json").read_text())["episodes"]
+    assert [e["seed"] for e in episodes] == [summary["seed"] + i for i in range(3)]
+    # Lift's sparse reward is 1 exactly on success: the best reward of an episode is its success
+    assert [e["max_reward"] for e in episodes] == [float(e["success"]) for e in episodes]
+    assert summary["mean_max_reward"] == summary["success_rate"]
 
 
 def test_expert_eval_succeeds(capsys, ray_local):
@@ -142,6 +147,7 @@ def test_expert_eval_succeeds(capsys, ray_local):
     main(["--task", "Lift", "--policy", "expert", "--episodes", "4", "--workers", "2", "--envs-per-worker", "2"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["success_rate"] == 1.0 and summary["mean_episode_length"] < 100
+    assert summary["mean_max_reward"] == 1.0
 
 
 def test_image_base_policy_is_built_once_in_the_cache_and_infers(ray_local):

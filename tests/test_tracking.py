@@ -21,8 +21,8 @@ def _video(stride: int = 2) -> dict:
 
 def _evaluate(tracker: RunTracker) -> None:
     tracker.scalars(10, {"system/env_steps_per_s": 50.0, "actors/train_success": None})
-    tracker.evaluation({"env_steps": 20, "updates": 3, "success_rate": 0.5, "mean_length": 11.0, "mean_return": 1.0},
-                       [_video()])
+    tracker.evaluation({"env_steps": 20, "updates": 3, "success_rate": 0.5, "mean_length": 11.0, "mean_return": 1.0,
+                        "mean_max_reward": 0.75}, [_video()])
     tracker.close()
 
 
@@ -31,7 +31,8 @@ def test_scalars_and_videos_go_to_tensorboard_and_the_run_directory(tmp_path, te
 
     _evaluate(RunTracker(tmp_path, {"task": "Lift"}))
     assert tensorboard_scalars(tmp_path) == {"system/env_steps_per_s": [(10, 50.0)], "eval/success_rate": [(20, 0.5)],
-                                             "eval/mean_length": [(20, 11.0)], "eval/mean_return": [(20, 1.0)]}
+                                             "eval/mean_length": [(20, 11.0)], "eval/mean_return": [(20, 1.0)],
+                                             "eval/mean_max_reward": [(20, 0.75)]}
     (video,) = tmp_path.glob("videos/*.mp4")
     assert video.name == "eval-000000020-scene7-success.mp4" and len(read_frames(video)) == 6
     events = EventAccumulator(str(tmp_path))
