@@ -50,7 +50,8 @@ BASE_POLICY_DEFAULTS: dict[str, BaseTrainConfig] = {
 # batch 64 on a CPU core, so the budgets are smaller than the state ones. Spatial-softmax pooling (keypoints: where
 # each feature fires) is what places the square nut: with mean pooling the same Square setting scored 6 %, Lift 54 %.
 # Every measured task uses it. Other tasks: BaseTrainConfig's own. NutAssembly has none yet: 200 demos x 10,000 steps
-# with spatial softmax scored 0 % (state base: 36 %; results/base_policy.md).
+# with spatial softmax scored 0 % at batch 64 and 5 % at batch 128 (one nut of two placed in half the episodes;
+# state base: 36 %; results/base_policy.md).
 IMAGE_BASE_POLICY_DEFAULTS: dict[str, BaseTrainConfig] = {
     "Lift": BaseTrainConfig(num_demos=25, steps=3_000, batch_size=64, image_pool="spatial_softmax"),  # 72 %, state 64 %
     # Can: with 50 demos x 4,000 steps spatial softmax scores 88 %, above the 30-85 % band (mean pooling: 34 %)
