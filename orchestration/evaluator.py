@@ -71,7 +71,8 @@ def evaluate_policy(task, obs_mode: str, base: str, params, network, action_mode
     return {"success_rate": float(np.mean([r.success for r in results])),
             "mean_length": float(np.mean([r.length for r in results])),
             "mean_return": float(np.mean([r.env_return for r in results])),
-            "mean_max_reward": float(np.mean([r.max_reward for r in results])), "worker_restarts": stats["worker_restarts"],
+            "mean_max_reward": float(np.mean([r.max_reward for r in results])),
+            "worker_restarts": stats["worker_restarts"],
             "videos": [{"scene": r.seed, "success": r.success, "length": r.length, **r.video}
                        for r in sorted(results, key=lambda r: r.seed) if r.video is not None]}
 
