@@ -191,6 +191,7 @@ class LearnerService:
                 self.wait_s += time.perf_counter() - waiting
             for count, call in calls:
                 self._update(count, call)
+        online.close()  # stop sampling: each sample lets the rate limiter admit inserts the final checkpoint misses
         self.metrics_file.close()
         self._export()
         self.publish()

@@ -290,8 +290,9 @@ class System:
 
     # --- the run ------------------------------------------------------------------------------------
 
-    def checkpoint(self, env_steps: int, skip: str | None = None) -> None:
-        """Learner and replay checkpoints (not ``skip``'s: a failed component keeps its last good one).
+    def checkpoint(self, env_steps: int, skip: str | None = None) -> str | None:
+        """Learner and replay checkpoints (not ``skip``'s: a failed component keeps its last good one); the
+        replay checkpoint's path (None if skipped).
 
         With the replay on the learner's device, Reverb's queue goes first: a transition the learner drains in
         between is then in both checkpoints (restored twice), never in neither."""
@@ -299,8 +300,8 @@ class System:
         replay = [] if skip == "replay" else [self.replay.checkpoint.remote()]
         if self.cfg.replay_on_device:
             ray.get(replay)
-            replay = []
         ray.get(learner() + replay)
+        return ray.get(replay[0]) if replay else None
 
     @staticmethod
     def _alive(method, fallback):
@@ -408,12 +409,15 @@ class System:
         learner = self._alive(self.learner.stats, {"updates": self.learner_updates, "run_s": None, "wait_s": None})
         env_steps = self.env_steps_offset + stats["env_steps"]
         self._track_learner(env_steps, learner.get("metrics", {}))  # a record made since the last poll
-        self.checkpoint(env_steps, skip=failed)
+        replay_checkpoint = self.checkpoint(env_steps, skip=failed)
+        # the tables as checkpointed (what --resume restores), or as last seen if the replay failed
+        replay_sizes = ray.get(self.replay.checkpointed_sizes.remote(replay_checkpoint)) if replay_checkpoint \
+            else self._alive(self.replay.sizes, self.replay_sizes)
         summary = {"env_steps": env_steps, "learner_updates": learner["updates"],
                    "interrupted": self.stop_requested, "actor_restarts": sum(stats["restarts"].values()),
                    "restarts": stats["component_restarts"], "faults": self.faults,
                    "mean_staleness": stats["staleness"], "acting_s": round(acting_s, 1),
-                   "replay_sizes": self._alive(self.replay.sizes, self.replay_sizes),
+                   "replay_sizes": replay_sizes,
                    "replay_restored": self.replay_restored,
                    "actors": stats["actors"], "learner": {k: learner[k] for k in ("updates", "run_s", "wait_s")}}
         if failure is not None:

@@ -19,7 +19,7 @@ import ray
 from csil import metrics
 from csil.config import ReplayConfig
 from csil.specs import ObsSpec
-from replay.server import ReplayServer
+from replay.server import ReplayServer, checkpoint_item_counts
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,12 @@ class ReplayService:
 
     def checkpoint(self) -> str:
         return self.server.checkpoint()
+
+    def checkpointed_sizes(self, path: str) -> dict[str, int]:
+        """Items per table in the checkpoint at ``path``: what ``--resume`` restores. Reading the live tables
+        after checkpointing can count more: sample requests already in flight when the learner stopped still
+        admit a few held-back inserts."""
+        return checkpoint_item_counts(path)
 
     def stop(self) -> None:
         self._stop.set()
