@@ -11,7 +11,7 @@ import sys
 
 from cli import emit_json
 from cli.flags import at_least, build, field
-from cli.train import BETA_UNITS_HELP, EVAL_VIDEOS_HELP, FRAME_CODEC_HELP, OBS_HELP, WANDB_HELP
+from cli.run_flags import BETA_UNITS_HELP, EVAL_VIDEOS_HELP, FRAME_CODEC_HELP, OBS_HELP, WANDB_HELP
 from csil.config import BETA_UNITS, FRAME_CODECS, METHODS, SIZES, ExperimentConfig
 from csil.specs import OBS_MODES
 from csil.tasks import UnknownTaskError, get_task

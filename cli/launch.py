@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 
 from cli import emit_json
-from cli.flags import at_least, base_policy_target, build, field, resumed, values
-from cli.train import (ALGO_HELP, EVAL_VIDEOS_HELP, FRAME_CODEC_HELP, MODE_HELP, OBS_HELP, SIZE_HELP,
-                       VIDEO_STRIDE_HELP, WANDB_HELP, add_agent_flags)
-from csil.acting import ACTION_MODES
-from csil.config import ALGORITHMS, FRAME_CODECS, SIZES, AgentConfig, LaunchConfig, agent_config
+from cli.flags import at_least, base_policy_target, field
+from cli.run_flags import add_agent_flags, add_run_flags, run_config
+from csil.config import LaunchConfig
 from csil.ray_utils import python_env
-from csil.specs import OBS_MODES
 from orchestration.launcher import System
 
 
@@ -40,23 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     L = LaunchConfig
     p = argparse.ArgumentParser(prog="csil-launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    field(p, L, "task", help="task name")
+    add_run_flags(p, L)
     field(p, L, "actors", type=at_least(1), help="env actors (Ray actors)")
     field(p, L, "envs_per_actor", type=at_least(1), help="envs each actor steps in lockstep")
-    field(p, L, "algo", choices=ALGORITHMS, help=ALGO_HELP)
-    field(p, L, "size", choices=SIZES, help=SIZE_HELP)
-    field(p, L, "action_mode", choices=ACTION_MODES, help=MODE_HELP)
-    field(p, L, "obs_mode", "--obs", choices=OBS_MODES, help=OBS_HELP)
-    field(p, L, "frame_codec", choices=FRAME_CODECS, help=FRAME_CODEC_HELP)
-    field(p, L, "env_steps", default=None, type=at_least(1),
-          help=f"total env steps (default {L.env_steps}; with --resume: the resumed run's)")
-    field(p, L, "warmup", type=at_least(1), help="online transitions before the learner samples (the rate limiter's min size)")
-    field(p, L, "eval_every", type=at_least(1), help="env steps between evaluations")
-    field(p, L, "eval_episodes", type=at_least(0), help="episodes per evaluation; 0 turns evaluation off")
-    field(p, L, "final_eval_rounds", type=at_least(0), help="re-evaluations of the best parameters at the end, on fresh scenes")
-    field(p, L, "eval_videos", type=at_least(0), help=EVAL_VIDEOS_HELP)
-    field(p, L, "video_stride", type=at_least(1), help=VIDEO_STRIDE_HELP)
-    field(p, L, "wandb", metavar="PROJECT", help=WANDB_HELP)
+    field(p, L, "warmup", type=at_least(1),
+          help="online transitions before the learner samples (the rate limiter's min size)")
     field(p, L, "publish_every", type=at_least(1), help="learner updates between weight publications")
     field(p, L, "fuse_updates", type=at_least(1),
           help="learner updates per jit call: K env steps' worth of batches in one dispatch when the rate limiter "
@@ -77,12 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                "never give up while the run lasts)")
     field(p, L, "duration_s", "--seconds", help="also stop after this many seconds of acting (default: only "
                                                 "--env-steps)")
-    field(p, L, "num_demos", type=at_least(1), help="demos for BC, the reward and the demo half of every batch")
-    field(p, L, "demos", help="robomimic .hdf5 (default: cached scripted demos of the task)")
     field(p, L, "base_checkpoint", help="local base policy dir (default: the cached one, see --base-obs)")
-    field(p, L, "base_obs", choices=("state", "image"),
-          help="without --base-checkpoint: the task's cached default base policy on state, or on both cameras + "
-               "proprioception like pi0.5 (built on first use: csil-base prepare --obs image)")
     add_agent_flags(p)
     field(p, L, "address", help="Ray cluster address, e.g. auto (default: start Ray locally)")
     field(p, L, "actor_env", type=_actor_env, help="run env actors and the evaluator in this Python environment (a venv dir or its "
@@ -97,13 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
-    run = values(args, LaunchConfig)
-    if run["resume"]:
-        return resumed(LaunchConfig, args, "csil-launch", "env_steps", "duration_s")
-    return build(LaunchConfig, args, env_steps=run["env_steps"] or LaunchConfig.env_steps,
-                 logdir=run["logdir"] or f"runs/{run['task']}-{time.strftime('%Y%m%d-%H%M%S')}",
-                 agent=agent_config(run["algo"], run["size"], run["action_mode"],
-                                    **values(args, AgentConfig, skip_none=True)))
+    return run_config(LaunchConfig, args, "csil-launch", "env_steps", "duration_s")
 
 
 # `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's default 3): too soon for the
