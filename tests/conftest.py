@@ -5,6 +5,7 @@ Ray instance and session-scoped demos."""
 
 import os
 import random
+import shutil
 import socket
 from pathlib import Path
 
@@ -98,32 +99,59 @@ def tiny_agent() -> AgentConfig:
 
 
 @pytest.fixture(scope="session")
-def lift_setup(tmp_path_factory, ray_local):
-    """Lift demos (3, scripted expert) and a tiny local base policy, built once per session."""
-    from csil.config import BaseTrainConfig, DemoConfig
-    from orchestration.pipeline import generate_demos, train_base_from_file
+def built_once(tmp_path_factory, worker_id):
+    """A function ``(name, build) -> dir``: ``build(dir)`` runs once per test run, in the first pytest-xdist worker
+    that asks; the other worker waits for it and reuses the directory (pytest-xdist's recipe for session
+    fixtures). Tests must only read what it holds."""
+    from filelock import FileLock
 
-    root = tmp_path_factory.mktemp("trainer")
-    demos = root / "lift.hdf5"
-    generate_demos(DemoConfig(task="Lift", num=3, workers=2), demos, progress=False)
-    base = root / "base"
-    train_base_from_file(demos, base, BaseTrainConfig(steps=100, batch_size=32, hidden=(32,)), progress=False)
-    return root, demos, base
+    # xdist: basetemp is <run>/popen-gwN, and <run> is this run's own; -n 0: this session's basetemp
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+
+    def get(name: str, build) -> Path:
+        root = shared / f"built-{name}"
+        with FileLock(f"{root}.lock"):
+            if not (root / "DONE").exists():
+                shutil.rmtree(root, ignore_errors=True)
+                root.mkdir()
+                build(root)
+                (root / "DONE").touch()
+        return root
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def lift_image_setup(tmp_path_factory, ray_local):
-    """Lift demos rendered with both cameras (2, scripted expert) and a tiny image base policy trained on them."""
+def lift_setup(built_once, ray_local):
+    """Lift demos (3, scripted expert) and a tiny local base policy, built once per test run."""
     from csil.config import BaseTrainConfig, DemoConfig
     from orchestration.pipeline import generate_demos, train_base_from_file
 
-    root = tmp_path_factory.mktemp("image")
-    demos = root / "lift_image.hdf5"
-    generate_demos(DemoConfig(task="Lift", num=2, obs_mode="image", workers=2), demos, progress=False)
-    base = root / "image_base"
-    train_base_from_file(demos, base, BaseTrainConfig(steps=20, batch_size=16, hidden=(32,), image_channels=(8,)),
-                         obs_mode="image", progress=False)
-    return root, demos, base
+    def build(root: Path) -> None:
+        generate_demos(DemoConfig(task="Lift", num=3, workers=2), root / "lift.hdf5", progress=False)
+        train_base_from_file(root / "lift.hdf5", root / "base", BaseTrainConfig(steps=100, batch_size=32, hidden=(32,)),
+                             progress=False)
+
+    root = built_once("lift", build)
+    return root, root / "lift.hdf5", root / "base"
+
+
+@pytest.fixture(scope="session")
+def lift_image_setup(built_once, ray_local):
+    """Lift demos rendered with both cameras (2, scripted expert) and a tiny image base policy trained on them,
+    built once per test run."""
+    from csil.config import BaseTrainConfig, DemoConfig
+    from orchestration.pipeline import generate_demos, train_base_from_file
+
+    def build(root: Path) -> None:
+        generate_demos(DemoConfig(task="Lift", num=2, obs_mode="image", workers=2), root / "lift_image.hdf5",
+                       progress=False)
+        train_base_from_file(root / "lift_image.hdf5", root / "image_base",
+                             BaseTrainConfig(steps=20, batch_size=16, hidden=(32,), image_channels=(8,)),
+                             obs_mode="image", progress=False)
+
+    root = built_once("lift-image", build)
+    return root, root / "lift_image.hdf5", root / "image_base"
 
 
 @pytest.fixture(scope="session")
