@@ -3,6 +3,13 @@
 import dataclasses
 import itertools
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +21,7 @@ from csil.demos import DemoWriter, read_demos
 from csil.envs import CsilEnv
 from orchestration.pipeline import ensure_base_policy, generate_demos, train_base_from_file
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = BaseTrainConfig(steps=300, batch_size=64, hidden=(64, 64))
 
 
@@ -96,6 +104,46 @@ def test_stopped_training_continues_where_it_stopped(lift_demos, lift_base, tmp_
     assert summary["steps"] == 300 and not (out / "progress").exists()
     resumed, straight = (json.loads((d / "base_policy.json").read_text())["loss_curve"] for d in (out, lift_base[0]))
     np.testing.assert_allclose(resumed, straight, rtol=1e-5)
+
+
+def _stop_when(process: subprocess.Popen, log: Path, reached, timeout_s: float = 180) -> tuple[float, str]:
+    """SIGTERM ``process`` once its output so far (``log``) satisfies ``reached``; (seconds it took to exit after
+    the signal, its output)."""
+    deadline = time.time() + timeout_s
+    while not reached(log.read_text(errors="replace")):
+        assert process.poll() is None, log.read_text(errors="replace")[-2000:]
+        assert time.time() < deadline, f"not reached in {timeout_s} s: {log.read_text(errors='replace')[-2000:]}"
+        time.sleep(0.2)
+    signalled = time.time()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    return time.time() - signalled, log.read_text(errors="replace")
+
+
+def test_csil_base_train_stops_on_sigterm_with_its_progress_and_the_same_command_continues(lift_demos, tmp_path):
+    """The CLI's signal path (the loop's stop-and-continue is the test above): SIGTERM ends `csil-base train`
+    within seconds, with its progress saved and a message saying so; the same command then continues from the
+    saved step."""
+    out = tmp_path / "base"
+    command = [sys.executable, "-m", "cli.base", "train", "--demos", str(lift_demos[0]), "--out", str(out),
+               "--steps", "100000", "--batch-size", "8"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its messages reach the log as they are printed
+    steps_done = lambda text: re.findall(r"(\d+)/100000", text)  # noqa: E731 - tqdm's "n/total"
+    log = tmp_path / "first.log"
+    with log.open("w") as err:
+        first = subprocess.Popen(command, stdout=err, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    took, text = _stop_when(first, log, lambda text: any(int(n) > 0 for n in steps_done(text)))
+    assert first.returncode == 1 and took < 20, (first.returncode, took)
+    assert "its progress is saved: the same command continues it" in text
+    saved = json.loads((out / "progress" / "record.json").read_text())["step"]
+    assert 0 < saved < 100000 and not (out / "base_policy.json").exists()
+
+    log = tmp_path / "second.log"
+    with log.open("w") as err:
+        second = subprocess.Popen(command, stdout=err, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    _stop_when(second, log, lambda text: f"continuing base-policy training from step {saved:,}" in text)
+    assert second.returncode == 1
+    assert json.loads((out / "progress" / "record.json").read_text())["step"] >= saved
 
 
 def test_base_policy_speaks_openpi_contract(lift_base, lift_demos):
