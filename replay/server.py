@@ -183,6 +183,11 @@ def checkpoint_item_counts(path: str) -> dict[str, int]:
     return dict(counts)
 
 
+def checkpoint_sizes(path: str) -> dict[str, int]:
+    """Items per table in a checkpoint, its empty tables included: what a server restored from it holds."""
+    return {**{table: 0 for table in checkpoint_table_sizes(path)}, **checkpoint_item_counts(path)}
+
+
 def checkpoint_table_sizes(path: str) -> dict[str, int]:
     """The tables of a checkpoint (its tables.tfrecord) and their max sizes."""
     records = tf.data.TFRecordDataset(os.path.join(path, "tables.tfrecord"), compression_type="ZLIB")

@@ -19,7 +19,7 @@ import ray
 from csil import metrics
 from csil.config import ReplayConfig
 from csil.specs import ObsSpec
-from replay.server import ReplayServer, checkpoint_item_counts
+from replay.server import ReplayServer, checkpoint_sizes
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class ReplayService:
         """Items per table in the checkpoint at ``path``: what ``--resume`` restores. Reading the live tables
         after checkpointing can count more: sample requests already in flight when the learner stopped still
         admit a few held-back inserts."""
-        return checkpoint_item_counts(path)
+        return checkpoint_sizes(path)
 
     def stop(self) -> None:
         self._stop.set()

@@ -19,7 +19,8 @@ import tree
 from reverb.cc import schema_pb2
 
 from csil.specs import CAMERAS, ObsSpec
-from replay.server import BatchIterator, ReplayConfig, ReplayServer, TransitionWriter, checkpoint_chunks
+from replay.server import (BatchIterator, ReplayConfig, ReplayServer, TransitionWriter, checkpoint_chunks,
+                           checkpoint_sizes)
 from replay.signature import transition_signature
 
 STATE = ObsSpec("state", (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_gripper_qpos", 2), ("object", 14)))
@@ -211,10 +212,12 @@ def test_fifo_keeps_online_size():
 def test_checkpoint_and_restore(tmp_path):
     ckpt = str(tmp_path / "replay")
     with ReplayServer(LOOSE, STATE, checkpoint_dir=ckpt) as server:
+        assert checkpoint_sizes(server.checkpoint()) == {"online": 0}  # an empty table is still a table
         with TransitionWriter(server.address) as writer:
             writer.write_batch(transitions(STATE, np.arange(60)))
         path = server.checkpoint()
         assert os.path.isdir(path) and path.startswith(ckpt)
+        assert checkpoint_sizes(path) == {"online": 60}  # what the restored server holds (below)
 
     with pytest.raises(FileExistsError, match="restore=True"):
         ReplayServer(LOOSE, STATE, checkpoint_dir=ckpt)
