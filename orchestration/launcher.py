@@ -295,7 +295,8 @@ class System:
         replay checkpoint's path (None if skipped).
 
         With the replay on the learner's device, Reverb's queue goes first: a transition the learner drains in
-        between is then in both checkpoints (restored twice), never in neither."""
+        between is then in both checkpoints (restored twice), never in neither. (What a stopped learner's input
+        pipeline had already taken from the queue, up to ``fuse_updates`` + ~8 transitions, is in neither.)"""
         learner = (lambda: []) if skip == "learner" else (lambda: [self.learner.checkpoint.remote(env_steps)])
         replay = [] if skip == "replay" else [self.replay.checkpoint.remote()]
         if self.cfg.replay_on_device:
