@@ -1,7 +1,7 @@
 """Shared fixtures: a per-session cache dir (no test touches ~/.cache) and one local Ray instance.
 
-Under pytest-xdist (pyproject's addopts) "session" means one worker's session: each worker has its own cache dir,
-Ray instance and session-scoped demos."""
+Under pytest-xdist (pyproject's addopts) "session" means one worker's session: each worker has its own cache dir
+and Ray instance. The Lift demos and tiny base policies are built once per run for both workers (``built_once``)."""
 
 import os
 import random
