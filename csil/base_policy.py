@@ -175,7 +175,7 @@ def train_base_policy(
                 raise KeyboardInterrupt(f"base-policy training stopped at step {state.step:,} of {cfg.steps:,}")
             previous, state = state, advance(state)  # one assignment: a Ctrl-C leaves ``state`` before or after a step
             # At most one step in flight: JAX dispatches asynchronously, and a loop that ran ahead of the device
-            # made a stop wait for every queued step (a minute of image BC on a CPU) and the bar count dispatches.
+            # made a stop wait for every queued step (a minute of image BC on a CPU) and the bar count dispatched steps.
             jax.block_until_ready(previous.key)
             bar.update(1)
             if state.losses and state.step % 100 == 1:
