@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="state: low-dim obs; image: agentview + wrist cameras + proprioception")
     train.add_argument("--image-pool", choices=("mean", "spatial_softmax"), default=None,
                        help="image mode: how each camera's conv feature maps become features; mean keeps what is "
-                            "seen, spatial_softmax also where (default: the task's documented setting, else %s)"
-                            % d.image_pool)
+                            "seen, spatial_softmax also where (default: the task's documented image setting, "
+                            "spatial_softmax where none is measured)")
     train.add_argument("--seed", type=at_least(0), default=d.seed, help="training seed (default %(default)s)")
     prepare = sub.add_parser("prepare", help="build the cached default base policy of a task (demos + training)",
                              description="Generate demos and train with the task's documented settings, "

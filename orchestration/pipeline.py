@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import time
 from itertools import count
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from actors.rollout import run_episodes
 from csil.base_policy import BCProgress, ChunkDataset, save_base_policy, train_base_policy
-from csil.config import BaseTrainConfig, DemoConfig, base_policy_defaults, cache_dir
+from csil.config import IMAGE_BASE_POLICY_DEFAULTS, BaseTrainConfig, DemoConfig, base_policy_defaults, cache_dir
 from csil.demos import DemoFileError, DemoWriter, Episode, read_demos, spec_from_demos
 from csil.envs import robomimic_env_args, robosuite_kwargs
 from csil.experts import EXPERT_TASKS
@@ -124,9 +125,15 @@ def ensure_base_policy(task: str, cfg: BaseTrainConfig | None = None, obs_mode: 
     """Directory of the cached default base policy for a task on state or image observations, training it (with
     progress) if absent; image demos are rendered on first use, only as many as the base is trained on."""
     name = get_task(task).name
+    unmeasured = cfg is None and obs_mode == "image" and name not in IMAGE_BASE_POLICY_DEFAULTS
     cfg = cfg or base_policy_defaults(name, obs_mode)
     out = cache_dir() / "base_policy" / f"{name}_{obs_mode}_{_key(cfg)}"
     if not (out / "base_policy.json").exists():
+        if unmeasured:
+            print(f"note: {name} has no measured image base-policy setting; this trains with its state setting "
+                  f"({cfg.num_demos or DemoConfig.num} rendered demos, {cfg.steps:,} steps x batch {cfg.batch_size}) "
+                  "and spatial-softmax pooling, whose success is unknown: hours of a CPU, see "
+                  "results/base_policy.md", file=sys.stderr)
         demos = ensure_demos(name, obs_mode, cfg.num_demos or DemoConfig.num)
         print(f"training the {name} {obs_mode} base policy into {out} (cached for later runs)")
         train_base_from_file(demos, out, cfg, obs_mode=obs_mode)

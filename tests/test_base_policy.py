@@ -16,7 +16,8 @@ import pytest
 
 from csil.acting import base_observation
 from csil.base_policy import LocalBasePolicy
-from csil.config import BaseTrainConfig, DemoConfig
+from csil.config import (BASE_POLICY_DEFAULTS, IMAGE_BASE_POLICY_DEFAULTS, BaseTrainConfig, DemoConfig,
+                         base_policy_defaults)
 from csil.demos import DemoWriter, read_demos
 from csil.envs import CsilEnv
 from orchestration.pipeline import ensure_base_policy, generate_demos, train_base_from_file
@@ -216,6 +217,18 @@ def test_image_base_policy_is_built_once_in_the_cache_and_infers(ray_local):
     assert policy.infer(obs)["actions"].shape == (10, 7)
     with pytest.raises(ValueError, match="observation/wrist_image"):
         policy.infer({k: v for k, v in obs.items() if k != "observation/wrist_image"})
+
+
+def test_a_task_without_a_measured_image_setting_gets_its_state_budget_with_keypoint_pooling():
+    """NutAssembly's image base has no measured setting: it trains like its state base (200 demos, 20,000 x 256),
+    with the spatial-softmax pooling every measured image task uses, never the mean pooling that misses placements."""
+    assert base_policy_defaults("NutAssembly", "image") == dataclasses.replace(
+        BASE_POLICY_DEFAULTS["NutAssembly"], image_pool="spatial_softmax")
+    assert base_policy_defaults("Stack", "image").image_pool == "spatial_softmax"
+    assert base_policy_defaults("Square", "image") == IMAGE_BASE_POLICY_DEFAULTS["Square"]
+    assert base_policy_defaults("NutAssembly") == BASE_POLICY_DEFAULTS["NutAssembly"]
+    with pytest.raises(ValueError, match="observation mode 'rgb'"):
+        base_policy_defaults("Lift", "rgb")
 
 
 def test_image_training_on_state_only_demos_names_the_missing_keys(lift_demos, tmp_path):
