@@ -10,6 +10,7 @@ from cli import emit_json
 from cli.flags import at_least
 from cli.serve import add_server_args, config_from_args
 from csil.config import ALGORITHMS, FRAME_CODECS, SIZES, LaunchConfig, agent_config
+from csil.envs import RENDER_QUALITIES
 from csil.specs import OBS_MODES
 from orchestration.bench.env import bench_env
 from orchestration.bench.inference import bench_inference
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--steps", type=at_least(1), default=1000, help="env steps per round and variant (default %(default)s)")
     env.add_argument("--rounds", type=at_least(1), default=5, help="interleaved rounds; medians are reported")
     env.add_argument("--obs", choices=("state", "image"), default="state", help="observation mode")
+    env.add_argument("--render-quality", choices=RENDER_QUALITIES, default="default",
+                     help="image mode: the wrapped env's look; fast drops shadows, reflections and skybox while the "
+                          "raw loop keeps robosuite's, so the ratio is what it buys (default %(default)s)")
     env.add_argument("--seed", type=int, default=0, help="seed for the env and the random actions")
     inference = sub.add_parser("inference", help="batched inference server vs openpi's one-at-a-time server "
                                                  "(requests/s, p50/p99 latency, ratio), one line per client count")
@@ -132,7 +136,7 @@ def system_config(args: argparse.Namespace, actors: int) -> LaunchConfig:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "env":
-        emit_json(bench_env(args.task, args.steps, args.rounds, args.obs, args.seed))
+        emit_json(bench_env(args.task, args.steps, args.rounds, args.obs, args.seed, args.render_quality))
     elif args.command == "inference":
         cfg = dataclasses.replace(config_from_args(args), grpc_port=None)
         for record in bench_inference([int(n) for n in args.clients.split(",")], cfg, args.duration,

@@ -228,7 +228,7 @@ class CsilEnv:
         return obs
 
     def _apply_fast_render(self) -> None:
-        """Turn off shadows, reflections and skybox: 2.2-2.5x faster CPU rendering at 84x84, different looks.
+        """Turn off shadows, reflections and skybox: 2-2.5x faster CPU steps at 84x84, different looks.
         Reflections (the table's mirror pass) are the whole of it: turning off shadows and skybox changed no pixel of
         Lift's cameras."""
         import mujoco

@@ -102,10 +102,11 @@ def test_fast_render_quality_still_renders_the_scene():
 def test_env_benchmark_prints_one_json_line_with_ratio(capsys):
     from cli.bench import main
 
-    main(["env", "--task", "Lift", "--steps", "40", "--rounds", "1"])
+    main(["env", "--task", "Lift", "--steps", "40", "--rounds", "1", "--render-quality", "fast"])
     lines = capsys.readouterr().out.strip().splitlines()
     record = json.loads(lines[-1])
     assert record["bench"] == "env" and record["raw_steps_per_s"] > 0 and record["wrapped_steps_per_s"] > 0
+    assert record["render_quality"] == "fast"
     assert record["ratio"] == pytest.approx(record["wrapped_steps_per_s"] / record["raw_steps_per_s"], rel=0.01)
 
 
